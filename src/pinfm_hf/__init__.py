@@ -1,0 +1,37 @@
+"""pinfm-hf: a Hugging Face-native foundation model for user activity sequences (PinFM, GPSD)."""
+
+from transformers import AutoConfig, AutoModel, AutoModelForPreTraining, AutoTokenizer
+
+from .configuration_pinfm import PinFMConfig
+from .modeling_pinfm import (
+    PinFMForPretraining,
+    PinFMForPretrainingOutput,
+    PinFMModel,
+    PinFMModelOutput,
+    PinFMPreTrainedModel,
+)
+from .tokenization_pinfm import PinFMTokenizer
+
+
+__version__ = "0.1.0"
+
+# Installed package: the Auto classes resolve "pinfm" without trust_remote_code.
+AutoConfig.register(PinFMConfig.model_type, PinFMConfig, exist_ok=True)
+AutoModel.register(PinFMConfig, PinFMModel, exist_ok=True)
+AutoModelForPreTraining.register(PinFMConfig, PinFMForPretraining, exist_ok=True)
+AutoTokenizer.register(PinFMConfig, slow_tokenizer_class=PinFMTokenizer, exist_ok=True)
+# Saved folders: `save_pretrained` copies the code and writes `auto_map`, so trust_remote_code loads work anywhere.
+PinFMConfig.register_for_auto_class()
+PinFMModel.register_for_auto_class("AutoModel")
+PinFMForPretraining.register_for_auto_class("AutoModelForPreTraining")
+PinFMTokenizer.register_for_auto_class("AutoTokenizer")
+
+__all__ = [
+    "PinFMConfig",
+    "PinFMModel",
+    "PinFMForPretraining",
+    "PinFMModelOutput",
+    "PinFMForPretrainingOutput",
+    "PinFMPreTrainedModel",
+    "PinFMTokenizer",
+]

@@ -1,0 +1,44 @@
+"""Raw events -> validated event table -> per-user sequences -> collator."""
+
+from .collator import PinFMDataCollator
+from .events import (
+    EVENT_COLUMNS,
+    EventTable,
+    EventValidationError,
+    drop_duplicate_events,
+    make_event_table,
+    validate_events,
+)
+from .loaders import (
+    DEFAULT_POSITIVE_ACTIONS,
+    load_dataset_by_name,
+    load_events,
+    load_movielens_atomic,
+    load_movielens_dat,
+    load_movielens_users,
+    load_taobao,
+)
+from .sequences import build_user_sequences, leave_last_out_split, load_sequences, save_sequences, time_split
+
+
+__all__ = [
+    "DEFAULT_POSITIVE_ACTIONS",
+    "EVENT_COLUMNS",
+    "EventTable",
+    "EventValidationError",
+    "PinFMDataCollator",
+    "build_user_sequences",
+    "drop_duplicate_events",
+    "leave_last_out_split",
+    "load_dataset_by_name",
+    "load_events",
+    "load_movielens_atomic",
+    "load_movielens_dat",
+    "load_movielens_users",
+    "load_sequences",
+    "load_taobao",
+    "make_event_table",
+    "save_sequences",
+    "time_split",
+    "validate_events",
+]

@@ -1,0 +1,106 @@
+"""`PinFMDataCollator`: pads and truncates tokenised event sequences into a batch of tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+
+# Keys holding one value per event; they are truncated and padded together.
+SEQUENCE_KEYS = ("input_ids", "action_ids", "surface_ids", "timestamps", "attention_mask", "labels")
+IGNORE_INDEX = -100
+
+
+@dataclass
+class PinFMDataCollator:
+    """
+    Pad a list of tokenised sequences to the batch's longest one, as `int64` tensors.
+
+    Args:
+        pad_token_id (`int`, *optional*, defaults to 0):
+            Value used to pad `input_ids`; `action_ids`, `surface_ids`, `timestamps` and `attention_mask` are
+            padded with 0, a given `labels` sequence with -100.
+        padding_side (`str`, *optional*, defaults to `"right"`):
+            `"right"` or `"left"`: where the padding goes.
+        max_length (`int`, *optional*):
+            Keep at most this many events per sequence, the most recent ones (the tail).
+        return_labels (`bool`, *optional*, defaults to `False`):
+            Add `labels`: a copy of `input_ids` with -100 at padded positions.
+
+    Keys other than the sequence keys (`target_ids`, `label`, ...) are stacked as they are (float64 becomes
+    float32); string values (such as `user_id`) are left out, as `transformers.default_data_collator` does.
+    """
+
+    pad_token_id: int = 0
+    padding_side: str = "right"
+    max_length: Optional[int] = None
+    return_labels: bool = False
+
+    def __post_init__(self) -> None:
+        if self.padding_side not in ("left", "right"):
+            raise ValueError(f"`padding_side` ({self.padding_side!r}) must be 'left' or 'right'.")
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(f"`max_length` ({self.max_length}) must be a positive integer or None.")
+
+    def _sequences(self, features: Sequence[dict[str, Any]]) -> tuple[list[str], list[dict[str, np.ndarray]]]:
+        keys = [k for k in SEQUENCE_KEYS if k in features[0]]
+        if "input_ids" not in keys:
+            raise ValueError(f"Every example needs `input_ids`; example 0 has keys {sorted(features[0])}.")
+        rows = []
+        for index, feature in enumerate(features):
+            row = {}
+            for key in keys:
+                if key not in feature:
+                    raise ValueError(f"Example {index} has no `{key}`, but example 0 has it.")
+                row[key] = np.asarray(feature[key], dtype=np.int64).reshape(-1)
+            lengths = {key: len(values) for key, values in row.items()}
+            if len(set(lengths.values())) > 1:
+                raise ValueError(
+                    f"Example {index}: sequence keys have different lengths: "
+                    + ", ".join(f"`{k}` {n}" for k, n in lengths.items())
+                )
+            if self.max_length is not None:
+                row = {key: values[-self.max_length :] for key, values in row.items()}
+            rows.append(row)
+        return keys, rows
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if len(features) == 0:
+            raise ValueError("Cannot collate an empty list of examples.")
+        keys, rows = self._sequences(features)
+        lengths = [len(row["input_ids"]) for row in rows]
+        width = max(lengths)
+        if "attention_mask" not in keys:
+            keys.append("attention_mask")
+            for row, n in zip(rows, lengths):
+                row["attention_mask"] = np.ones(n, dtype=np.int64)
+        pad_values = {"input_ids": self.pad_token_id, "labels": IGNORE_INDEX}
+        batch = {}
+        for key in keys:
+            padded = np.full((len(rows), width), pad_values.get(key, 0), dtype=np.int64)
+            for i, (row, n) in enumerate(zip(rows, lengths)):
+                if self.padding_side == "right":
+                    padded[i, :n] = row[key]
+                else:
+                    padded[i, width - n :] = row[key]
+            batch[key] = torch.from_numpy(padded)
+        if self.return_labels and "labels" not in batch:
+            batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+
+        for key in features[0]:
+            if key in batch or key in SEQUENCE_KEYS:
+                continue
+            values = [feature.get(key) for feature in features]
+            if any(isinstance(v, str) for v in values):
+                continue
+            try:
+                stacked = np.asarray([np.asarray(v) for v in values])
+                # float64 -> float32 like torch's default dtype (CTR labels meet float32 logits).
+                batch[key] = torch.as_tensor(stacked.astype(np.float32) if stacked.dtype == np.float64 else stacked)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"Cannot stack `{key}` across the batch (ragged or non-numeric values): {e}") from e
+        return batch

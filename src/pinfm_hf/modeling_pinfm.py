@@ -1,0 +1,636 @@
+"""PinFM: a LLaMA-style causal transformer over user activity sequences (PinFM, GPSD).
+
+Each event of a user's history is one token: item + action (+ surface) + time-gap features. The encoder is
+pre-norm RMSNorm, rotary positions, SwiGLU, no biases (GPSD), with SDPA attention. Heads: next-item
+pretraining with PinFM's next-, multi- and future-token losses.
+
+This file, `configuration_pinfm.py`, `tokenization_pinfm.py` and `losses.py` are copied into saved model
+folders for `trust_remote_code`: they import only torch, transformers and each other.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput, logging
+
+from .configuration_pinfm import PinFMConfig
+from .losses import full_softmax_loss, sample_negatives, sampled_softmax_loss
+
+
+logger = logging.get_logger(__name__)
+
+# Universal hash h_j(x) = ((a_j * x + b_j) mod p) mod m of the hashed item tables. The a_j are near p, so the
+# product wraps modulo p even for small ids (independent tables), and a_j * x stays below 2**63 for ids < 4e9.
+_HASH_PRIME = 2_147_483_647  # 2**31 - 1
+_HASH_MULTIPLIERS = (
+    1_640_531_527, 1_103_515_245, 1_299_709_891, 2_038_074_743, 1_500_450_271, 1_776_614_203, 1_234_567_891, 1_957_312_541
+)
+_MAX_HASHED_VOCAB = 4_000_000_000
+
+# PEFT has no defaults for a custom model type: LoRA goes on the attention and SwiGLU projections.
+PINFM_AUTO_MAP = {
+    "AutoConfig": "configuration_pinfm.PinFMConfig",
+    "AutoModel": "modeling_pinfm.PinFMModel",
+    "AutoModelForPreTraining": "modeling_pinfm.PinFMForPretraining",
+}
+PINFM_LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class PinFMModelOutput(ModelOutput):
+    """
+    Output of [`PinFMModel`].
+
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
+            Final-norm hidden state of every event.
+        user_embedding (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
+            Hidden state at each user's last valid (non-padding) event.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+            Input embeddings and the output of every layer, each `(batch_size, sequence_length, hidden_size)`.
+        attentions (`tuple(torch.FloatTensor)`, *optional*):
+            Attention probabilities of every layer, each `(batch_size, num_heads, sequence_length, sequence_length)`.
+    """
+
+    last_hidden_state: Optional[torch.FloatTensor] = None
+    user_embedding: Optional[torch.FloatTensor] = None
+    hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
+    attentions: Optional[tuple[torch.FloatTensor, ...]] = None
+
+
+@dataclass
+class PinFMForPretrainingOutput(ModelOutput):
+    """
+    Output of [`PinFMForPretraining`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
+            Weighted sum of the enabled losses.
+        next_token_loss, multi_token_loss, future_token_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            The individual losses (unweighted), when `labels` is given and their weight is positive.
+        query_embeddings (`torch.FloatTensor` of shape `(batch_size, sequence_length, projection_size)`):
+            L2-normalised scoring projections of every position; score items with [`~PinFMForPretraining.score_items`].
+        user_embedding (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
+            Hidden state at each user's last valid event.
+        last_hidden_state, hidden_states, attentions: as in [`PinFMModelOutput`].
+    """
+
+    loss: Optional[torch.FloatTensor] = None
+    next_token_loss: Optional[torch.FloatTensor] = None
+    multi_token_loss: Optional[torch.FloatTensor] = None
+    future_token_loss: Optional[torch.FloatTensor] = None
+    query_embeddings: Optional[torch.FloatTensor] = None
+    user_embedding: Optional[torch.FloatTensor] = None
+    last_hidden_state: Optional[torch.FloatTensor] = None
+    hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
+    attentions: Optional[tuple[torch.FloatTensor, ...]] = None
+
+
+# Adapted from transformers.models.llama.modeling_llama.LlamaRMSNorm
+class PinFMRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+def rotary_cos_sin(
+    position_ids: torch.LongTensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary cos/sin for each position, computed on the fly: no buffer that `from_pretrained` could leave unset."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
+    freqs = position_ids.float()[..., None] * inv_freq  # (B, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # (B, 1, T, D)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+def log_time_buckets(gaps: torch.Tensor, num_buckets: int) -> torch.LongTensor:
+    """Bucket non-negative time gaps (seconds) on a half-octave log scale: bucket b ~ 2**(b / 2) seconds."""
+    gaps = gaps.clamp(min=0).float()
+    return (2.0 * torch.log2(1.0 + gaps)).long().clamp(max=num_buckets - 1)
+
+
+class PinFMAttention(nn.Module):
+    """Multi-head causal self-attention with rotary positions, through `scaled_dot_product_attention`."""
+
+    def __init__(self, config: PinFMConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.dropout = config.attention_dropout
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attention_mask: torch.BoolTensor,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        B, T, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(hidden_states).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        v = self.v_proj(hidden_states).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        dropout = self.dropout if self.training else 0.0
+        if output_attentions:
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, T, T)
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+            probs = F.dropout(scores.softmax(dim=-1), p=dropout, training=self.training)
+            out = probs @ v
+        else:
+            probs = None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout)
+        out = out.transpose(1, 2).reshape(B, T, -1)  # (B, T, H * D)
+        return self.o_proj(out), probs
+
+
+class PinFMMLP(nn.Module):
+    """SwiGLU feed-forward block (LLaMA)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class PinFMLayer(GradientCheckpointingLayer):
+    def __init__(self, config: PinFMConfig):
+        super().__init__()
+        self.input_layernorm = PinFMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = PinFMAttention(config)
+        self.post_attention_layernorm = PinFMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = PinFMMLP(config.hidden_size, config.intermediate_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attention_mask: torch.BoolTensor,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        attn_out, probs = self.self_attn(self.input_layernorm(hidden_states), cos, sin, attention_mask, output_attentions)
+        hidden_states = hidden_states + self.dropout(attn_out)
+        hidden_states = hidden_states + self.dropout(self.mlp(self.post_attention_layernorm(hidden_states)))
+        return hidden_states, probs
+
+
+class PinFMItemEmbedding(nn.Module):
+    """Item-id embedding: one table, or `k` hashed tables whose lookups are concatenated (PinFM)."""
+
+    def __init__(self, config: PinFMConfig):
+        super().__init__()
+        self.num_tables = config.num_item_hash_tables
+        if self.num_tables == 0:
+            self.table = nn.Embedding(config.item_vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        else:
+            if self.num_tables > len(_HASH_MULTIPLIERS):
+                raise ValueError(f"`num_item_hash_tables` must be <= {len(_HASH_MULTIPLIERS)}, got {self.num_tables}.")
+            if config.item_vocab_size > _MAX_HASHED_VOCAB:
+                raise ValueError(f"`item_vocab_size` must be <= {_MAX_HASHED_VOCAB} with hashed tables (int64 hashing).")
+            self.table_size = config.item_hash_table_size
+            width = config.hidden_size // self.num_tables
+            self.tables = nn.ModuleList(nn.Embedding(self.table_size, width) for _ in range(self.num_tables))
+
+    def hashed_rows(self, item_ids: torch.LongTensor, table_index: int) -> torch.LongTensor:
+        a, b = _HASH_MULTIPLIERS[table_index], 7919 * (table_index + 1)
+        return ((item_ids * a + b) % _HASH_PRIME) % self.table_size
+
+    def forward(self, item_ids: torch.LongTensor) -> torch.Tensor:
+        if self.num_tables == 0:
+            return self.table(item_ids)
+        return torch.cat([table(self.hashed_rows(item_ids, j)) for j, table in enumerate(self.tables)], dim=-1)
+
+
+class PinFMEventEmbedding(nn.Module):
+    """Per-event input: item + action (+ surface) + time-gap embeddings, summed, then a small MLP (PinFM)."""
+
+    def __init__(self, config: PinFMConfig):
+        super().__init__()
+        self.config = config
+        self.item_embeddings = PinFMItemEmbedding(config)
+        if config.use_action_embeddings:
+            self.action_embeddings = nn.Embedding(config.action_vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        if config.surface_vocab_size > 0:
+            self.surface_embeddings = nn.Embedding(config.surface_vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        if config.use_time_features:
+            # One extra bucket marks "no previous event" for the first event of a sequence.
+            self.gap_to_previous_embeddings = nn.Embedding(config.num_time_buckets + 1, config.hidden_size)
+            self.gap_to_end_embeddings = nn.Embedding(config.num_time_buckets, config.hidden_size)
+        if config.use_input_mlp:
+            self.input_norm = PinFMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.input_mlp = PinFMMLP(config.hidden_size, 2 * config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def time_features(self, timestamps: torch.LongTensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        valid = attention_mask.bool()
+        previous_valid = torch.zeros_like(valid)
+        previous_valid[:, 1:] = valid[:, :-1]
+        gap_prev = torch.zeros_like(timestamps)
+        gap_prev[:, 1:] = timestamps[:, 1:] - timestamps[:, :-1]
+        prev_bucket = log_time_buckets(gap_prev, self.config.num_time_buckets)
+        prev_bucket = prev_bucket.masked_fill(~previous_valid, self.config.num_time_buckets)
+        # The sequence ends at its latest valid timestamp, wherever the padding is.
+        end = timestamps.masked_fill(~valid, torch.iinfo(timestamps.dtype).min).amax(dim=1, keepdim=True)  # (B, 1)
+        end_bucket = log_time_buckets(end - timestamps, self.config.num_time_buckets)
+        return self.gap_to_previous_embeddings(prev_bucket) + self.gap_to_end_embeddings(end_bucket)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        action_ids: Optional[torch.LongTensor] = None,
+        surface_ids: Optional[torch.LongTensor] = None,
+        timestamps: Optional[torch.LongTensor] = None,
+    ) -> torch.Tensor:
+        embeddings = self.item_embeddings(input_ids)
+        if self.config.use_action_embeddings:
+            if action_ids is None:
+                raise ValueError("`action_ids` are required: this model was configured with `use_action_embeddings=True`.")
+            embeddings = embeddings + self.action_embeddings(action_ids)
+        if self.config.surface_vocab_size > 0 and surface_ids is not None:
+            embeddings = embeddings + self.surface_embeddings(surface_ids)
+        if self.config.use_time_features:
+            if timestamps is None:
+                raise ValueError("`timestamps` are required: this model was configured with `use_time_features=True`.")
+            embeddings = embeddings + self.time_features(timestamps, attention_mask)
+        if self.config.use_input_mlp:
+            embeddings = embeddings + self.input_mlp(self.input_norm(embeddings))
+        return self.dropout(embeddings)
+
+
+class PinFMPreTrainedModel(PreTrainedModel):
+    config_class = PinFMConfig
+    base_model_prefix = "pinfm"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["PinFMLayer"]
+    _supports_sdpa = True
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # One saved folder serves every auto class: `AutoModel` gives the encoder, the head classes their own model.
+        self.config.auto_map = {**PINFM_AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, PinFMForPretraining):
+            init.constant_(module.log_temperature, math.log(self.config.initial_temperature))
+            init.zeros_(module.item_log_probs)
+
+
+class PinFMModel(PinFMPreTrainedModel):
+    """
+    The bare PinFM encoder: event embeddings -> causal transformer -> final RMSNorm.
+
+    Padding may be on either side: rotary positions count only real events, so left- and right-padded batches give
+    the same outputs at real positions.
+    """
+
+    def __init__(self, config: PinFMConfig):
+        super().__init__(config)
+        self.embeddings = PinFMEventEmbedding(config)
+        self.layers = nn.ModuleList(PinFMLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = PinFMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.item_embeddings
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        action_ids: Optional[torch.LongTensor] = None,
+        surface_ids: Optional[torch.LongTensor] = None,
+        timestamps: Optional[torch.LongTensor] = None,
+        output_hidden_states: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ) -> PinFMModelOutput:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+                Item token ids from [`PinFMTokenizer`], oldest event first.
+            attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+                1 for real events, 0 for padding; defaults to `input_ids != pad_token_id`.
+            action_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Action token ids (required when `config.use_action_embeddings`).
+            surface_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Surface token ids (used when `config.surface_vocab_size > 0`).
+            timestamps (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Event times in unix seconds (required when `config.use_time_features`).
+        """
+        if input_ids is None:
+            raise ValueError("`input_ids` are required.")
+        output_hidden_states = bool(output_hidden_states)
+        output_attentions = bool(output_attentions)
+        if attention_mask is None:
+            attention_mask = (input_ids != self.config.pad_token_id).long()
+        valid = attention_mask.bool()  # (B, T)
+        B, T = input_ids.shape
+
+        hidden_states = self.embeddings(input_ids, attention_mask, action_ids, surface_ids, timestamps)
+        position_ids = (valid.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T) real-event positions
+        cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, hidden_states.dtype)
+        causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+        # Padded queries attend to themselves only, so no softmax row is empty (no NaN).
+        mask = (causal & valid[:, None, :]) | torch.eye(T, dtype=torch.bool, device=input_ids.device)
+        mask = mask[:, None]  # (B, 1, T, T)
+
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for layer in self.layers:
+            hidden_states, probs = layer(hidden_states, cos, sin, mask, output_attentions)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (probs,)
+        hidden_states = self.norm(hidden_states)
+
+        last_index = (valid.long() * torch.arange(T, device=input_ids.device)).argmax(dim=1)  # (B,)
+        user_embedding = hidden_states[torch.arange(B, device=input_ids.device), last_index]  # (B, H)
+        return PinFMModelOutput(
+            last_hidden_state=hidden_states,
+            user_embedding=user_embedding,
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+        )
+
+
+class PinFMForPretraining(PinFMPreTrainedModel):
+    """
+    PinFM encoder with a next-item scoring head, trained with PinFM's next-token, multi-token and future-token
+    losses. Scores are dot products of L2-normalised projections of the hidden state and of the item embedding,
+    divided by a learnable temperature; negatives come from the batch and from the vocabulary (uniform or by
+    popularity, with logQ correction and accidental-hit masking), or the full softmax when `config.full_softmax`.
+    """
+
+    def __init__(self, config: PinFMConfig):
+        super().__init__(config)
+        self.pinfm = PinFMModel(config)
+        self.query_proj = nn.Linear(config.hidden_size, config.projection_size, bias=False)
+        self.item_proj = nn.Linear(config.hidden_size, config.projection_size, bias=False)
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(config.initial_temperature)))
+        # Log popularity of every item id (for popularity negatives and logQ); zeros until `set_item_counts`.
+        self.register_buffer("item_log_probs", torch.zeros(config.item_vocab_size))
+        self.post_init()
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        return self.log_temperature.exp().clamp(min=1e-3)
+
+    @torch.no_grad()
+    def set_item_counts(self, counts: torch.Tensor) -> None:
+        """Set item popularity (`(item_vocab_size,)` event counts) for popularity sampling and logQ correction."""
+        if counts.shape != self.item_log_probs.shape:
+            raise ValueError(f"`counts` must have shape {tuple(self.item_log_probs.shape)}, got {tuple(counts.shape)}.")
+        probs = counts.float().clamp(min=0)
+        probs[: self.config.num_special_item_tokens] = 0
+        if probs.sum() <= 0:
+            raise ValueError("`counts` must count at least one regular item.")
+        probs = (probs + 1e-12) / probs.sum()  # smoothed so log is finite for unseen ids
+        self.item_log_probs.copy_(probs.log().to(self.item_log_probs.device))
+
+    @property
+    def has_item_counts(self) -> bool:
+        return bool(self.item_log_probs.any())
+
+    def item_embeddings(self, item_ids: torch.LongTensor) -> torch.Tensor:
+        """L2-normalised scoring embeddings of `item_ids` (any shape `(...)` -> `(..., projection_size)`)."""
+        return F.normalize(self.item_proj(self.pinfm.embeddings.item_embeddings(item_ids)), dim=-1)
+
+    def score_items(self, query_embeddings: torch.Tensor, item_ids: Optional[torch.LongTensor] = None) -> torch.Tensor:
+        """
+        Scores (`logits`) of items for each query: `(..., projection_size)` -> `(..., num_items)`. Without `item_ids`
+        all ids are scored and special tokens get `-inf`.
+        """
+        all_items = item_ids is None
+        if all_items:
+            item_ids = torch.arange(self.config.item_vocab_size, device=query_embeddings.device)
+        scores = query_embeddings @ self.item_embeddings(item_ids).T / self.temperature
+        if all_items:
+            scores[..., : self.config.num_special_item_tokens] = float("-inf")
+        return scores
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        action_ids: Optional[torch.LongTensor] = None,
+        surface_ids: Optional[torch.LongTensor] = None,
+        timestamps: Optional[torch.LongTensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        output_hidden_states: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ) -> PinFMForPretrainingOutput:
+        r"""
+        Args:
+            labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Item ids of the events, aligned with `input_ids` (usually a copy) and `-100` where ignored; the model
+                shifts them itself. Positive targets are events whose action is in `config.positive_action_ids`.
+            Other inputs: see [`PinFMModel.forward`].
+        """
+        outputs = self.pinfm(
+            input_ids,
+            attention_mask=attention_mask,
+            action_ids=action_ids,
+            surface_ids=surface_ids,
+            timestamps=timestamps,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
+        query = F.normalize(self.query_proj(outputs.last_hidden_state), dim=-1)  # (B, T, P)
+        losses = {}
+        if labels is not None:
+            losses = self.pretraining_losses(query, labels, action_ids, attention_mask)
+        loss = None
+        if losses:
+            weights = {
+                "next_token": self.config.next_token_loss_weight,
+                "multi_token": self.config.multi_token_loss_weight,
+                "future_token": self.config.future_token_loss_weight,
+            }
+            loss = sum(weights[name] * value for name, value in losses.items())
+        return PinFMForPretrainingOutput(
+            loss=loss,
+            next_token_loss=losses.get("next_token"),
+            multi_token_loss=losses.get("multi_token"),
+            future_token_loss=losses.get("future_token"),
+            query_embeddings=query,
+            user_embedding=outputs.user_embedding,
+            last_hidden_state=outputs.last_hidden_state,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    def positive_targets(self, labels: torch.LongTensor, action_ids: Optional[torch.LongTensor]) -> torch.BoolTensor:
+        """`(B, T)` mask of events that are positive targets: labelled, and with a positive action when configured."""
+        positive = labels != -100
+        if self.config.positive_action_ids:
+            if action_ids is None:
+                raise ValueError("`action_ids` are required to select positive targets (`config.positive_action_ids`).")
+            allowed = torch.tensor(self.config.positive_action_ids, device=labels.device)
+            positive &= torch.isin(action_ids, allowed)
+        return positive
+
+    def pretraining_losses(
+        self,
+        query: torch.Tensor,
+        labels: torch.LongTensor,
+        action_ids: Optional[torch.LongTensor],
+        attention_mask: Optional[torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        config = self.config
+        B, T, _ = query.shape
+        if attention_mask is None:
+            attention_mask = labels != -100
+        valid_query = attention_mask.bool()  # (B, T)
+        positive = self.positive_targets(labels, action_ids)  # (B, T)
+        targets = labels.clamp(min=0)
+
+        # (query position, target position) pairs of each loss, as flat indices into (B, T).
+        pairs = {}
+        if config.next_token_loss_weight > 0:
+            pairs["next_token"] = self._offset_pairs(valid_query, positive, offsets=range(1, 2))
+        if config.multi_token_loss_weight > 0:
+            pairs["multi_token"] = self._offset_pairs(valid_query, positive, offsets=range(1, config.multi_token_window + 1))
+        if config.future_token_loss_weight > 0:
+            # Query only at the ends of consecutive length-L_d windows: the model sees L_d events and predicts the
+            # positives among the L' events after them, as when a cached sequence serves later requests.
+            window_end = (torch.arange(T, device=query.device) + 1) % config.future_token_input_length == 0
+            pairs["future_token"] = self._offset_pairs(
+                valid_query & window_end, positive, offsets=range(1, config.multi_token_window + 1)
+            )
+
+        flat_query = query.reshape(B * T, -1)  # (B*T, P)
+        flat_targets = targets.reshape(B * T)
+        max_pairs = max(int(valid_query.sum()), 1)
+        negatives = None
+        losses = {}
+        for name, (query_index, target_index) in pairs.items():
+            if query_index.numel() > max_pairs:
+                # Bound the multi-token work to one pair per real position on average (uniform subsample).
+                keep = torch.randperm(query_index.numel(), device=query.device)[:max_pairs]
+                query_index, target_index = query_index[keep], target_index[keep]
+            row_query = flat_query[query_index]  # (N, P)
+            row_target = flat_targets[target_index]  # (N,)
+            if query_index.numel() == 0:
+                losses[name] = query.sum() * 0.0  # zero-safe: no positive in range, yet gradients still flow
+                continue
+            if config.full_softmax:
+                first = config.num_special_item_tokens
+                item_ids = torch.arange(first, config.item_vocab_size, device=query.device)
+                per_row = full_softmax_loss(
+                    row_query, self.item_embeddings(item_ids), row_target - first, temperature=self.temperature
+                )
+            else:
+                if negatives is None:
+                    negatives = self._negatives(flat_targets[positive.reshape(-1)])
+                neg_ids, neg_log_q = negatives
+                per_row = sampled_softmax_loss(
+                    row_query,
+                    self.item_embeddings(row_target),
+                    self.item_embeddings(neg_ids),
+                    temperature=self.temperature,
+                    pos_ids=row_target,
+                    neg_ids=neg_ids,
+                    pos_log_q=self._log_q(row_target) if config.use_log_q_correction else None,
+                    neg_log_q=neg_log_q if config.use_log_q_correction else None,
+                )
+            losses[name] = per_row.mean()
+        return losses
+
+    @staticmethod
+    def _offset_pairs(
+        valid_query: torch.BoolTensor, positive: torch.BoolTensor, offsets: range
+    ) -> tuple[torch.LongTensor, torch.LongTensor]:
+        """Flat `(query, target)` index pairs where the target sits `offset` events after a valid query."""
+        B, T = positive.shape
+        query_index, target_index = [], []
+        flat = torch.arange(B * T, device=positive.device).view(B, T)
+        for offset in offsets:
+            if offset >= T:
+                break
+            ok = valid_query[:, :-offset] & positive[:, offset:]  # (B, T - offset)
+            query_index.append(flat[:, :-offset][ok])
+            target_index.append(flat[:, offset:][ok])
+        if not query_index:
+            empty = torch.zeros(0, dtype=torch.long, device=positive.device)
+            return empty, empty
+        return torch.cat(query_index), torch.cat(target_index)
+
+    def _log_q(self, item_ids: torch.LongTensor) -> torch.Tensor:
+        """Log probability that `item_ids` are drawn as negatives: popularity when known, else uniform."""
+        if self.has_item_counts:
+            return self.item_log_probs[item_ids]
+        num_items = self.config.item_vocab_size - self.config.num_special_item_tokens
+        return torch.full(item_ids.shape, -math.log(num_items), device=item_ids.device)
+
+    def _negatives(self, batch_positive_ids: torch.LongTensor) -> tuple[torch.LongTensor, torch.Tensor]:
+        """Shared negatives: sampled from the vocabulary, plus the batch's positive items (popularity-distributed)."""
+        config = self.config
+        device = batch_positive_ids.device
+        if config.negative_sampling == "popularity":
+            if not self.has_item_counts:
+                raise ValueError("`negative_sampling='popularity'` needs item counts: call `model.set_item_counts(...)`.")
+            neg_ids, _ = sample_negatives(config.num_negatives, probs=self.item_log_probs.exp(), device=device)
+        else:
+            neg_ids, _ = sample_negatives(
+                config.num_negatives, vocab_size=config.item_vocab_size, first_id=config.num_special_item_tokens, device=device
+            )
+        if config.negative_sampling == "uniform":
+            neg_log_q = torch.full(neg_ids.shape, -math.log(config.item_vocab_size - config.num_special_item_tokens), device=device)
+        else:
+            neg_log_q = self.item_log_probs[neg_ids]
+        if config.use_in_batch_negatives and batch_positive_ids.numel() > 0:
+            in_batch = batch_positive_ids.unique()
+            neg_ids = torch.cat([neg_ids, in_batch])
+            neg_log_q = torch.cat([neg_log_q, self._log_q(in_batch)])
+        return neg_ids, neg_log_q
+
+
+__all__ = [
+    "PINFM_LORA_TARGET_MODULES",
+    "PinFMPreTrainedModel",
+    "PinFMModel",
+    "PinFMForPretraining",
+    "PinFMModelOutput",
+    "PinFMForPretrainingOutput",
+]

@@ -1,0 +1,373 @@
+"""Tokenizer of user activity events: item, action and surface vocabularies with hash buckets for fresh items."""
+
+import json
+import os
+import tempfile
+import zlib
+from collections import Counter
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+from transformers import BatchEncoding, PreTrainedTokenizer
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+VOCAB_FILES_NAMES = {"vocab_file": "pinfm_vocab.json"}
+
+# Item ids 0..3 are reserved; raw item ids are never used as token ids.
+SPECIAL_ITEM_TOKENS = ("<pad>", "<unk>", "<mask>", "<cand>")
+PAD_ID, UNK_ID, MASK_ID, CANDIDATE_ITEM_ID = 0, 1, 2, 3
+# Action ids: 0 pads, 1 marks an appended candidate (early fusion); real actions follow.
+SPECIAL_ACTION_TOKENS = ("<pad>", "<cand>")
+CANDIDATE_ACTION_ID = 1
+SPECIAL_SURFACE_TOKENS = ("<pad>", "<unk>")
+
+
+def stable_bucket(item_id: str, num_buckets: int) -> int:
+    """Bucket of an unseen item id: crc32 is stable across processes and machines (unlike `hash()`)."""
+    return zlib.crc32(item_id.encode("utf-8")) % num_buckets
+
+
+def _atomic_write_json(obj: Any, path: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, ensure_ascii=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _as_arrow_table(sequences: Any) -> Any:
+    """A `pyarrow.Table` view of a table or a `datasets.Dataset` (honouring `select`/`shuffle` indices)."""
+    if hasattr(sequences, "with_format"):
+        return sequences.with_format("arrow")[:]
+    return sequences
+
+
+class PinFMTokenizer(PreTrainedTokenizer):
+    """
+    Maps events (item id, action, optional surface, timestamp) to model inputs.
+
+    Item token ids: 4 special tokens (`<pad>`, `<unk>`, `<mask>`, `<cand>`), then the known items by descending
+    count, then `num_hash_buckets` buckets (`<bucket_k>`) that unseen item ids are hashed into, so a fresh item gets
+    a deterministic token of its own instead of one shared unknown. Actions and surfaces have their own small
+    vocabularies. Build one with [`PinFMTokenizer.from_events`]; encode a single history with
+    [`~PinFMTokenizer.encode_events`] or whole Arrow tables of sequences with [`~PinFMTokenizer.encode_sequences`].
+
+    Args:
+        vocab_file (`str`, *optional*):
+            JSON file written by `save_pretrained` with the item, action and surface vocabularies.
+        items (`Sequence[str]`, *optional*):
+            Known item ids in token order (used when `vocab_file` is not given).
+        actions (`Sequence[str]`, *optional*):
+            Action names.
+        surfaces (`Sequence[str]`, *optional*):
+            Surface names; empty when the data has none.
+        num_hash_buckets (`int`, *optional*, defaults to 1024):
+            Number of buckets for item ids not in the vocabulary; 0 maps them all to `<unk>`.
+        model_max_length (`int`, *optional*, defaults to 200):
+            Number of most recent events kept per user.
+    """
+
+    vocab_files_names = VOCAB_FILES_NAMES
+    model_input_names = ["input_ids", "attention_mask"]
+    padding_side = "left"
+    truncation_side = "left"
+
+    def __init__(
+        self,
+        vocab_file: Optional[str] = None,
+        items: Optional[Sequence[str]] = None,
+        actions: Optional[Sequence[str]] = None,
+        surfaces: Optional[Sequence[str]] = None,
+        num_hash_buckets: int = 1024,
+        model_max_length: int = 200,
+        **kwargs,
+    ):
+        if vocab_file is not None:
+            with open(vocab_file, encoding="utf-8") as f:
+                vocab = json.load(f)
+            items, actions, surfaces = vocab["items"], vocab["actions"], vocab["surfaces"]
+            num_hash_buckets = vocab["num_hash_buckets"]
+        items, actions, surfaces = list(items or []), list(actions or []), list(surfaces or [])
+        if num_hash_buckets < 0:
+            raise ValueError(f"`num_hash_buckets` ({num_hash_buckets}) must be >= 0.")
+        clashes = set(items) & set(SPECIAL_ITEM_TOKENS)
+        if clashes:
+            raise ValueError(f"Item ids {sorted(clashes)} clash with special tokens {SPECIAL_ITEM_TOKENS}.")
+        self.num_hash_buckets = num_hash_buckets
+        self.item_tokens = list(SPECIAL_ITEM_TOKENS) + items + [f"<bucket_{k}>" for k in range(num_hash_buckets)]
+        self.item_to_id = {token: i for i, token in enumerate(self.item_tokens)}
+        if len(self.item_to_id) != len(self.item_tokens):
+            raise ValueError("Item ids must be unique and must not look like hash buckets (`<bucket_k>`).")
+        self.first_bucket_id = len(SPECIAL_ITEM_TOKENS) + len(items)
+        self.action_tokens = list(SPECIAL_ACTION_TOKENS) + actions
+        self.action_to_id = {a: i for i, a in enumerate(self.action_tokens)}
+        self.surface_tokens = list(SPECIAL_SURFACE_TOKENS) + surfaces if surfaces else []
+        self.surface_to_id = {s: i for i, s in enumerate(self.surface_tokens)}
+        self._item_array = None  # pyarrow lookup array, built on first bulk encode
+        kwargs.setdefault("pad_token", "<pad>")
+        kwargs.setdefault("unk_token", "<unk>")
+        kwargs.setdefault("mask_token", "<mask>")
+        super().__init__(model_max_length=model_max_length, num_hash_buckets=num_hash_buckets, **kwargs)
+
+    # ----- building -----------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_events(
+        cls,
+        events: Any,
+        *,
+        min_count: int = 1,
+        max_vocab_size: Optional[int] = None,
+        num_hash_buckets: int = 1024,
+        model_max_length: int = 200,
+        **kwargs,
+    ) -> "PinFMTokenizer":
+        """
+        Build the vocabularies from an event table (a `pyarrow.Table` or anything with a `.table` attribute holding
+        one, with columns `item_id`, `action` and optionally `surface`). Items seen fewer than `min_count` times, or
+        beyond the `max_vocab_size` most frequent, are left to the hash buckets. Ties in count break by item id, so the
+        result is deterministic.
+        """
+        import pyarrow.compute as pc
+
+        table = getattr(events, "table", events)
+        if min_count < 1:
+            raise ValueError(f"`min_count` ({min_count}) must be >= 1.")
+        counts = pc.value_counts(table.column("item_id")).to_pylist()
+        ranked = sorted(((c["counts"], c["values"]) for c in counts if c["counts"] >= min_count), key=lambda x: (-x[0], x[1]))
+        if max_vocab_size is not None:
+            ranked = ranked[:max_vocab_size]
+        items = [item for _, item in ranked]
+        actions = sorted(pc.unique(table.column("action")).to_pylist())
+        surfaces = sorted(pc.unique(table.column("surface")).to_pylist()) if "surface" in table.column_names else []
+        logger.info(
+            "Built item vocabulary: %d items kept of %d (min_count=%d, max_vocab_size=%s), %d hash buckets, %d actions.",
+            len(items), len(counts), min_count, max_vocab_size, num_hash_buckets, len(actions),
+        )
+        return cls(
+            items=items, actions=actions, surfaces=surfaces, num_hash_buckets=num_hash_buckets,
+            model_max_length=model_max_length, **kwargs,
+        )
+
+    # ----- vocabulary -----------------------------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.item_tokens)
+
+    @property
+    def num_items(self) -> int:
+        """Number of known (non-special, non-bucket) items."""
+        return self.first_bucket_id - len(SPECIAL_ITEM_TOKENS)
+
+    @property
+    def action_vocab_size(self) -> int:
+        return len(self.action_tokens)
+
+    @property
+    def surface_vocab_size(self) -> int:
+        return len(self.surface_tokens)
+
+    @property
+    def candidate_action_id(self) -> int:
+        return CANDIDATE_ACTION_ID
+
+    def get_vocab(self) -> dict[str, int]:
+        return dict(self.item_to_id)
+
+    def _tokenize(self, text: str, **kwargs) -> list[str]:
+        # A plain string is one item id (ids may contain spaces, e.g. movie titles); pass lists for sequences.
+        return [text]
+
+    def _convert_token_to_id(self, token: str) -> int:
+        token_id = self.item_to_id.get(token)
+        if token_id is not None:
+            return token_id
+        if self.num_hash_buckets == 0:
+            return UNK_ID
+        return self.first_bucket_id + stable_bucket(token, self.num_hash_buckets)
+
+    def _convert_id_to_token(self, index: int) -> str:
+        return self.item_tokens[index]
+
+    def convert_actions_to_ids(self, actions: Iterable[str]) -> list[int]:
+        """Action names to ids; an unknown action is an error, not a silent `<pad>`."""
+        ids = []
+        for action in actions:
+            if action not in self.action_to_id:
+                raise ValueError(f"Unknown action {action!r}; this tokenizer knows {self.action_tokens[2:]}.")
+            ids.append(self.action_to_id[action])
+        return ids
+
+    def convert_surfaces_to_ids(self, surfaces: Iterable[str]) -> list[int]:
+        return [self.surface_to_id.get(s, 1) for s in surfaces]
+
+    def save_vocabulary(self, save_directory: str, filename_prefix: Optional[str] = None) -> tuple[str]:
+        if not os.path.isdir(save_directory):
+            raise ValueError(f"Vocabulary directory {save_directory!r} does not exist.")
+        path = os.path.join(save_directory, (filename_prefix + "-" if filename_prefix else "") + VOCAB_FILES_NAMES["vocab_file"])
+        n_special = len(SPECIAL_ITEM_TOKENS)
+        vocab = {
+            "items": self.item_tokens[n_special : self.first_bucket_id],
+            "actions": self.action_tokens[len(SPECIAL_ACTION_TOKENS) :],
+            "surfaces": self.surface_tokens[len(SPECIAL_SURFACE_TOKENS) :],
+            "num_hash_buckets": self.num_hash_buckets,
+        }
+        _atomic_write_json(vocab, path)
+        return (path,)
+
+    # ----- encoding ---------------------------------------------------------------------------------------------------
+
+    def encode_events(
+        self,
+        item_ids: Sequence[str],
+        actions: Optional[Sequence[str]] = None,
+        timestamps: Optional[Sequence[int]] = None,
+        surfaces: Optional[Sequence[str]] = None,
+        max_length: Optional[int] = None,
+        return_tensors: Optional[str] = None,
+    ) -> BatchEncoding:
+        """Encode one user's time-ordered history, keeping its `max_length` most recent events."""
+        max_length = max_length or self.model_max_length
+        n = len(item_ids)
+        for name, values in (("actions", actions), ("timestamps", timestamps), ("surfaces", surfaces)):
+            if values is not None and len(values) != n:
+                raise ValueError(f"`{name}` has {len(values)} entries but `item_ids` has {n}.")
+        start = max(n - max_length, 0)
+        encoded = {"input_ids": [self._convert_token_to_id(i) for i in item_ids[start:]]}
+        if actions is not None:
+            encoded["action_ids"] = self.convert_actions_to_ids(actions[start:])
+        if surfaces is not None and self.surface_tokens:
+            encoded["surface_ids"] = self.convert_surfaces_to_ids(surfaces[start:])
+        if timestamps is not None:
+            encoded["timestamps"] = [int(t) for t in timestamps[start:]]
+        encoded["attention_mask"] = [1] * len(encoded["input_ids"])
+        if return_tensors is not None:
+            encoded = {k: [v] for k, v in encoded.items()}
+        return BatchEncoding(encoded, tensor_type=return_tensors)
+
+    def item_ids_to_token_ids(self, item_ids: Any) -> np.ndarray:
+        """Vectorised lookup of many raw item ids (a pyarrow array or a list of str): unseen ids go to their bucket."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        if self._item_array is None:
+            self._item_array = pa.array(self.item_tokens, type=pa.string())
+        values = item_ids if isinstance(item_ids, (pa.Array, pa.ChunkedArray)) else pa.array(item_ids, type=pa.string())
+        index = pc.index_in(values, value_set=self._item_array)
+        token_ids = index.to_numpy(zero_copy_only=False)
+        missing = index.is_null().to_numpy(zero_copy_only=False)
+        if missing.any():
+            token_ids = np.where(missing, 0, token_ids).astype(np.int64)
+            unseen = pc.unique(pc.filter(values, pc.is_null(index))).to_pylist()
+            lookup = {item: self._convert_token_to_id(item) for item in unseen}  # once per distinct unseen item
+            token_ids[missing] = [lookup[v] for v in pc.filter(values, pc.is_null(index)).to_pylist()]
+        return token_ids.astype(np.int64)
+
+    def _lookup_small_vocab(self, values: Any, vocab: list[str], name: str, unknown_id: Optional[int]) -> np.ndarray:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        index = pc.index_in(values, value_set=pa.array(vocab, type=pa.string()))
+        if index.null_count:
+            if unknown_id is None:
+                bad = pc.unique(pc.filter(values, pc.is_null(index))).to_pylist()
+                raise ValueError(f"Unknown {name} {bad[:5]}; this tokenizer knows {vocab[2:]}.")
+            index = pc.fill_null(index, unknown_id)
+        return index.to_numpy(zero_copy_only=False).astype(np.int64)
+
+    def encode_sequences(
+        self, sequences: Any, max_length: Optional[int] = None, windows: bool = False, hold_out_last: bool = False
+    ) -> Any:
+        """
+        Encode a whole table of per-user sequences at once (no per-token Python loop).
+
+        `sequences` is a `pyarrow.Table` (or a `datasets.Dataset`) with list columns `item_ids`, `actions`,
+        `timestamps` and optionally `surfaces`. Returns a `pyarrow.Table` with list columns `input_ids`,
+        `action_ids`, (`surface_ids`), `timestamps`, `attention_mask`. Each row keeps its `max_length` most recent
+        events; with `windows=True` (training) each sequence is instead cut into consecutive `max_length` chunks from
+        its end, so every event is used, and chunks of a single event (nothing to predict) are dropped and counted.
+        With `hold_out_last=True` (evaluation) each row's last event becomes its `target_ids` / `target_action_ids`
+        and the inputs are the events before it.
+        """
+        import pyarrow as pa
+
+        table = _as_arrow_table(sequences)
+        max_length = max_length or self.model_max_length
+        items = table.column("item_ids").combine_chunks()
+        offsets = items.offsets.to_numpy().astype(np.int64)
+        if hold_out_last and windows:
+            raise ValueError("`windows` and `hold_out_last` cannot be combined.")
+        if hold_out_last and (np.diff(offsets) < 2).any():
+            row = int(np.argmax(np.diff(offsets) < 2))
+            raise ValueError(f"Row {row} has fewer than 2 events: nothing to hold out as a target.")
+        starts, ends = self._chunk_bounds(offsets, max_length, windows, hold_out_last)
+        keep = ends - starts
+        new_offsets = np.concatenate([[0], np.cumsum(keep)]).astype(np.int32)
+        take = np.arange(new_offsets[-1], dtype=np.int64) - np.repeat(new_offsets[:-1] - starts, keep)  # flat indices
+
+        def list_column(flat: np.ndarray, dtype: pa.DataType) -> pa.ListArray:
+            return pa.ListArray.from_arrays(pa.array(new_offsets), pa.array(flat[take], type=dtype))
+
+        flat_items = items.values[offsets[0] : offsets[-1]] if len(items) else items.values
+        flat_ids = self.item_ids_to_token_ids(flat_items)
+        columns = {"input_ids": list_column(flat_ids, pa.int64())}
+        flat_actions = None
+        if "actions" in table.column_names:
+            flat = table.column("actions").combine_chunks().flatten()
+            flat_actions = self._lookup_small_vocab(flat, self.action_tokens, "actions", None)
+            columns["action_ids"] = list_column(flat_actions, pa.int64())
+        if "surfaces" in table.column_names and self.surface_tokens:
+            flat = table.column("surfaces").combine_chunks().flatten()
+            columns["surface_ids"] = list_column(self._lookup_small_vocab(flat, self.surface_tokens, "surfaces", 1), pa.int64())
+        if "timestamps" in table.column_names:
+            flat = table.column("timestamps").combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+            columns["timestamps"] = list_column(flat, pa.int64())
+        columns["attention_mask"] = list_column(np.ones(offsets[-1] - offsets[0], dtype=np.int8), pa.int8())
+        if hold_out_last:
+            last = ends  # the event right after each input window
+            columns["target_ids"] = pa.array(flat_ids[last], type=pa.int64())
+            if flat_actions is not None:
+                columns["target_action_ids"] = pa.array(flat_actions[last], type=pa.int64())
+        return pa.table(columns)
+
+    @staticmethod
+    def _chunk_bounds(
+        offsets: np.ndarray, max_length: int, windows: bool, hold_out_last: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Flat `[start, end)` of each output row, relative to the first list's offset."""
+        offsets = offsets - offsets[0]
+        lengths = np.diff(offsets) - int(hold_out_last)
+        if not windows:
+            ends = offsets[:-1] + lengths
+            return ends - np.minimum(lengths, max_length), ends
+        num_chunks = np.maximum(-(-lengths // max_length), 1)  # ceil, at least one row per user
+        row = np.repeat(np.arange(len(lengths)), num_chunks)
+        # chunk k counts back from the end; emit oldest first within a user
+        k = np.concatenate([np.arange(n)[::-1] for n in num_chunks]) if len(num_chunks) else np.zeros(0, dtype=np.int64)
+        ends = offsets[1:][row] - k * max_length
+        starts = np.maximum(ends - max_length, offsets[:-1][row])
+        useful = (ends - starts) >= 2
+        dropped = int((~useful).sum())
+        if dropped:
+            logger.info("Dropped %d single-event chunks (no next event to predict) while windowing.", dropped)
+        return starts[useful], ends[useful]
+
+    def item_counts(self, sequences: Any) -> np.ndarray:
+        """Event count of every item token id in encoded sequences (`input_ids` column): popularity for sampling."""
+        table = _as_arrow_table(sequences)
+        flat = table.column("input_ids").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        return np.bincount(flat, minlength=self.vocab_size)
+
+
+__all__ = ["PinFMTokenizer", "stable_bucket", "CANDIDATE_ACTION_ID", "CANDIDATE_ITEM_ID"]

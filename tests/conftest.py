@@ -1,0 +1,36 @@
+"""Shared fixtures: the real data sets under ../shared/data (tests skip when it is absent)."""
+
+from pathlib import Path
+
+import pytest
+
+
+SHARED_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    if not SHARED_DATA_DIR.is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA_DIR} (see the project README: ../shared/data)")
+    return SHARED_DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def ml1m_events(shared_data_dir):
+    """ML-1M loaded once per session (about 1 s)."""
+    from pinfm_hf.data import load_movielens_atomic
+
+    path = shared_data_dir / "ml-1m" / "ml-1m.inter"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    return load_movielens_atomic(path)
+
+
+@pytest.fixture(scope="session")
+def taobao_events(shared_data_dir):
+    from pinfm_hf.data import load_taobao
+
+    path = shared_data_dir / "taobao-sample" / "UserBehavior.csv"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    return load_taobao(path)

@@ -1,0 +1,76 @@
+import pytest
+import torch
+
+from pinfm_hf.data import PinFMDataCollator
+
+
+def features():
+    return [
+        {"input_ids": [5, 6, 7], "action_ids": [1, 2, 1], "timestamps": [10, 20, 30], "target_ids": 9, "label": 1.0,
+         "user_id": "u1"},
+        {"input_ids": [8], "action_ids": [2], "timestamps": [40], "target_ids": 4, "label": 0.0, "user_id": "u2"},
+    ]
+
+
+def test_right_padding_and_labels():
+    batch = PinFMDataCollator(pad_token_id=0, return_labels=True)(features())
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["action_ids"].tolist() == [[1, 2, 1], [2, 0, 0]]
+    assert batch["timestamps"].tolist() == [[10, 20, 30], [40, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[5, 6, 7], [8, -100, -100]]
+    assert batch["target_ids"].tolist() == [9, 4] and batch["target_ids"].dtype == torch.int64
+    assert batch["label"].dtype == torch.float32
+    assert "user_id" not in batch
+    assert all(batch[k].dtype == torch.int64 for k in ("input_ids", "action_ids", "timestamps", "attention_mask"))
+
+
+def test_left_padding_with_pad_token():
+    batch = PinFMDataCollator(pad_token_id=3, padding_side="left")(features())
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [3, 3, 8]]
+    assert batch["timestamps"].tolist() == [[10, 20, 30], [0, 0, 40]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert "labels" not in batch
+
+
+def test_truncation_keeps_most_recent():
+    batch = PinFMDataCollator(max_length=2, return_labels=True)(features())
+    assert batch["input_ids"].tolist() == [[6, 7], [8, 0]]
+    assert batch["timestamps"].tolist() == [[20, 30], [40, 0]]
+    assert batch["labels"].tolist() == [[6, 7], [8, -100]]
+
+
+def test_given_attention_mask_and_labels_are_padded():
+    feats = [{"input_ids": [1, 2], "attention_mask": [0, 1], "labels": [-100, 2]}, {"input_ids": [3],
+             "attention_mask": [1], "labels": [3]}]
+    batch = PinFMDataCollator(return_labels=True)(feats)
+    assert batch["attention_mask"].tolist() == [[0, 1], [1, 0]]
+    assert batch["labels"].tolist() == [[-100, 2], [3, -100]]
+
+
+def test_ragged_example_is_an_error():
+    feats = features()
+    feats[1]["timestamps"] = [40, 50]
+    with pytest.raises(ValueError, match=r"Example 1: .*`timestamps` 2"):
+        PinFMDataCollator()(feats)
+    feats = features()
+    del feats[1]["action_ids"]
+    with pytest.raises(ValueError, match=r"Example 1 has no `action_ids`"):
+        PinFMDataCollator()(feats)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="padding_side"):
+        PinFMDataCollator(padding_side="middle")
+    with pytest.raises(ValueError, match="max_length"):
+        PinFMDataCollator(max_length=0)
+    with pytest.raises(ValueError, match="empty"):
+        PinFMDataCollator()([])
+
+
+def test_tensor_inputs_and_dataloader():
+    feats = [{"input_ids": torch.tensor([4, 5]), "surface_ids": torch.tensor([1, 1])}, {"input_ids": torch.tensor([6]),
+             "surface_ids": torch.tensor([2])}]
+    loader = torch.utils.data.DataLoader(feats, batch_size=2, collate_fn=PinFMDataCollator())
+    batch = next(iter(loader))
+    assert batch["surface_ids"].tolist() == [[1, 1], [2, 0]]

@@ -1,0 +1,210 @@
+import tempfile
+import unittest
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForPreTraining
+
+from pinfm_hf import PinFMConfig, PinFMForPretraining, PinFMModel
+
+
+class PinFMModelTester:
+    def __init__(self, batch_size=13, seq_length=7, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 item_vocab_size=50, action_vocab_size=6, **config_overrides):
+        self.batch_size = batch_size
+        self.seq_length = seq_length
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.item_vocab_size = item_vocab_size
+        self.action_vocab_size = action_vocab_size
+        self.config_overrides = config_overrides
+
+    def get_config(self) -> PinFMConfig:
+        return PinFMConfig(
+            item_vocab_size=self.item_vocab_size,
+            action_vocab_size=self.action_vocab_size,
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            intermediate_size=37,
+            **self.config_overrides,
+        )
+
+    def prepare_inputs(self, seed: int = 0) -> dict:
+        g = torch.Generator().manual_seed(seed)
+        B, T = self.batch_size, self.seq_length
+        lengths = torch.randint(1, T + 1, (B,), generator=g)
+        lengths[0] = T
+        mask = (torch.arange(T)[None] < lengths[:, None]).long()  # right padding
+        input_ids = torch.randint(4, self.item_vocab_size, (B, T), generator=g) * mask
+        action_ids = torch.randint(2, self.action_vocab_size, (B, T), generator=g) * mask
+        gaps = torch.randint(0, 100_000, (B, T), generator=g)
+        timestamps = (1_000_000_000 + gaps.cumsum(dim=1)) * mask
+        return {"input_ids": input_ids, "action_ids": action_ids, "timestamps": timestamps, "attention_mask": mask}
+
+    def prepare_config_and_inputs(self):
+        return self.get_config(), self.prepare_inputs()
+
+    def create_and_check_model(self, config, inputs):
+        model = PinFMModel(config).eval()
+        out = model(**inputs)
+        assert out.last_hidden_state.shape == (self.batch_size, self.seq_length, self.hidden_size)
+        assert out.user_embedding.shape == (self.batch_size, self.hidden_size)
+        last = inputs["attention_mask"].sum(1) - 1
+        torch.testing.assert_close(out.user_embedding, out.last_hidden_state[torch.arange(self.batch_size), last])
+
+    def create_and_check_pretraining(self, config, inputs):
+        model = PinFMForPretraining(config).eval()
+        labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+        out = model(**inputs, labels=labels)
+        assert out.loss.shape == ()
+        assert out.query_embeddings.shape == (self.batch_size, self.seq_length, config.projection_size)
+        scores = model.score_items(out.query_embeddings[:, -1])
+        assert scores.shape == (self.batch_size, self.item_vocab_size)
+        assert torch.isinf(scores[:, : config.num_special_item_tokens]).all()
+
+
+def to_left_padding(inputs: dict) -> dict:
+    """Move each row's padding from the right to the left."""
+    mask = inputs["attention_mask"]
+    T = mask.shape[1]
+    shift = T - mask.sum(1)
+    index = (torch.arange(T)[None] - shift[:, None]) % T  # (B, T)
+    return {k: v.gather(1, index) for k, v in inputs.items()}
+
+
+class PinFMModelTest(unittest.TestCase):
+    def setUp(self):
+        torch.manual_seed(0)
+        self.tester = PinFMModelTester()
+
+    def test_model(self):
+        self.tester.create_and_check_model(*self.tester.prepare_config_and_inputs())
+
+    def test_pretraining_head(self):
+        self.tester.create_and_check_pretraining(*self.tester.prepare_config_and_inputs())
+
+    def test_causality(self):
+        config, inputs = self.tester.prepare_config_and_inputs()
+        model = PinFMModel(config).eval()
+        before = model(**inputs).last_hidden_state
+        changed = {k: v.clone() for k, v in inputs.items()}
+        j = 4
+        changed["input_ids"][0, j] = 5 if changed["input_ids"][0, j] != 5 else 6
+        changed["action_ids"][0, j] = 2 if changed["action_ids"][0, j] != 2 else 3
+        after = model(**changed).last_hidden_state
+        torch.testing.assert_close(before[0, :j], after[0, :j])
+        assert not torch.allclose(before[0, j:], after[0, j:])
+
+    def test_left_and_right_padding_agree(self):
+        config, inputs = self.tester.prepare_config_and_inputs()
+        model = PinFMModel(config).eval()
+        right = model(**inputs)
+        left_inputs = to_left_padding(inputs)
+        left = model(**left_inputs)
+        mask = inputs["attention_mask"].bool()
+        torch.testing.assert_close(right.last_hidden_state[mask], left.last_hidden_state[left_inputs["attention_mask"].bool()])
+        torch.testing.assert_close(right.user_embedding, left.user_embedding)
+
+    def test_time_features_are_used_and_can_be_disabled(self):
+        config, inputs = self.tester.prepare_config_and_inputs()
+        later = dict(inputs, timestamps=inputs["timestamps"] * 2)
+        with_time = PinFMModel(config).eval()
+        assert not torch.allclose(with_time(**inputs).last_hidden_state, with_time(**later).last_hidden_state)
+        without_time = PinFMModel(PinFMConfig(**{**config.to_dict(), "use_time_features": False})).eval()
+        torch.testing.assert_close(without_time(**inputs).last_hidden_state, without_time(**later).last_hidden_state)
+        with pytest.raises(ValueError, match="timestamps"):
+            with_time(input_ids=inputs["input_ids"], action_ids=inputs["action_ids"])
+
+    def test_actions_are_used(self):
+        config, inputs = self.tester.prepare_config_and_inputs()
+        model = PinFMModel(config).eval()
+        other = dict(inputs, action_ids=(inputs["action_ids"] % 3 + 2) * inputs["attention_mask"])
+        assert not torch.allclose(model(**inputs).last_hidden_state, model(**other).last_hidden_state)
+
+    def test_eager_attention_matches_sdpa(self):
+        config, inputs = self.tester.prepare_config_and_inputs()
+        model = PinFMModel(config).eval()
+        sdpa = model(**inputs)
+        eager = model(**inputs, output_attentions=True, output_hidden_states=True)
+        torch.testing.assert_close(sdpa.last_hidden_state, eager.last_hidden_state, rtol=1e-5, atol=1e-5)
+        assert len(eager.attentions) == config.num_hidden_layers
+        assert len(eager.hidden_states) == config.num_hidden_layers + 1
+        probs = eager.attentions[0]
+        assert torch.all(probs.triu(diagonal=1) == 0)  # causal
+
+    def test_hashed_item_tables(self):
+        tester = PinFMModelTester(item_vocab_size=10**9, num_item_hash_tables=4, item_hash_table_size=1009)
+        config, inputs = tester.prepare_config_and_inputs()
+        model = PinFMModel(config).eval()
+        n_item_params = sum(p.numel() for p in model.embeddings.item_embeddings.parameters())
+        assert n_item_params == 1009 * tester.hidden_size  # 4 tables x 1009 rows x hidden/4
+        out = model(**dict(inputs, input_ids=inputs["input_ids"] * 10**7 % 10**9))
+        assert out.last_hidden_state.shape == (tester.batch_size, tester.seq_length, tester.hidden_size)
+        ids = torch.arange(4, 2004)
+        vectors = model.embeddings.item_embeddings(ids)
+        assert torch.unique(vectors, dim=0).shape[0] == ids.numel()  # concatenated hashes tell items apart
+        with pytest.raises(ValueError, match="divisible by `num_item_hash_tables`"):
+            PinFMConfig(hidden_size=32, num_attention_heads=2, num_item_hash_tables=3)
+
+    def test_gradient_checkpointing_matches(self):
+        config, inputs = self.tester.prepare_config_and_inputs()
+        config.hidden_dropout_prob = 0.0
+        model = PinFMForPretraining(config).train()
+        labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+        torch.manual_seed(1)
+        model(**inputs, labels=labels).loss.backward()
+        reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        model.activation_checkpointing_enable()
+        torch.manual_seed(1)
+        model(**inputs, labels=labels).loss.backward()
+        for name, grad in reference.items():
+            torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6)
+
+    def test_save_load_round_trip(self):
+        config, inputs = self.tester.prepare_config_and_inputs()
+        model = PinFMForPretraining(config).eval()
+        model.set_item_counts(torch.arange(config.item_vocab_size))
+        with torch.no_grad():
+            model.log_temperature.fill_(-2.5)
+        expected = model(**inputs)
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            reloaded = AutoModelForPreTraining.from_pretrained(tmp)
+            assert isinstance(reloaded, PinFMForPretraining)
+            got = reloaded(**inputs)
+            torch.testing.assert_close(got.query_embeddings, expected.query_embeddings)
+            torch.testing.assert_close(reloaded.item_log_probs, model.item_log_probs)
+            torch.testing.assert_close(reloaded.temperature, model.temperature)
+            # The encoder alone loads from the pretraining checkpoint through AutoModel.
+            encoder = AutoModel.from_pretrained(tmp)
+            assert isinstance(encoder, PinFMModel)
+            torch.testing.assert_close(encoder(**inputs).last_hidden_state, expected.last_hidden_state)
+            assert AutoConfig.from_pretrained(tmp).hidden_size == config.hidden_size
+
+    def test_config_validation(self):
+        with pytest.raises(ValueError, match="divisible by `num_attention_heads`"):
+            PinFMConfig(hidden_size=30, num_attention_heads=4)
+        with pytest.raises(ValueError, match="negative_sampling"):
+            PinFMConfig(negative_sampling="zipf")
+        with pytest.raises(ValueError, match="multi_token_loss_weight"):
+            PinFMConfig(multi_token_loss_weight=-1)
+
+
+def test_lora_wrap_merge_gives_equal_outputs():
+    from peft import LoraConfig, get_peft_model
+
+    from pinfm_hf.modeling_pinfm import PINFM_LORA_TARGET_MODULES
+
+    tester = PinFMModelTester()
+    config, inputs = tester.prepare_config_and_inputs()
+    model = PinFMModel(config).eval()
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=PINFM_LORA_TARGET_MODULES, init_lora_weights=False))
+    peft_model.eval()
+    with torch.no_grad():
+        adapted = peft_model(**inputs).last_hidden_state
+    merged = peft_model.merge_and_unload()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**inputs).last_hidden_state, adapted, rtol=1e-4, atol=1e-5)

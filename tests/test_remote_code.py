@@ -1,0 +1,108 @@
+"""A saved folder loads with `trust_remote_code=True` in a process that cannot import pinfm_hf."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pyarrow as pa
+import torch
+
+from pinfm_hf import PinFMConfig, PinFMForPretraining, PinFMTokenizer
+
+
+# Runs in the child: pinfm_hf is made unimportable before anything else, as in an environment without it.
+CHILD = textwrap.dedent(
+    """
+    import importlib.abc, json, sys
+
+    class BlockPinFM(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "pinfm_hf" or name.startswith("pinfm_hf."):
+                raise ModuleNotFoundError(f"No module named {name!r} (blocked by test)")
+            return None
+
+    sys.meta_path.insert(0, BlockPinFM())
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForPreTraining, AutoTokenizer
+
+    folder = sys.argv[1]
+    try:
+        import pinfm_hf  # noqa: F401
+        raise SystemExit("pinfm_hf should not be importable here")
+    except ModuleNotFoundError:
+        pass
+    try:
+        AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        raise SystemExit("loading without trust_remote_code should fail")
+    except (ValueError, KeyError):
+        pass
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    encoder = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    head = AutoModelForPreTraining.from_pretrained(folder, trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    inputs = torch.load(folder + "/inputs.pt")
+    with torch.no_grad():
+        torch.save(
+            {
+                "last_hidden_state": encoder(**inputs).last_hidden_state,
+                "query_embeddings": head(**inputs).query_embeddings,
+            },
+            folder + "/child_outputs.pt",
+        )
+    print(json.dumps({
+        "config_class": type(config).__module__,
+        "encoder_class": type(encoder).__name__,
+        "head_class": type(head).__name__,
+        "tokenizer_class": type(tokenizer).__name__,
+        "ids": tokenizer.encode_events(["a", "unseen"], actions=["click", "buy"])["input_ids"],
+        "pinfm_hf_imported": any(m.startswith("pinfm_hf") for m in sys.modules),
+    }))
+    """
+)
+
+
+def test_trust_remote_code_load_without_package(tmp_path):
+    torch.manual_seed(0)
+    tokenizer = PinFMTokenizer.from_events(
+        pa.table({"item_id": ["a", "b", "a"], "action": ["click", "buy", "click"]}), num_hash_buckets=16
+    )
+    config = PinFMConfig(
+        item_vocab_size=len(tokenizer), action_vocab_size=tokenizer.action_vocab_size, hidden_size=32,
+        num_attention_heads=2, num_hidden_layers=2,
+    )
+    model = PinFMForPretraining(config).eval()
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    inputs = {
+        "input_ids": torch.tensor([[4, 5, 7, 0], [5, 4, 4, 6]]),
+        "action_ids": torch.tensor([[2, 3, 2, 0], [3, 3, 2, 2]]),
+        "timestamps": torch.tensor([[10, 20, 4000, 0], [1, 2, 3, 99999]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]),
+    }
+    torch.save(inputs, tmp_path / "inputs.pt")
+    with torch.no_grad():
+        expected = model(**inputs)
+
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["auto_map"]["AutoModel"] == "modeling_pinfm.PinFMModel"
+    for name in ("configuration_pinfm.py", "modeling_pinfm.py", "losses.py", "tokenization_pinfm.py"):
+        assert (tmp_path / name).exists(), f"{name} not copied into the saved folder"
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_MODULES_CACHE=str(tmp_path / "modules_cache"), HF_HUB_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, str(tmp_path)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["config_class"].startswith("transformers_modules")
+    assert report["encoder_class"] == "PinFMModel"
+    assert report["head_class"] == "PinFMForPretraining"
+    assert report["tokenizer_class"] == "PinFMTokenizer"
+    assert report["ids"] == tokenizer.encode_events(["a", "unseen"], actions=["click", "buy"])["input_ids"]
+    assert not report["pinfm_hf_imported"]
+    child = torch.load(tmp_path / "child_outputs.pt")
+    torch.testing.assert_close(child["last_hidden_state"], expected.last_hidden_state)
+    torch.testing.assert_close(child["query_embeddings"], expected.query_embeddings)

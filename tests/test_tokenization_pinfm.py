@@ -1,0 +1,124 @@
+import subprocess
+import sys
+
+import pyarrow as pa
+import pytest
+from transformers import AutoTokenizer
+
+from pinfm_hf import PinFMTokenizer
+from pinfm_hf.tokenization_pinfm import CANDIDATE_ACTION_ID, stable_bucket
+
+
+def small_events() -> pa.Table:
+    return pa.table(
+        {
+            "user_id": ["u1", "u1", "u1", "u2", "u2", "u3"],
+            "item_id": ["Toy Story (1995)", "b", "Toy Story (1995)", "b", "Toy Story (1995)", "c"],
+            "action": ["click", "buy", "click", "click", "view", "click"],
+            "timestamp": [1, 2, 3, 1, 2, 5],
+        }
+    )
+
+
+@pytest.fixture
+def tokenizer() -> PinFMTokenizer:
+    return PinFMTokenizer.from_events(small_events(), num_hash_buckets=8, model_max_length=3)
+
+
+def test_vocabulary_layout(tokenizer):
+    # specials, then items by descending count (ties by id), then buckets
+    assert tokenizer.convert_ids_to_tokens([0, 1, 2, 3]) == ["<pad>", "<unk>", "<mask>", "<cand>"]
+    assert tokenizer.convert_ids_to_tokens([4, 5, 6]) == ["Toy Story (1995)", "b", "c"]
+    assert tokenizer.vocab_size == len(tokenizer) == 4 + 3 + 8
+    assert tokenizer.first_bucket_id == 7
+    assert tokenizer.pad_token_id == 0
+    assert tokenizer.action_tokens == ["<pad>", "<cand>", "buy", "click", "view"]
+    assert tokenizer.candidate_action_id == CANDIDATE_ACTION_ID == 1
+
+
+def test_min_count_and_max_vocab_size():
+    tok = PinFMTokenizer.from_events(small_events(), min_count=2, num_hash_buckets=4)
+    assert tok.num_items == 2 and "c" not in tok.get_vocab()
+    tok = PinFMTokenizer.from_events(small_events(), max_vocab_size=1, num_hash_buckets=4)
+    assert tok.num_items == 1 and tok.convert_ids_to_tokens(4) == "Toy Story (1995)"
+
+
+def test_unseen_items_get_stable_hash_buckets(tokenizer):
+    fresh = tokenizer.convert_tokens_to_ids("brand-new item")
+    assert fresh == tokenizer.first_bucket_id + stable_bucket("brand-new item", 8)
+    assert tokenizer.first_bucket_id <= fresh < tokenizer.vocab_size
+    # Same bucket in a fresh interpreter (Python's hash() would differ per process).
+    code = "from pinfm_hf.tokenization_pinfm import stable_bucket; print(stable_bucket('brand-new item', 8))"
+    other_process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert int(other_process.stdout) == fresh - tokenizer.first_bucket_id
+    no_buckets = PinFMTokenizer(items=["a"], actions=["x"], num_hash_buckets=0)
+    assert no_buckets.convert_tokens_to_ids("zzz") == no_buckets.unk_token_id
+
+
+def test_encode_events_keeps_most_recent(tokenizer):
+    enc = tokenizer.encode_events(
+        ["b", "c", "Toy Story (1995)", "new"], actions=["buy", "click", "view", "click"], timestamps=[1, 2, 3, 4]
+    )
+    assert enc["input_ids"] == [6, 4, tokenizer.convert_tokens_to_ids("new")]
+    assert enc["action_ids"] == [3, 4, 3]
+    assert enc["timestamps"] == [2, 3, 4]
+    assert enc["attention_mask"] == [1, 1, 1]
+    tensors = tokenizer.encode_events(["b"], actions=["buy"], timestamps=[1], return_tensors="pt")
+    assert tensors["input_ids"].shape == (1, 1)
+
+
+def test_encode_events_errors(tokenizer):
+    with pytest.raises(ValueError, match="Unknown action 'like'"):
+        tokenizer.encode_events(["b"], actions=["like"])
+    with pytest.raises(ValueError, match="`timestamps` has 2 entries but `item_ids` has 1"):
+        tokenizer.encode_events(["b"], timestamps=[1, 2])
+
+
+def test_standard_call_on_item_lists(tokenizer):
+    enc = tokenizer(["b", "c"], is_split_into_words=True)
+    assert enc["input_ids"] == [5, 6]
+    assert tokenizer.decode([4, 5]) in ("Toy Story (1995) b", "Toy Story (1995)b")
+
+
+def test_encode_sequences_matches_single_encoding(tokenizer):
+    sequences = pa.table(
+        {
+            "item_ids": [["b", "c", "Toy Story (1995)", "new"], ["c"], ["x", "b"]],
+            "actions": [["buy", "click", "view", "click"], ["view"], ["click", "buy"]],
+            "timestamps": [[1, 2, 3, 4], [7], [5, 6]],
+        }
+    )
+    encoded = tokenizer.encode_sequences(sequences).to_pylist()
+    for row, expected_source in zip(encoded, sequences.to_pylist()):
+        expected = tokenizer.encode_events(
+            expected_source["item_ids"], actions=expected_source["actions"], timestamps=expected_source["timestamps"]
+        )
+        assert row == dict(expected)
+    with pytest.raises(ValueError, match="Unknown actions"):
+        tokenizer.encode_sequences(pa.table({"item_ids": [["b"]], "actions": [["like"]], "timestamps": [[1]]}))
+
+
+def test_save_and_load_round_trip(tokenizer, tmp_path):
+    tokenizer.save_pretrained(tmp_path)
+    for loaded in (PinFMTokenizer.from_pretrained(tmp_path), AutoTokenizer.from_pretrained(tmp_path)):
+        assert isinstance(loaded, PinFMTokenizer)
+        assert loaded.get_vocab() == tokenizer.get_vocab()
+        assert loaded.action_tokens == tokenizer.action_tokens
+        assert loaded.model_max_length == 3
+        assert loaded.convert_tokens_to_ids("unseen") == tokenizer.convert_tokens_to_ids("unseen")
+    assert not list(tmp_path.glob(".tmp-*"))  # atomic write leaves no temp file
+
+
+@pytest.mark.slow
+def test_real_ml1m_vocabulary(ml1m_events):
+    tok = PinFMTokenizer.from_events(ml1m_events, num_hash_buckets=128)
+    assert tok.num_items == 3706
+    assert tok.action_tokens[2:] == ["rating_1", "rating_2", "rating_3", "rating_4", "rating_5"]
+
+
+def test_encode_sequences_honours_dataset_selection(tokenizer):
+    import datasets
+
+    data = datasets.Dataset.from_dict({"item_ids": [["b"], ["c"], ["b", "c"]], "actions": [["buy"], ["view"], ["buy", "view"]]})
+    picked = data.select([2, 0])
+    assert tokenizer.encode_sequences(picked).column("input_ids").to_pylist() == [[5, 6], [5]]
