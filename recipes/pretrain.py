@@ -1,0 +1,368 @@
+"""Pretrain a PinFM foundation model on user activity sequences.
+
+    accelerate launch recipes/pretrain.py --config recipes/configs/ml1m_pinfm_small.yaml
+    python recipes/pretrain.py --config recipes/configs/ml1m_pinfm_small.yaml --num_train_epochs 2   # single process
+
+Any config field can be overridden on the command line; `--help` lists them. Reads events through the data pipeline
+(events -> per-user sequences -> leave-last-out splits), builds the tokenizer, trains with AdamW, warm-up + cosine,
+gradient accumulation and clipping, evaluates full-ranking HR/NDCG/MRR (HSTU protocol), and saves a folder that
+`AutoModel`/`AutoTokenizer.from_pretrained` load (also with `trust_remote_code=True` where pinfm_hf is absent),
+with a model card, a JSONL log and a PNG of the training curves. `--resume_from_checkpoint latest` continues an
+interrupted run exactly.
+"""
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import datasets
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+from transformers.utils import logging as hf_logging
+
+from pinfm_hf import PinFMConfig, PinFMForPretraining, PinFMTokenizer
+from pinfm_hf.data import (
+    DEFAULT_POSITIVE_ACTIONS,
+    PinFMDataCollator,
+    build_user_sequences,
+    leave_last_out_split,
+    load_dataset_by_name,
+    load_events,
+)
+from pinfm_hf.evaluation import evaluate_next_item
+from pinfm_hf.model_card import render_pretrained_card
+from pinfm_hf.training_utils import (
+    JsonlLogger,
+    finish,
+    load_training_state,
+    parse_recipe_args,
+    peak_rss_gib,
+    plot_training_curves,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+
+
+logger = get_logger("pretrain")
+
+
+@dataclass
+class DataArguments:
+    dataset: str = field(default="ml-1m", metadata={"help": "'ml-1m', 'taobao', or a CSV/Parquet event file of your own."})
+    data_dir: str = field(default="../shared/data", metadata={"help": "Folder holding ml-1m/ and taobao-sample/."})
+    columns: Optional[str] = field(
+        default=None, metadata={"help": 'Own files: JSON map from canonical to file column, e.g. \'{"user_id": "uid"}\'.'}
+    )
+    max_length: int = field(default=200, metadata={"help": "Most recent events per user the model sees."})
+    min_item_count: int = field(default=1, metadata={"help": "Items seen fewer times go to hash buckets."})
+    max_vocab_size: Optional[int] = field(default=None, metadata={"help": "Keep only the most frequent items."})
+    num_hash_buckets: int = field(default=1024, metadata={"help": "Buckets for item ids unseen at tokenizer build."})
+    positive_actions: str = field(
+        default="all", metadata={"help": "Comma-separated positive action names, 'all', or 'default' (per data set)."}
+    )
+    train_windows: bool = field(default=True, metadata={"help": "Train on every max_length chunk of long histories."})
+    max_eval_users: Optional[int] = field(default=None, metadata={"help": "Evaluate on the first N users only."})
+    max_train_users: Optional[int] = field(default=None, metadata={"help": "Train on the first N users only (tests)."})
+
+
+@dataclass
+class ModelArguments:
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 2
+    intermediate_size: Optional[int] = None
+    hidden_dropout_prob: float = 0.2
+    attention_dropout: float = 0.0
+    use_action_embeddings: bool = True
+    use_time_features: bool = True
+    use_input_mlp: bool = True
+    num_item_hash_tables: int = 0
+    item_hash_table_size: int = 100003
+    next_token_loss_weight: float = 1.0
+    multi_token_loss_weight: float = 0.0
+    future_token_loss_weight: float = 0.0
+    multi_token_window: int = 8
+    future_token_input_length: int = 16
+    num_negatives: int = 512
+    negative_sampling: str = "uniform"
+    use_in_batch_negatives: bool = True
+    use_log_q_correction: bool = True
+    full_softmax: bool = False
+    initial_temperature: float = 0.05
+
+
+@dataclass
+class TrainArguments:
+    output_dir: str = field(default="outputs/pretrain", metadata={"help": "Run folder: model/, checkpoints/, logs."})
+    seed: int = 42
+    per_device_train_batch_size: int = 128
+    per_device_eval_batch_size: int = 256
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    adam_beta2: float = 0.98
+    warmup_steps: int = 100
+    num_train_epochs: int = 20
+    max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (-1: epochs decide)."})
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    mixed_precision: str = field(default="auto", metadata={"help": "'auto' (bf16 on GPU, none on CPU), 'no', 'bf16', 'fp16'."})
+    gradient_checkpointing: bool = False
+    logging_steps: int = 10
+    eval_every_epochs: int = field(default=0, metadata={"help": "Validate every N epochs (0: only the final test)."})
+    checkpointing_steps: int = field(default=500, metadata={"help": "Save a resumable checkpoint every N steps."})
+    checkpoints_total_limit: int = 2
+    resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "'latest' or a checkpoint folder."})
+    stop_after_steps: Optional[int] = field(
+        default=None, metadata={"help": "Save a checkpoint and exit after N steps, as if interrupted (tests)."}
+    )
+    report_to: Optional[str] = field(default=None, metadata={"help": "An Accelerate tracker, e.g. 'tensorboard'."})
+
+
+def load_events_for(data_args: DataArguments):
+    if data_args.dataset in ("ml-1m", "taobao"):
+        return load_dataset_by_name(data_args.dataset, data_args.data_dir)
+    columns = json.loads(data_args.columns) if data_args.columns else None
+    return load_events(data_args.dataset, columns=columns)
+
+
+def positive_action_names(data_args: DataArguments, tokenizer: PinFMTokenizer) -> Optional[list[str]]:
+    if data_args.positive_actions == "all":
+        return None
+    if data_args.positive_actions == "default":
+        if data_args.dataset not in DEFAULT_POSITIVE_ACTIONS:
+            raise ValueError(f"No default positive actions for {data_args.dataset!r}; name them with --positive_actions.")
+        return list(DEFAULT_POSITIVE_ACTIONS[data_args.dataset])
+    names = [a.strip() for a in data_args.positive_actions.split(",") if a.strip()]
+    tokenizer.convert_actions_to_ids(names)  # unknown names fail here, naming the action
+    return names
+
+
+def eval_dataset(split: datasets.Dataset, tokenizer: PinFMTokenizer, max_length: int, max_users: Optional[int]):
+    """Inputs = each sequence but its last event (most recent `max_length`), target = its last event."""
+    if max_users is not None:
+        split = split.select(range(min(max_users, len(split))))
+    return datasets.Dataset(tokenizer.encode_sequences(split, max_length=max_length, hold_out_last=True))
+
+
+def main(args: Optional[list[str]] = None) -> dict:
+    data_args, model_args, train_args = parse_recipe_args((DataArguments, ModelArguments, TrainArguments), args)
+    output_dir = Path(train_args.output_dir)
+    mixed_precision = train_args.mixed_precision
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    accelerator = Accelerator(
+        gradient_accumulation_steps=train_args.gradient_accumulation_steps,
+        mixed_precision=mixed_precision,
+        log_with=train_args.report_to,
+        project_dir=str(output_dir),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    logging.getLogger("pinfm_hf").setLevel(logging.INFO if accelerator.is_main_process else logging.ERROR)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    hf_logging.set_verbosity_warning()
+    set_seed(train_args.seed)
+    start_time = time.time()
+
+    # ----- data: events -> per-user sequences -> leave-last-out splits -> tokens -----
+    events = load_events_for(data_args)
+    logger.info("Events: %s", events.describe())
+    splits = leave_last_out_split(build_user_sequences(events))
+    if data_args.max_train_users is not None:
+        splits["train"] = splits["train"].select(range(min(data_args.max_train_users, len(splits["train"]))))
+    tokenizer = PinFMTokenizer.from_events(
+        events,
+        min_count=data_args.min_item_count,
+        max_vocab_size=data_args.max_vocab_size,
+        num_hash_buckets=data_args.num_hash_buckets,
+        model_max_length=data_args.max_length,
+    )
+    train_table = tokenizer.encode_sequences(splits["train"], windows=data_args.train_windows)
+    train_data = datasets.Dataset(train_table)
+    valid_data = eval_dataset(splits["valid"], tokenizer, data_args.max_length, data_args.max_eval_users)
+    test_data = eval_dataset(splits["test"], tokenizer, data_args.max_length, data_args.max_eval_users)
+    logger.info("Train rows %d, valid users %d, test users %d.", len(train_data), len(valid_data), len(test_data))
+
+    collator = PinFMDataCollator(pad_token_id=tokenizer.pad_token_id, max_length=data_args.max_length, return_labels=True)
+    eval_collator = PinFMDataCollator(pad_token_id=tokenizer.pad_token_id, max_length=data_args.max_length)
+    train_loader = DataLoader(train_data, batch_size=train_args.per_device_train_batch_size, shuffle=True, collate_fn=collator)
+    valid_loader = DataLoader(valid_data, batch_size=train_args.per_device_eval_batch_size, collate_fn=eval_collator)
+    test_loader = DataLoader(test_data, batch_size=train_args.per_device_eval_batch_size, collate_fn=eval_collator)
+
+    # ----- model -----
+    positives = positive_action_names(data_args, tokenizer)
+    config = PinFMConfig(
+        item_vocab_size=len(tokenizer),
+        action_vocab_size=tokenizer.action_vocab_size,
+        surface_vocab_size=tokenizer.surface_vocab_size,
+        max_position_embeddings=data_args.max_length + 1,
+        positive_action_ids=tokenizer.convert_actions_to_ids(positives) if positives else None,
+        **asdict(model_args),
+    )
+    model = PinFMForPretraining(config)
+    model.set_item_counts(torch.from_numpy(tokenizer.item_counts(train_table)))
+    if train_args.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "norm" in n]
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": train_args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=train_args.learning_rate,
+        betas=(0.9, train_args.adam_beta2),
+    )
+    model, optimizer, train_loader, valid_loader, test_loader = accelerator.prepare(
+        model, optimizer, train_loader, valid_loader, test_loader
+    )
+    steps_per_epoch = math.ceil(len(train_loader) / train_args.gradient_accumulation_steps)
+    total_steps = train_args.max_steps if train_args.max_steps > 0 else steps_per_epoch * train_args.num_train_epochs
+    num_epochs = math.ceil(total_steps / steps_per_epoch)
+    # The prepared scheduler steps once per process per optimizer step (Accelerate), hence the factor.
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer,
+        num_warmup_steps=min(train_args.warmup_steps, total_steps) * accelerator.num_processes,
+        num_training_steps=total_steps * accelerator.num_processes,
+    )
+    scheduler = accelerator.prepare(scheduler)
+    num_params = sum(p.numel() for p in model.parameters())
+    logger.info("Model: %.2fM parameters; %d steps (%d epochs of %d).", num_params / 1e6, total_steps, num_epochs, steps_per_epoch)
+
+    # ----- resume -----
+    checkpoint_dir = output_dir / "checkpoints"
+    run_log = JsonlLogger(output_dir / "train_log.jsonl", enabled=accelerator.is_main_process)
+    step, start_epoch, skip_batches, micro_step = 0, 0, 0, 0
+    checkpoint = resolve_checkpoint(train_args.resume_from_checkpoint, checkpoint_dir)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        state = load_training_state(checkpoint)
+        step, start_epoch, skip_batches = state["step"], state["epoch"], state["batches_in_epoch"]
+        micro_step = state["micro_step"]
+        run_log.truncate_after(step)
+        logger.info("Resumed from %s at step %d (epoch %d, batch %d).", checkpoint, step, start_epoch, skip_batches)
+    elif accelerator.is_main_process and run_log.path.exists():
+        run_log.path.unlink()  # a fresh run starts a fresh log
+    if train_args.report_to:
+        accelerator.init_trackers("pinfm-pretrain", config={**asdict(data_args), **asdict(model_args), **asdict(train_args)})
+
+    # ----- loop -----
+    def log_eval(name: str, loader) -> dict:
+        metrics = evaluate_next_item(
+            model, loader, accelerator, num_special_tokens=config.num_special_item_tokens, num_scored_ids=tokenizer.first_bucket_id
+        )
+        record = {"step": step, **{f"{name}/{k}": v for k, v in metrics.items()}}
+        run_log.log(record)
+        accelerator.log(record, step=step)
+        logger.info("%s at step %d: %s", name, step, {k: round(v, 4) for k, v in metrics.items()})
+        return metrics
+
+    model.train()
+    progress = tqdm(total=total_steps, initial=step, desc="pretrain", disable=not accelerator.is_main_process)
+    tokens_seen, window_start = 0, time.time()
+    done = step >= total_steps
+    for epoch in range(start_epoch, num_epochs):
+        if done:
+            break
+        train_loader.set_epoch(epoch)
+        loader = accelerator.skip_first_batches(train_loader, skip_batches) if skip_batches else train_loader
+        batches_in_epoch, skip_batches = skip_batches, 0
+        step_losses = []
+        for batch in loader:
+            # Randomness (dropout, sampled negatives) is a function of the micro-step, so a resumed run repeats it
+            # exactly whatever else drew from the generators in between (e.g. the DataLoader's own seed draw).
+            set_seed(train_args.seed + micro_step, device_specific=True)
+            micro_step += 1
+            with accelerator.accumulate(model):
+                outputs = model(**batch)
+                accelerator.backward(outputs.loss)
+                if accelerator.sync_gradients and train_args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            batches_in_epoch += 1
+            tokens_seen += int(batch["attention_mask"].sum()) * accelerator.num_processes
+            step_losses.append({k: v.detach() for k, v in outputs.items() if k.endswith("loss") and v is not None})
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            record = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0]}
+            for key in step_losses[0]:
+                mean = torch.stack([losses[key] for losses in step_losses]).mean()
+                record[key] = accelerator.reduce(mean, reduction="mean").item()
+            step_losses = []
+            record["temperature"] = accelerator.unwrap_model(model).temperature.item()
+            elapsed = time.time() - window_start
+            record["tokens_per_s"] = tokens_seen / max(elapsed, 1e-9)
+            run_log.log(record)
+            accelerator.log(record, step=step)
+            progress.update(1)
+            if step % train_args.logging_steps == 0 or step == 1:
+                progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch, "micro_step": micro_step}
+            interrupted = train_args.stop_after_steps is not None and step >= train_args.stop_after_steps
+            if step % train_args.checkpointing_steps == 0 or interrupted:
+                save_checkpoint(accelerator, checkpoint_dir, step, state, train_args.checkpoints_total_limit)
+            if interrupted:
+                progress.close()
+                logger.info("Stopping after step %d as asked (--stop_after_steps); resume with --resume_from_checkpoint latest.", step)
+                finish(accelerator)
+                return {"step": step, "interrupted": True}
+            if step >= total_steps:
+                done = True
+                break
+        else:
+            if train_args.eval_every_epochs and (epoch + 1) % train_args.eval_every_epochs == 0:
+                log_eval("valid", valid_loader)
+            continue
+        if train_args.eval_every_epochs and (epoch + 1) % train_args.eval_every_epochs == 0:
+            log_eval("valid", valid_loader)
+    progress.close()
+    train_seconds = time.time() - window_start
+    if step % train_args.checkpointing_steps != 0:
+        final_state = {"step": step, "epoch": num_epochs, "batches_in_epoch": 0, "micro_step": micro_step}
+        save_checkpoint(accelerator, checkpoint_dir, step, final_state, train_args.checkpoints_total_limit)
+
+    # ----- final evaluation and save -----
+    test_metrics = log_eval("test", test_loader)
+    # One checksum per rank: equal values show the processes trained in sync.
+    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+    checksums = accelerator.gather(checksum.to(accelerator.device)).tolist()
+    results = {
+        "dataset": data_args.dataset,
+        "steps": step,
+        "train_seconds": round(train_seconds, 1),
+        "total_seconds": round(time.time() - start_time, 1),
+        "tokens_per_s": round(tokens_seen / max(train_seconds, 1e-9), 1),
+        "peak_rss_gib": round(peak_rss_gib(), 3),
+        "num_parameters": num_params,
+        "num_processes": accelerator.num_processes,
+        "parameter_checksums": checksums,
+        "test": test_metrics,
+    }
+    if accelerator.is_main_process:
+        model_dir = output_dir / "model"
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+        card = render_pretrained_card(
+            model_dir=model_dir, config=unwrapped.config, results=results, data_args=asdict(data_args),
+            train_args=asdict(train_args), events_summary=events.summary(),
+        )
+        (model_dir / "README.md").write_text(card)
+        plot = plot_training_curves(output_dir / "train_log.jsonl", output_dir / "training_curves.png")
+        logger.info("Saved model + tokenizer + card to %s, curves to %s, results to %s.", model_dir, plot, output_dir / "results.json")
+    finish(accelerator)
+    return results
+
+
+if __name__ == "__main__":
+    main()

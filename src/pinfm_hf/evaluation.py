@@ -1,0 +1,52 @@
+"""Full-ranking next-item evaluation (HSTU protocol), gathered across processes."""
+
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .metrics import rank_of_targets, retrieval_metrics, summarize
+
+
+def last_valid(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """`values[b, t_last(b)]` where `t_last` is row b's last real position, for either padding side."""
+    T = attention_mask.shape[1]
+    last = (attention_mask.long() * torch.arange(T, device=attention_mask.device)).argmax(dim=1)  # (B,)
+    return values[torch.arange(values.shape[0], device=values.device), last]
+
+
+@torch.no_grad()
+def evaluate_next_item(
+    model,
+    dataloader,
+    accelerator,
+    *,
+    num_special_tokens: int,
+    num_scored_ids: int,
+    ks: Sequence[int] = (10, 50, 200),
+    show_progress: bool = True,
+) -> dict[str, float]:
+    """
+    Rank each example's `target_ids` among all known items, scored from the user's last position.
+
+    Scored: item ids `[num_special_tokens, num_scored_ids)` (every item of the vocabulary); masked: special tokens and
+    hash buckets (ids from `num_scored_ids` on). Items already in the history are *not* masked (HSTU protocol).
+    Returns `hr@k`, `ndcg@k` and `mrr`, averaged over all users of all processes, each counted once.
+    """
+    was_training = model.training
+    model.eval()
+    unwrapped = accelerator.unwrap_model(model)
+    all_ranks = []
+    batches = tqdm(dataloader, desc="evaluate", disable=not (show_progress and accelerator.is_main_process), leave=False)
+    for batch in batches:
+        targets = batch.pop("target_ids")
+        batch.pop("labels", None)
+        query = last_valid(model(**batch).query_embeddings, batch["attention_mask"])  # (B, P)
+        scores = unwrapped.score_items(query)[:, :num_scored_ids]  # (B, V')
+        ranks = rank_of_targets(scores, targets, invalid_ids=list(range(num_special_tokens)))
+        all_ranks.append(accelerator.gather_for_metrics(ranks))
+    model.train(was_training)
+    ranks = torch.cat(all_ranks)
+    metrics = summarize(retrieval_metrics(ranks, ks=ks))
+    metrics["num_users"] = int(ranks.numel())
+    return metrics

@@ -1,0 +1,84 @@
+"""Model cards rendered from real run outputs (`model_cards/*.md` Jinja templates + `huggingface_hub` card data)."""
+
+from pathlib import Path
+from typing import Any, Optional
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+
+TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "model_cards"
+# Config fields worth showing on a card (the full config is in config.json).
+CARD_CONFIG_FIELDS = (
+    "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_position_embeddings",
+    "item_vocab_size", "action_vocab_size", "use_action_embeddings", "use_time_features", "num_item_hash_tables",
+    "next_token_loss_weight", "multi_token_loss_weight", "future_token_loss_weight", "num_negatives",
+    "negative_sampling", "full_softmax",
+)
+DATASET_IDS = {"ml-1m": "movielens-1m", "taobao": "taobao-user-behavior"}
+
+
+def render_pretrained_card(
+    *,
+    model_dir: str | Path,
+    config: Any,
+    results: dict[str, Any],
+    data_args: dict[str, Any],
+    train_args: dict[str, Any],
+    events_summary: dict[str, Any],
+    repo_id: Optional[str] = None,
+    template_path: Optional[str | Path] = None,
+) -> str:
+    """Fill the pretrained-model card template with the run's config, data summary and measured metrics."""
+    template_path = Path(template_path or TEMPLATE_DIR / "pretrained_model_card.md")
+    if not template_path.is_file():
+        raise FileNotFoundError(f"Model card template {template_path} not found.")
+    dataset = data_args["dataset"]
+    test = results["test"]
+    model_name = repo_id or f"pinfm-{Path(dataset).stem}"
+    eval_results = [
+        EvalResult(
+            task_type="next-item-recommendation",
+            dataset_type=DATASET_IDS.get(dataset, Path(dataset).stem),
+            dataset_name=dataset,
+            metric_type=name,
+            metric_value=round(value, 4),
+        )
+        for name, value in test.items()
+        if name != "num_users"
+    ]
+    card_data = ModelCardData(
+        library_name="transformers",
+        license="apache-2.0",
+        tags=["pinfm", "recommendation", "user-sequence", "foundation-model", "custom_code"],
+        datasets=[DATASET_IDS.get(dataset, Path(dataset).stem)],
+        metrics=sorted({r.metric_type for r in eval_results}),
+        model_name=model_name,
+        eval_results=eval_results,
+    )
+    losses = [n.replace("_token", "-token") for n in ("next_token", "multi_token", "future_token")
+              if getattr(config, f"{n}_loss_weight") > 0]
+    positives = config.positive_action_ids
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(template_path),
+        model_name=model_name,
+        losses=", ".join(losses),
+        dataset=dataset,
+        events=f"{events_summary.get('events', '?'):,}",
+        users=f"{events_summary.get('users', '?'):,}",
+        items=f"{events_summary.get('items', '?'):,}",
+        actions=", ".join(f"{k} ({v:,})" for k, v in sorted(events_summary.get("actions", {}).items())),
+        positive_actions=data_args.get("positive_actions") if positives else "all",
+        num_hash_buckets=data_args.get("num_hash_buckets"),
+        config_rows=[(k, getattr(config, k)) for k in CARD_CONFIG_FIELDS],
+        metric_rows=[(k, f"{v:.4f}") for k, v in test.items() if k != "num_users"],
+        num_users=test.get("num_users"),
+        num_scored_items=events_summary.get("items", "?"),
+        steps=results["steps"],
+        train_seconds=results["train_seconds"],
+        tokens_per_s=f"{results['tokens_per_s']:,.0f}",
+        peak_rss_gib=results["peak_rss_gib"],
+        num_parameters=f"{results['num_parameters']:,}",
+        repo_or_path=repo_id or str(model_dir),
+    )
+    return str(card)
