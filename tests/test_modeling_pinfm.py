@@ -208,3 +208,78 @@ def test_lora_wrap_merge_gives_equal_outputs():
     merged = peft_model.merge_and_unload()
     with torch.no_grad():
         torch.testing.assert_close(merged(**inputs).last_hidden_state, adapted, rtol=1e-4, atol=1e-5)
+
+
+def pretraining_batch(tester: PinFMModelTester):
+    inputs = tester.prepare_inputs()
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    return inputs, labels
+
+
+@pytest.mark.parametrize("loss_name", ["next_token", "multi_token", "future_token"])
+def test_each_loss_decreases(loss_name):
+    torch.manual_seed(0)
+    weights = {f"{name}_loss_weight": float(name == loss_name) for name in ("next_token", "multi_token", "future_token")}
+    tester = PinFMModelTester(
+        seq_length=12, multi_token_window=3, future_token_input_length=4, num_negatives=16, hidden_dropout_prob=0.0,
+        **weights,
+    )
+    model = PinFMForPretraining(tester.get_config()).train()
+    inputs, labels = pretraining_batch(tester)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(15):
+        out = model(**inputs, labels=labels)
+        assert getattr(out, f"{loss_name}_loss") is not None
+        assert all(getattr(out, f"{other}_loss") is None for other in ("next_token", "multi_token", "future_token") if other != loss_name)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(out.loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_losses_are_zero_safe_without_positive_targets():
+    tester = PinFMModelTester(multi_token_loss_weight=1.0, future_token_loss_weight=1.0, positive_action_ids=[5])
+    model = PinFMForPretraining(tester.get_config()).train()
+    inputs, labels = pretraining_batch(tester)
+    inputs["action_ids"] = inputs["action_ids"].clamp(max=4)  # no event has the positive action 5
+    out = model(**inputs, labels=labels)
+    assert out.loss.item() == 0.0 and out.next_token_loss.item() == 0.0
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    # With one positive event in range the loss is no longer zero.
+    inputs["action_ids"][0, 3] = 5
+    assert model(**inputs, labels=labels).next_token_loss.item() > 0
+
+
+def test_future_token_loss_queries_only_at_window_ends():
+    tester = PinFMModelTester(seq_length=7, next_token_loss_weight=0.0, future_token_loss_weight=1.0, future_token_input_length=8)
+    model = PinFMForPretraining(tester.get_config())
+    inputs, labels = pretraining_batch(tester)
+    assert model(**inputs, labels=labels).future_token_loss.item() == 0.0  # no full length-8 window in 7 events
+    valid = inputs["attention_mask"].bool()
+    query, target = model._offset_pairs(valid & (torch.arange(7) == 3), torch.ones_like(valid), offsets=range(1, 3))
+    assert sorted((query % 7).tolist()) == [3] * len(query) and set((target - query).tolist()) == {1, 2}
+
+
+def test_log_q_correction_and_full_softmax():
+    tester = PinFMModelTester(hidden_dropout_prob=0.0, num_negatives=32)
+    config = tester.get_config()
+    inputs, labels = pretraining_batch(tester)
+    model = PinFMForPretraining(config).eval()
+    model.set_item_counts(torch.arange(config.item_vocab_size) ** 2)
+    torch.manual_seed(3)
+    with_log_q = model(**inputs, labels=labels).loss
+    model.config.use_log_q_correction = False
+    torch.manual_seed(3)
+    without_log_q = model(**inputs, labels=labels).loss
+    assert not torch.isclose(with_log_q, without_log_q)
+    # Full softmax equals cross-entropy over every regular item, computed from the public scoring API.
+    model.config.full_softmax = True
+    out = model(**inputs, labels=labels)
+    scores = model.score_items(out.query_embeddings[:, :-1])  # (B, T-1, V)
+    targets = labels[:, 1:]
+    keep = (targets != -100) & (inputs["attention_mask"][:, :-1] == 1)
+    expected = torch.nn.functional.cross_entropy(scores[keep], targets[keep])
+    torch.testing.assert_close(out.loss, expected, rtol=1e-4, atol=1e-5)

@@ -85,7 +85,7 @@ class PinFMConfig(PretrainedConfig):
         negative_sampling (`str`, *optional*, defaults to `"uniform"`):
             `"uniform"` or `"popularity"` (needs `item_counts` to be set on the model).
         use_in_batch_negatives (`bool`, *optional*, defaults to `True`):
-            Also use the batch's positive items as negatives.
+            Also use the batch's positive items as negatives (a random subset of at most `num_negatives` distinct ones).
         use_log_q_correction (`bool`, *optional*, defaults to `True`):
             Subtract the log sampling probability of each candidate from its logit (sampled-softmax bias
             correction).

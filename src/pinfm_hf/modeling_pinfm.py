@@ -621,6 +621,8 @@ class PinFMForPretraining(PinFMPreTrainedModel):
             neg_log_q = self.item_log_probs[neg_ids]
         if config.use_in_batch_negatives and batch_positive_ids.numel() > 0:
             in_batch = batch_positive_ids.unique()
+            # At most `num_negatives` of them: every unique item of a large batch costs as much as a full softmax.
+            in_batch = in_batch[torch.randperm(in_batch.numel(), device=device)[: config.num_negatives]]
             neg_ids = torch.cat([neg_ids, in_batch])
             neg_log_q = torch.cat([neg_log_q, self._log_q(in_batch)])
         return neg_ids, neg_log_q
