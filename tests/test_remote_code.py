@@ -12,14 +12,15 @@ import torch
 from pinfm_hf import PinFMConfig, PinFMForPretraining, PinFMTokenizer
 
 
-# Runs in the child: pinfm_hf is made unimportable before anything else, as in an environment without it.
+# Runs in the child: pinfm_hf (and pyarrow/datasets, which a bare transformers install lacks) are made unimportable
+# before anything else, as in an environment with only torch and transformers.
 CHILD = textwrap.dedent(
     """
     import importlib.abc, json, sys
 
     class BlockPinFM(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
-            if name == "pinfm_hf" or name.startswith("pinfm_hf."):
+            if name.split(".")[0] in ("pinfm_hf", "pyarrow", "datasets"):
                 raise ModuleNotFoundError(f"No module named {name!r} (blocked by test)")
             return None
 

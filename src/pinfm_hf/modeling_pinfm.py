@@ -319,6 +319,9 @@ class PinFMModel(PinFMPreTrainedModel):
     the same outputs at real positions.
     """
 
+    # The encoder loads from head checkpoints (e.g. pretraining): their head weights are expected leftovers.
+    _keys_to_ignore_on_load_unexpected = [r"^(query_proj|item_proj)\.", r"^log_temperature$", r"^item_log_probs$"]
+
     def __init__(self, config: PinFMConfig):
         super().__init__(config)
         self.embeddings = PinFMEventEmbedding(config)

@@ -12,6 +12,12 @@ from transformers import BatchEncoding, PreTrainedTokenizer
 from transformers.utils import logging
 
 
+try:  # bulk Arrow encoding needs pyarrow; loading the tokenizer and encoding single histories do not
+    import pyarrow as pa
+    import pyarrow.compute as pc
+except ImportError:
+    pa = pc = None
+
 logger = logging.get_logger(__name__)
 
 VOCAB_FILES_NAMES = {"vocab_file": "pinfm_vocab.json"}
@@ -43,6 +49,11 @@ def _atomic_write_json(obj: Any, path: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _require_pyarrow() -> None:
+    if pa is None:
+        raise ImportError("Bulk encoding of Arrow tables needs pyarrow: `pip install pyarrow`.")
 
 
 def _as_arrow_table(sequences: Any) -> Any:
@@ -138,7 +149,7 @@ class PinFMTokenizer(PreTrainedTokenizer):
         beyond the `max_vocab_size` most frequent, are left to the hash buckets. Ties in count break by item id, so the
         result is deterministic.
         """
-        import pyarrow.compute as pc
+        _require_pyarrow()
 
         table = getattr(events, "table", events)
         if min_count < 1:
@@ -258,8 +269,7 @@ class PinFMTokenizer(PreTrainedTokenizer):
 
     def item_ids_to_token_ids(self, item_ids: Any) -> np.ndarray:
         """Vectorised lookup of many raw item ids (a pyarrow array or a list of str): unseen ids go to their bucket."""
-        import pyarrow as pa
-        import pyarrow.compute as pc
+        _require_pyarrow()
 
         if self._item_array is None:
             self._item_array = pa.array(self.item_tokens, type=pa.string())
@@ -275,8 +285,7 @@ class PinFMTokenizer(PreTrainedTokenizer):
         return token_ids.astype(np.int64)
 
     def _lookup_small_vocab(self, values: Any, vocab: list[str], name: str, unknown_id: Optional[int]) -> np.ndarray:
-        import pyarrow as pa
-        import pyarrow.compute as pc
+        _require_pyarrow()
 
         index = pc.index_in(values, value_set=pa.array(vocab, type=pa.string()))
         if index.null_count:
@@ -300,7 +309,7 @@ class PinFMTokenizer(PreTrainedTokenizer):
         With `hold_out_last=True` (evaluation) each row's last event becomes its `target_ids` / `target_action_ids`
         and the inputs are the events before it.
         """
-        import pyarrow as pa
+        _require_pyarrow()
 
         table = _as_arrow_table(sequences)
         max_length = max_length or self.model_max_length
