@@ -318,10 +318,6 @@ def main(args: Optional[list[str]] = None) -> dict:
             if step >= total_steps:
                 done = True
                 break
-        else:
-            if train_args.eval_every_epochs and (epoch + 1) % train_args.eval_every_epochs == 0:
-                log_eval("valid", valid_loader)
-            continue
         if train_args.eval_every_epochs and (epoch + 1) % train_args.eval_every_epochs == 0:
             log_eval("valid", valid_loader)
     progress.close()

@@ -15,6 +15,8 @@ import json, sys
 from pathlib import Path
 from transformers import AutoModel, AutoTokenizer
 
+import pinfm_hf  # noqa: F401  registers the Auto classes, so no trust_remote_code is needed
+
 out = Path(sys.argv[1])
 model = AutoModel.from_pretrained(out / "model")
 tokenizer = AutoTokenizer.from_pretrained(out / "model")

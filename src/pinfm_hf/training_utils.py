@@ -49,15 +49,11 @@ def parse_recipe_args(dataclass_types: Sequence[type], args: Optional[list[str]]
         for action in parser._actions:
             if action.dest in defaults:
                 action.required = False
-    *parsed, _ = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
-    remaining = _
+    *parsed, remaining = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
     if remaining:
         raise ValueError(f"Unknown arguments {remaining}; see `--help`.")
-    return tuple(p for p in parsed if not _is_config_namespace(p))
-
-
-def _is_config_namespace(obj: Any) -> bool:
-    return type(obj).__name__ == "Namespace"
+    # The last parsed item is the namespace holding `--config`; the caller wants only its dataclasses.
+    return tuple(parsed[: len(dataclass_types)])
 
 
 class JsonlLogger:

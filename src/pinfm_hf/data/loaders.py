@@ -131,6 +131,17 @@ def _lookup(keys: pa.ChunkedArray, table_keys: pa.Array, table_values: pa.Array)
     return pc.take(table_values, pc.index_in(keys, value_set=table_keys))
 
 
+def _file_in(path: PathLike, suffix: str) -> Path:
+    """`path` itself, or the one `*<suffix>` file inside it when `path` is a folder."""
+    path = Path(path)
+    if path.is_dir():
+        candidates = sorted(path.glob(f"*{suffix}"))
+        if len(candidates) != 1:
+            raise FileNotFoundError(f"Expected exactly one {suffix} file in {path}, found {[c.name for c in candidates]}")
+        path = candidates[0]
+    return _existing_file(path)
+
+
 def load_movielens_atomic(path: PathLike, *, with_genres: bool = True) -> EventTable:
     """
     Load RecBole's atomic MovieLens (`ml-1m.inter`, plus `ml-1m.item` for genres).
@@ -143,13 +154,7 @@ def load_movielens_atomic(path: PathLike, *, with_genres: bool = True) -> EventT
     Returns:
         `EventTable` with actions `rating_1` .. `rating_5`.
     """
-    path = Path(path)
-    if path.is_dir():
-        candidates = sorted(path.glob("*.inter"))
-        if len(candidates) != 1:
-            raise FileNotFoundError(f"Expected exactly one .inter file in {path}, found {[c.name for c in candidates]}")
-        path = candidates[0]
-    path = _existing_file(path)
+    path = _file_in(path, ".inter")
     raw = _read_atomic(path)
     source = str(path)
     missing = [c for c in ("user_id", "item_id", "rating", "timestamp") if c not in raw.column_names]
@@ -202,13 +207,7 @@ def load_movielens_dat(path: PathLike) -> EventTable:
 
 def load_movielens_users(path: PathLike) -> pa.Table:
     """Load `ml-1m.user` (file or folder) as a table of strings: `user_id`, `age`, `gender`, `occupation`."""
-    path = Path(path)
-    if path.is_dir():
-        candidates = sorted(path.glob("*.user"))
-        if len(candidates) != 1:
-            raise FileNotFoundError(f"Expected exactly one .user file in {path}, found {[c.name for c in candidates]}")
-        path = candidates[0]
-    path = _existing_file(path)
+    path = _file_in(path, ".user")
     raw = _read_atomic(path)
     wanted = ["user_id", "age", "gender", "occupation"]
     missing = [c for c in wanted if c not in raw.column_names]
