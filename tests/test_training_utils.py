@@ -46,3 +46,15 @@ def test_log_is_truncated_to_the_resumed_step(tmp_path):
         log.log({"step": step, "loss": 1.0 / step})
     log.truncate_after(3)
     assert [r["step"] for r in read_jsonl(tmp_path / "log.jsonl")] == [1, 2, 3]
+
+
+def test_plot_needs_a_series_of_two_points(tmp_path):
+    from pinfm_hf.training_utils import plot_training_curves
+
+    log = JsonlLogger(tmp_path / "log.jsonl")
+    log.log({"step": 1, "test/ndcg@10": 0.1})
+    assert plot_training_curves(tmp_path / "log.jsonl", tmp_path / "a.png") is None  # one point is no curve
+    log.log({"step": 1, "loss": 2.0})
+    log.log({"step": 2, "loss": 1.5})
+    png = plot_training_curves(tmp_path / "log.jsonl", tmp_path / "b.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

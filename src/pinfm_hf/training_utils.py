@@ -153,7 +153,7 @@ def peak_rss_gib() -> float:
 
 
 def plot_training_curves(log_path: str | os.PathLike, png_path: str | os.PathLike, keys: Optional[Sequence[str]] = None) -> Optional[Path]:
-    """Plot every numeric series of a JSONL run log against `step` into one PNG (one panel per series)."""
+    """Plot every numeric series of a JSONL run log (with at least two points) against `step`, one panel each."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -164,7 +164,7 @@ def plot_training_curves(log_path: str | os.PathLike, png_path: str | os.PathLik
         return None
     if keys is None:
         keys = sorted({k for r in records for k, v in r.items() if isinstance(v, (int, float)) and k not in ("step", "epoch")})
-    keys = [k for k in keys if any(k in r for r in records)]
+    keys = [k for k in keys if sum(k in r for r in records) >= 2]  # a curve needs two points; finals go to results.json
     if not keys:
         return None
     cols = min(3, len(keys))
