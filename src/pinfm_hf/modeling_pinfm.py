@@ -613,15 +613,11 @@ class PinFMForPretraining(PinFMPreTrainedModel):
         if config.negative_sampling == "popularity":
             if not self.has_item_counts:
                 raise ValueError("`negative_sampling='popularity'` needs item counts: call `model.set_item_counts(...)`.")
-            neg_ids, _ = sample_negatives(config.num_negatives, probs=self.item_log_probs.exp(), device=device)
+            neg_ids, neg_log_q = sample_negatives(config.num_negatives, probs=self.item_log_probs.exp(), device=device)
         else:
-            neg_ids, _ = sample_negatives(
+            neg_ids, neg_log_q = sample_negatives(
                 config.num_negatives, vocab_size=config.item_vocab_size, first_id=config.num_special_item_tokens, device=device
             )
-        if config.negative_sampling == "uniform":
-            neg_log_q = torch.full(neg_ids.shape, -math.log(config.item_vocab_size - config.num_special_item_tokens), device=device)
-        else:
-            neg_log_q = self.item_log_probs[neg_ids]
         if config.use_in_batch_negatives and batch_positive_ids.numel() > 0:
             in_batch = batch_positive_ids.unique()
             # At most `num_negatives` of them: every unique item of a large batch costs as much as a full softmax.
