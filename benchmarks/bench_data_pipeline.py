@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _report import emit  # benchmarks/ is on sys.path when a script runs
+
 
 STAGES = ("load", "build_user_sequences", "leave_last_out_split", "save_sequences")
 
@@ -188,10 +190,7 @@ def main() -> None:
         "sum_of_best_stages_s": round(sum(min(timings[s]) for s in STAGES), 4),
         "peak_memory": memory,
     }
-    print(json.dumps(report, indent=2))
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(report, indent=2))
+    emit(report, args.output)
 
 
 if __name__ == "__main__":

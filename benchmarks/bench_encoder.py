@@ -6,7 +6,6 @@ Both configs run in the same process, interleaved, so their ratio is robust to m
 """
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
@@ -14,6 +13,8 @@ from pathlib import Path
 import torch
 
 from pinfm_hf import PinFMConfig, PinFMModel
+
+from _report import emit  # benchmarks/ is on sys.path when a script runs
 
 
 CONFIGS = {
@@ -80,10 +81,7 @@ def main() -> None:
         "configs": rows,
         "small_over_medium_ratio": round(rows[names[0]]["tokens_per_s"] / rows[names[1]]["tokens_per_s"], 2),
     }
-    print(json.dumps(report, indent=2))
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(report, indent=2))
+    emit(report, args.output)
 
 
 if __name__ == "__main__":

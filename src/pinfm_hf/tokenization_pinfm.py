@@ -279,9 +279,9 @@ class PinFMTokenizer(PreTrainedTokenizer):
         missing = index.is_null().to_numpy(zero_copy_only=False)
         if missing.any():
             token_ids = np.where(missing, 0, token_ids).astype(np.int64)
-            unseen = pc.unique(pc.filter(values, pc.is_null(index))).to_pylist()
-            lookup = {item: self._convert_token_to_id(item) for item in unseen}  # once per distinct unseen item
-            token_ids[missing] = [lookup[v] for v in pc.filter(values, pc.is_null(index)).to_pylist()]
+            unseen = pc.filter(values, pc.is_null(index))
+            lookup = {item: self._convert_token_to_id(item) for item in pc.unique(unseen).to_pylist()}  # once per item
+            token_ids[missing] = [lookup[v] for v in unseen.to_pylist()]
         return token_ids.astype(np.int64)
 
     def _lookup_small_vocab(self, values: Any, vocab: list[str], name: str, unknown_id: Optional[int]) -> np.ndarray:
