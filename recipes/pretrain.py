@@ -130,7 +130,14 @@ class TrainArguments:
 def load_events_for(data_args: DataArguments):
     if data_args.dataset in ("ml-1m", "taobao"):
         return load_dataset_by_name(data_args.dataset, data_args.data_dir)
-    columns = json.loads(data_args.columns) if data_args.columns else None
+    columns = None
+    if data_args.columns:
+        try:
+            columns = json.loads(data_args.columns)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--columns must be a JSON object such as '{{\"user_id\": \"uid\"}}': {err}") from None
+        if not isinstance(columns, dict):
+            raise ValueError(f"--columns must be a JSON object mapping canonical to file column names, got {columns!r}.")
     return load_events(data_args.dataset, columns=columns)
 
 
