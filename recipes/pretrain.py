@@ -12,7 +12,6 @@ interrupted run exactly.
 """
 
 import json
-import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,14 +19,13 @@ from pathlib import Path
 from typing import Optional
 
 import datasets
+import pyarrow.compute as pc
 import torch
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
-from transformers.utils import logging as hf_logging
 
 from pinfm_hf import PinFMConfig, PinFMForPretraining, PinFMTokenizer
 from pinfm_hf.data import (
@@ -35,8 +33,8 @@ from pinfm_hf.data import (
     PinFMDataCollator,
     build_user_sequences,
     leave_last_out_split,
-    load_dataset_by_name,
-    load_events,
+    load_events_from_args,
+    time_split,
 )
 from pinfm_hf.evaluation import evaluate_next_item
 from pinfm_hf.model_card import render_pretrained_card
@@ -44,6 +42,7 @@ from pinfm_hf.training_utils import (
     JsonlLogger,
     finish,
     load_training_state,
+    make_accelerator,
     parse_recipe_args,
     peak_rss_gib,
     plot_training_curves,
@@ -68,6 +67,11 @@ class DataArguments:
     num_hash_buckets: int = field(default=1024, metadata={"help": "Buckets for item ids unseen at tokenizer build."})
     positive_actions: str = field(
         default="all", metadata={"help": "Comma-separated positive action names, 'all', or 'default' (per data set)."}
+    )
+    time_cut_quantile: Optional[float] = field(
+        default=None,
+        metadata={"help": "Pretrain only on events before this global time quantile (e.g. 0.9), so that a CTR test "
+                  "period after it (finetune_ctr.py --cut_quantile, same value) never leaks into pretraining."},
     )
     train_windows: bool = field(default=True, metadata={"help": "Train on every max_length chunk of long histories."})
     max_eval_users: Optional[int] = field(default=None, metadata={"help": "Evaluate on the first N users only."})
@@ -127,20 +131,6 @@ class TrainArguments:
     report_to: Optional[str] = field(default=None, metadata={"help": "An Accelerate tracker, e.g. 'tensorboard'."})
 
 
-def load_events_for(data_args: DataArguments):
-    if data_args.dataset in ("ml-1m", "taobao"):
-        return load_dataset_by_name(data_args.dataset, data_args.data_dir)
-    columns = None
-    if data_args.columns:
-        try:
-            columns = json.loads(data_args.columns)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"--columns must be a JSON object such as '{{\"user_id\": \"uid\"}}': {err}") from None
-        if not isinstance(columns, dict):
-            raise ValueError(f"--columns must be a JSON object mapping canonical to file column names, got {columns!r}.")
-    return load_events(data_args.dataset, columns=columns)
-
-
 def positive_action_names(data_args: DataArguments, tokenizer: PinFMTokenizer) -> Optional[list[str]]:
     if data_args.positive_actions == "all":
         return None
@@ -163,25 +153,20 @@ def eval_dataset(split: datasets.Dataset, tokenizer: PinFMTokenizer, max_length:
 def main(args: Optional[list[str]] = None) -> dict:
     data_args, model_args, train_args = parse_recipe_args((DataArguments, ModelArguments, TrainArguments), args)
     output_dir = Path(train_args.output_dir)
-    mixed_precision = train_args.mixed_precision
-    if mixed_precision == "auto":
-        mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    accelerator = Accelerator(
+    accelerator = make_accelerator(
+        output_dir,
+        mixed_precision=train_args.mixed_precision,
         gradient_accumulation_steps=train_args.gradient_accumulation_steps,
-        mixed_precision=mixed_precision,
-        log_with=train_args.report_to,
-        project_dir=str(output_dir),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        report_to=train_args.report_to,
     )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
-    logging.getLogger("pinfm_hf").setLevel(logging.INFO if accelerator.is_main_process else logging.ERROR)
-    logging.getLogger("accelerate").setLevel(logging.WARNING)
-    hf_logging.set_verbosity_warning()
     set_seed(train_args.seed)
     start_time = time.time()
 
     # ----- data: events -> per-user sequences -> leave-last-out splits -> tokens -----
-    events = load_events_for(data_args)
+    events = load_events_from_args(data_args.dataset, data_args.data_dir, data_args.columns)
+    if data_args.time_cut_quantile is not None:
+        events, _, cut = time_split(events, quantile=data_args.time_cut_quantile)
+        logger.info("Pretraining on events before %d (quantile %s) only.", cut, data_args.time_cut_quantile)
     logger.info("Events: %s", events.describe())
     splits = leave_last_out_split(build_user_sequences(events))
     if data_args.max_train_users is not None:
@@ -213,6 +198,7 @@ def main(args: Optional[list[str]] = None) -> dict:
         surface_vocab_size=tokenizer.surface_vocab_size,
         max_position_embeddings=data_args.max_length + 1,
         positive_action_ids=tokenizer.convert_actions_to_ids(positives) if positives else None,
+        pretraining_max_timestamp=int(pc.max(events.table["timestamp"]).as_py()),
         **asdict(model_args),
     )
     model = PinFMForPretraining(config)

@@ -211,3 +211,16 @@ def test_taobao_counts(taobao_events, shared_data_dir):
     assert summary["actions"] == {"pv": 75_872, "cart": 4_497, "fav": 2_356, "buy": 1_750}
     assert pc.count_distinct(taobao_events.table["category"]).as_py() == 2_914
     assert len(load_dataset_by_name("taobao", shared_data_dir)) == 84_475
+
+
+def test_load_events_from_args_columns_must_be_a_json_object(tmp_path):
+    from pinfm_hf.data.loaders import load_events_from_args
+
+    events = tmp_path / "events.csv"
+    events.write_text("uid,iid,act,ts\nu1,i1,pv,10\nu1,i2,buy,20\n")
+    with pytest.raises(ValueError, match="--columns must be a JSON object"):
+        load_events_from_args(str(events), tmp_path, columns="{user_id: uid}")
+    with pytest.raises(ValueError, match="--columns must be a JSON object"):
+        load_events_from_args(str(events), tmp_path, columns='["uid"]')
+    mapping = '{"user_id": "uid", "item_id": "iid", "action": "act", "timestamp": "ts"}'
+    assert len(load_events_from_args(str(events), tmp_path, columns=mapping)) == 2

@@ -27,14 +27,3 @@ def test_positive_actions(tokenizer):
     with pytest.raises(ValueError, match="No default positive actions for 'my.csv'"):
         pretrain.positive_action_names(pretrain.DataArguments(dataset="my.csv", positive_actions="default"), tokenizer)
 
-
-def test_columns_must_be_a_json_object(tmp_path):
-    events = tmp_path / "events.csv"
-    events.write_text("uid,iid,act,ts\nu1,i1,pv,10\nu1,i2,buy,20\n")
-    with pytest.raises(ValueError, match="--columns must be a JSON object"):
-        pretrain.load_events_for(pretrain.DataArguments(dataset=str(events), columns="{user_id: uid}"))
-    with pytest.raises(ValueError, match="--columns must be a JSON object"):
-        pretrain.load_events_for(pretrain.DataArguments(dataset=str(events), columns='["uid"]'))
-    mapping = '{"user_id": "uid", "item_id": "iid", "action": "act", "timestamp": "ts"}'
-    loaded = pretrain.load_events_for(pretrain.DataArguments(dataset=str(events), columns=mapping))
-    assert len(loaded) == 2

@@ -1,9 +1,17 @@
 """pinfm-hf: a Hugging Face-native foundation model for user activity sequences (PinFM, GPSD)."""
 
-from transformers import AutoConfig, AutoModel, AutoModelForPreTraining, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForPreTraining,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+)
 
 from .configuration_pinfm import PinFMConfig
 from .modeling_pinfm import (
+    PinFMForCTR,
+    PinFMForCTROutput,
     PinFMForPretraining,
     PinFMForPretrainingOutput,
     PinFMModel,
@@ -19,17 +27,21 @@ __version__ = "0.1.0"
 AutoConfig.register(PinFMConfig.model_type, PinFMConfig, exist_ok=True)
 AutoModel.register(PinFMConfig, PinFMModel, exist_ok=True)
 AutoModelForPreTraining.register(PinFMConfig, PinFMForPretraining, exist_ok=True)
+AutoModelForSequenceClassification.register(PinFMConfig, PinFMForCTR, exist_ok=True)
 AutoTokenizer.register(PinFMConfig, slow_tokenizer_class=PinFMTokenizer, exist_ok=True)
 # Saved folders: `save_pretrained` copies the code and writes `auto_map`, so trust_remote_code loads work anywhere.
 PinFMConfig.register_for_auto_class()
 PinFMModel.register_for_auto_class("AutoModel")
 PinFMForPretraining.register_for_auto_class("AutoModelForPreTraining")
+PinFMForCTR.register_for_auto_class("AutoModelForSequenceClassification")
 PinFMTokenizer.register_for_auto_class("AutoTokenizer")
 
 __all__ = [
     "PinFMConfig",
     "PinFMModel",
     "PinFMForPretraining",
+    "PinFMForCTR",
+    "PinFMForCTROutput",
     "PinFMModelOutput",
     "PinFMForPretrainingOutput",
     "PinFMPreTrainedModel",

@@ -95,6 +95,30 @@ class PinFMConfig(PretrainedConfig):
             Width of the L2-normalised scoring projections; defaults to `hidden_size`.
         initial_temperature (`float`, *optional*, defaults to 0.05):
             Initial value of the learnable softmax temperature of the scoring head.
+        ctr_fusion (`str`, *optional*, defaults to `"early"`):
+            How [`PinFMForCTR`] fuses the candidate with the user's sequence: `"early"` appends it as the last token
+            (candidate action marker) and scores its output position, as PinFM and GPSD do; `"late"` combines the
+            user embedding (output before the candidate) with the candidate's item embedding.
+        ctr_head (`str`, *optional*, defaults to `"mlp"`):
+            Ranking head of [`PinFMForCTR`]: `"mlp"` or `"dcn"` (DCN-v2 cross layers before the MLP).
+        ctr_head_hidden_sizes (`list[int]`, *optional*, defaults to `[128, 64]`):
+            Hidden layer widths of the ranking MLP.
+        ctr_num_cross_layers (`int`, *optional*, defaults to 2):
+            Number of cross layers when `ctr_head="dcn"`.
+        ctr_dropout (`float`, *optional*, defaults to 0.1):
+            Dropout inside the ranking head.
+        ctr_feature_vocab_size (`int`, *optional*, defaults to 0):
+            Size of the side-feature vocabulary (`CTRFeatureEncoder.vocab_size`); 0 means no side features.
+        ctr_feature_slots (`list[int]`, *optional*):
+            Slots per side-feature field, in the order of `side_feature_ids` columns; each field is mean-pooled.
+        ctr_feature_embedding_size (`int`, *optional*, defaults to 16):
+            Width of each side-feature embedding.
+        ctr_aux_loss_weight (`float`, *optional*, defaults to 0.0):
+            Weight of the auxiliary pretraining (next-token etc.) loss on the history during fine-tuning, which
+            PinFM keeps to stop the sequence representation from drifting.
+        pretraining_max_timestamp (`int`, *optional*):
+            Latest event time (unix seconds) in the pretraining data, recorded by the pretraining recipe. Fine-tuning
+            refuses a CTR test period that starts before it, as those test events would have leaked into pretraining.
 
     Examples:
 
@@ -145,6 +169,16 @@ class PinFMConfig(PretrainedConfig):
         full_softmax: bool = False,
         projection_size: Optional[int] = None,
         initial_temperature: float = 0.05,
+        ctr_fusion: str = "early",
+        ctr_head: str = "mlp",
+        ctr_head_hidden_sizes: Optional[Sequence[int]] = None,
+        ctr_num_cross_layers: int = 2,
+        ctr_dropout: float = 0.1,
+        ctr_feature_vocab_size: int = 0,
+        ctr_feature_slots: Optional[Sequence[int]] = None,
+        ctr_feature_embedding_size: int = 16,
+        ctr_aux_loss_weight: float = 0.0,
+        pretraining_max_timestamp: Optional[int] = None,
         **kwargs,
     ):
         if hidden_size % num_attention_heads != 0:
@@ -172,6 +206,17 @@ class PinFMConfig(PretrainedConfig):
                 raise ValueError(f"`{name}_loss_weight` ({weight}) must be >= 0.")
         if num_time_buckets < 2:
             raise ValueError(f"`num_time_buckets` ({num_time_buckets}) must be >= 2.")
+        if ctr_fusion not in ("early", "late"):
+            raise ValueError(f"`ctr_fusion` must be 'early' or 'late', got {ctr_fusion!r}.")
+        if ctr_head not in ("mlp", "dcn"):
+            raise ValueError(f"`ctr_head` must be 'mlp' or 'dcn', got {ctr_head!r}.")
+        if bool(ctr_feature_vocab_size) != bool(ctr_feature_slots):
+            raise ValueError(
+                f"`ctr_feature_vocab_size` ({ctr_feature_vocab_size}) and `ctr_feature_slots` ({ctr_feature_slots}) "
+                "must be given together (side features) or both left empty."
+            )
+        if ctr_aux_loss_weight < 0:
+            raise ValueError(f"`ctr_aux_loss_weight` ({ctr_aux_loss_weight}) must be >= 0.")
 
         self.item_vocab_size = item_vocab_size
         self.action_vocab_size = action_vocab_size
@@ -207,6 +252,16 @@ class PinFMConfig(PretrainedConfig):
         self.full_softmax = full_softmax
         self.projection_size = projection_size if projection_size is not None else hidden_size
         self.initial_temperature = initial_temperature
+        self.ctr_fusion = ctr_fusion
+        self.ctr_head = ctr_head
+        self.ctr_head_hidden_sizes = list(ctr_head_hidden_sizes) if ctr_head_hidden_sizes is not None else [128, 64]
+        self.ctr_num_cross_layers = ctr_num_cross_layers
+        self.ctr_dropout = ctr_dropout
+        self.ctr_feature_vocab_size = ctr_feature_vocab_size
+        self.ctr_feature_slots = list(ctr_feature_slots) if ctr_feature_slots else []
+        self.ctr_feature_embedding_size = ctr_feature_embedding_size
+        self.ctr_aux_loss_weight = ctr_aux_loss_weight
+        self.pretraining_max_timestamp = pretraining_max_timestamp
         super().__init__(pad_token_id=pad_token_id, **kwargs)
 
     @property

@@ -50,3 +50,34 @@ def evaluate_next_item(
     metrics = summarize(retrieval_metrics(ranks, ks=ks))
     metrics["num_users"] = int(ranks.numel())
     return metrics
+
+
+@torch.no_grad()
+def evaluate_ctr(model, dataloader, accelerator, *, show_progress: bool = True) -> dict[str, float]:
+    """
+    AUC, GAUC (per user, impression-weighted) and logloss of a CTR model over a loader of `CTRDataset` batches.
+
+    Predictions are gathered across processes with `gather_for_metrics` (no duplicated padding samples) and every
+    rank computes the same figures with the package's `evaluate` module, kept in memory (no cache-file clash).
+    """
+    from .evaluate_metrics import load_ctr_metric
+
+    was_training = model.training
+    model.eval()
+    predictions, references, users = [], [], []
+    batches = tqdm(dataloader, desc="evaluate", disable=not (show_progress and accelerator.is_main_process), leave=False)
+    for batch in batches:
+        labels = batch.pop("label")
+        user_index = batch.pop("user_index")
+        probs = torch.sigmoid(model(**batch).logits.float())
+        probs, labels, user_index = accelerator.gather_for_metrics((probs, labels, user_index))
+        predictions.append(probs.cpu())
+        references.append(labels.cpu())
+        users.append(user_index.cpu())
+    model.train(was_training)
+    metric = load_ctr_metric(keep_in_memory=True)
+    return metric.compute(
+        predictions=torch.cat(predictions).numpy(),
+        references=torch.cat(references).long().numpy(),
+        user_ids=torch.cat(users).numpy(),
+    )

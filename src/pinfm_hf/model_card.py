@@ -82,3 +82,78 @@ def render_pretrained_card(
         repo_or_path=repo_id or str(model_dir),
     )
     return str(card)
+
+
+def render_ctr_card(
+    *,
+    save_dir: str | Path,
+    results: dict[str, Any],
+    data_args: dict[str, Any],
+    model_args: dict[str, Any],
+    train_args: dict[str, Any],
+    repo_id: Optional[str] = None,
+    template_path: Optional[str | Path] = None,
+) -> str:
+    """Fill the CTR card template (full model or LoRA adapter) with the use case, data split and measured metrics."""
+    from .transfer import TRANSFER_STRATEGIES
+
+    template_path = Path(template_path or TEMPLATE_DIR / "ctr_model_card.md")
+    if not template_path.is_file():
+        raise FileNotFoundError(f"Model card template {template_path} not found.")
+    dataset = data_args["dataset"]
+    data = results["data"]
+    is_adapter = model_args["transfer"] == "lora"
+    model_name = repo_id or f"pinfm-ctr-{Path(dataset).stem}-{data['use_case']}-{model_args['transfer']}"
+    test = {k: v for k, v in results["test"].items() if isinstance(v, (int, float))}
+    eval_results = [
+        EvalResult(
+            task_type="click-through-rate-prediction",
+            dataset_type=DATASET_IDS.get(dataset, Path(dataset).stem),
+            dataset_name=dataset,
+            metric_type=name,
+            metric_value=round(float(value), 4),
+        )
+        for name, value in test.items()
+        if name in ("auc", "gauc", "logloss")
+    ]
+    card_data = ModelCardData(
+        library_name="peft" if is_adapter else "transformers",
+        base_model=model_args["base"],
+        license="apache-2.0",
+        tags=["pinfm", "recommendation", "ctr", "ranking", "custom_code"] + (["lora"] if is_adapter else []),
+        datasets=[DATASET_IDS.get(dataset, Path(dataset).stem)],
+        metrics=sorted({r.metric_type for r in eval_results}),
+        model_name=model_name,
+        eval_results=eval_results,
+    )
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(template_path),
+        model_name=model_name,
+        use_case=data["use_case"],
+        base=model_args["base"],
+        transfer=model_args["transfer"],
+        transfer_description=TRANSFER_STRATEGIES[model_args["transfer"]],
+        is_adapter=is_adapter,
+        trainable_parameters=f"{results['trainable_parameters']:,}",
+        model_parameters=f"{results['model_parameters']:,}",
+        trainable_share=f"{100 * results['trainable_parameters'] / results['model_parameters']:.2f}%",
+        dataset=dataset,
+        positive_actions=", ".join(data["positive_actions"]),
+        negative_actions=", ".join(data["negative_actions"]),
+        max_history=data_args["max_history"],
+        cut_timestamp=data["cut_timestamp"],
+        cut_quantile=data_args["cut_quantile"],
+        train_samples=f"{data['train_samples']:,}",
+        test_samples=f"{data['test_samples']:,}",
+        train_positive_rate=data["train_positive_rate"],
+        test_positive_rate=data["test_positive_rate"],
+        side_features=", ".join(data["side_features"]) or "none",
+        fusion=model_args["ctr_fusion"],
+        metric_rows=[(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in test.items()],
+        steps=results["steps"],
+        seconds_per_epoch=results["seconds_per_epoch"],
+        peak_rss_gib=results["peak_rss_gib"],
+        repo_or_path=repo_id or str(save_dir),
+    )
+    return str(card)

@@ -2,7 +2,8 @@
 
 Each event of a user's history is one token: item + action (+ surface) + time-gap features. The encoder is
 pre-norm RMSNorm, rotary positions, SwiGLU, no biases (GPSD), with SDPA attention. Heads: next-item
-pretraining with PinFM's next-, multi- and future-token losses.
+pretraining with PinFM's next-, multi- and future-token losses, and CTR ranking with the candidate fused early
+(appended to the sequence) or late (user embedding + candidate embedding).
 
 This file, `configuration_pinfm.py`, `tokenization_pinfm.py` and `losses.py` are copied into saved model
 folders for `trust_remote_code`: they import only torch, transformers and each other.
@@ -39,6 +40,7 @@ PINFM_AUTO_MAP = {
     "AutoConfig": "configuration_pinfm.PinFMConfig",
     "AutoModel": "modeling_pinfm.PinFMModel",
     "AutoModelForPreTraining": "modeling_pinfm.PinFMForPretraining",
+    "AutoModelForSequenceClassification": "modeling_pinfm.PinFMForCTR",
 }
 PINFM_LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -94,6 +96,36 @@ class PinFMForPretrainingOutput(ModelOutput):
 
 
 # Adapted from transformers.models.llama.modeling_llama.LlamaRMSNorm
+@dataclass
+class PinFMForCTROutput(ModelOutput):
+    """
+    Output of [`PinFMForCTR`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
+            `ctr_loss + config.ctr_aux_loss_weight * aux_loss`.
+        logits (`torch.FloatTensor` of shape `(batch_size,)`):
+            Click (or conversion) logit of each candidate; `sigmoid(logits)` is the predicted probability.
+        ctr_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Binary cross-entropy of `logits` against `labels`.
+        aux_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Weighted pretraining losses on the history events (when `config.ctr_aux_loss_weight > 0`).
+        candidate_hidden_state (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
+            Encoder output at the candidate token (early fusion reads it).
+        user_embedding (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
+            Encoder output at the last history event (late fusion reads it; zeros for an empty history).
+    """
+
+    loss: Optional[torch.FloatTensor] = None
+    logits: Optional[torch.FloatTensor] = None
+    ctr_loss: Optional[torch.FloatTensor] = None
+    aux_loss: Optional[torch.FloatTensor] = None
+    candidate_hidden_state: Optional[torch.FloatTensor] = None
+    user_embedding: Optional[torch.FloatTensor] = None
+    hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
+    attentions: Optional[tuple[torch.FloatTensor, ...]] = None
+
+
 class PinFMRMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
@@ -309,6 +341,8 @@ class PinFMPreTrainedModel(PreTrainedModel):
         if isinstance(module, PinFMForPretraining):
             init.constant_(module.log_temperature, math.log(self.config.initial_temperature))
             init.zeros_(module.item_log_probs)
+        if isinstance(module, PinFMCrossLayer):
+            init.zeros_(module.linear.bias)
 
 
 class PinFMModel(PinFMPreTrainedModel):
@@ -627,11 +661,186 @@ class PinFMForPretraining(PinFMPreTrainedModel):
         return neg_ids, neg_log_q
 
 
+class PinFMCrossLayer(nn.Module):
+    """DCN-v2 cross layer: `x_{l+1} = x_0 * (W x_l + b) + x_l`, explicit feature crosses of bounded degree."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+
+    def forward(self, x0: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return x0 * self.linear(x) + x
+
+
+class PinFMRankingHead(nn.Module):
+    """Ranking head: optional DCN cross layers, then an MLP to one logit."""
+
+    def __init__(self, config: PinFMConfig, input_size: int):
+        super().__init__()
+        num_cross = config.ctr_num_cross_layers if config.ctr_head == "dcn" else 0
+        self.cross_layers = nn.ModuleList(PinFMCrossLayer(input_size) for _ in range(num_cross))
+        layers, width = [], input_size
+        for hidden in config.ctr_head_hidden_sizes:
+            layers += [nn.Linear(width, hidden), nn.GELU(), nn.Dropout(config.ctr_dropout)]
+            width = hidden
+        layers.append(nn.Linear(width, 1))
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = features
+        for layer in self.cross_layers:
+            x = layer(features, x)
+        return self.mlp(x).squeeze(-1)
+
+
+class PinFMSideFeatureEmbedding(nn.Module):
+    """Embeds side-feature slots and mean-pools each field's slots (multi-valued fields, e.g. genres)."""
+
+    def __init__(self, config: PinFMConfig):
+        super().__init__()
+        self.embeddings = nn.Embedding(config.ctr_feature_vocab_size, config.ctr_feature_embedding_size, padding_idx=0)
+        self.slots = list(config.ctr_feature_slots)
+        self.num_fields = len(self.slots)
+
+    @property
+    def output_size(self) -> int:
+        return self.num_fields * self.embeddings.embedding_dim
+
+    def forward(self, side_feature_ids: torch.LongTensor) -> torch.Tensor:
+        if side_feature_ids.shape[-1] != sum(self.slots):
+            raise ValueError(
+                f"`side_feature_ids` has {side_feature_ids.shape[-1]} slot columns, the config expects "
+                f"{sum(self.slots)} (`ctr_feature_slots` = {self.slots})."
+            )
+        # Field of every slot column, built here rather than kept as a buffer (no meta-device init trouble).
+        slots = torch.tensor(self.slots, device=side_feature_ids.device)
+        field_of_slot = torch.repeat_interleave(torch.arange(self.num_fields, device=slots.device), slots)  # (S,)
+        used = (side_feature_ids != 0).to(self.embeddings.weight.dtype)  # (B, S)
+        one_hot = F.one_hot(field_of_slot, self.num_fields).to(used.dtype)  # (S, F)
+        weights = used.unsqueeze(-1) * one_hot  # (B, S, F)
+        weights = weights / weights.sum(dim=1, keepdim=True).clamp(min=1.0)  # mean over the used slots of a field
+        pooled = torch.einsum("bsf,bsd->bfd", weights, self.embeddings(side_feature_ids))  # (B, F, D)
+        return pooled.flatten(1)
+
+
+class PinFMForCTR(PinFMForPretraining):
+    """
+    PinFM with a ranking head for CTR/CVR, fine-tuned from a pretrained checkpoint.
+
+    The candidate is the last token of each sequence (candidate action marker, impression time). Early fusion scores
+    the candidate's output position, where the candidate has attended to the whole history (PinFM, GPSD). Late
+    fusion combines the output at the last history event (which, the encoder being causal, has not seen the
+    candidate) with the candidate's item embedding; both come from one encoder pass. Side features (user and item
+    fields) join in the ranking head. It subclasses the pretraining model so a pretrained checkpoint loads as is and
+    its next-token loss stays available as an auxiliary loss (`config.ctr_aux_loss_weight`).
+    """
+
+    def __init__(self, config: PinFMConfig):
+        super().__init__(config)
+        self.ctr_feature_embeddings = PinFMSideFeatureEmbedding(config) if config.ctr_feature_vocab_size else None
+        head_input = config.hidden_size if config.ctr_fusion == "early" else 3 * config.hidden_size
+        if self.ctr_feature_embeddings is not None:
+            head_input += self.ctr_feature_embeddings.output_size
+        self.ctr_head = PinFMRankingHead(config, head_input)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        action_ids: Optional[torch.LongTensor] = None,
+        surface_ids: Optional[torch.LongTensor] = None,
+        timestamps: Optional[torch.LongTensor] = None,
+        side_feature_ids: Optional[torch.LongTensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        output_hidden_states: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ) -> PinFMForCTROutput:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+                History item token ids followed by the candidate's, as the last real token of each row.
+            side_feature_ids (`torch.LongTensor` of shape `(batch_size, num_slots)`, *optional*):
+                Side-feature ids from `CTRFeatureEncoder` (required when `config.ctr_feature_vocab_size > 0`).
+            labels (`torch.Tensor` of shape `(batch_size,)`, *optional*):
+                1 for a click (or conversion), 0 otherwise.
+            Other inputs: see [`PinFMModel.forward`]; `action_ids` mark the candidate with `config.candidate_action_id`.
+        """
+        if input_ids is None:
+            raise ValueError("`input_ids` are required.")
+        if attention_mask is None:
+            attention_mask = (input_ids != self.config.pad_token_id).long()
+        outputs = self.pinfm(
+            input_ids,
+            attention_mask=attention_mask,
+            action_ids=action_ids,
+            surface_ids=surface_ids,
+            timestamps=timestamps,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
+        B, T = input_ids.shape
+        valid = attention_mask.bool()
+        positions = torch.arange(T, device=input_ids.device)
+        rows = torch.arange(B, device=input_ids.device)
+        candidate_index = (valid.long() * positions).argmax(dim=1)  # last real token
+        history = valid.clone()
+        history[rows, candidate_index] = False
+        has_history = history.any(dim=1)
+        user_index = (history.long() * positions).argmax(dim=1)
+        hidden = outputs.last_hidden_state
+        candidate_hidden = hidden[rows, candidate_index]  # (B, H)
+        user_embedding = hidden[rows, user_index] * has_history.unsqueeze(-1).to(hidden.dtype)  # (B, H)
+
+        if self.config.ctr_fusion == "early":
+            parts = [candidate_hidden]
+        else:
+            candidate_items = input_ids[rows, candidate_index]
+            candidate_embedding = self.pinfm.embeddings.item_embeddings(candidate_items)  # (B, H)
+            parts = [user_embedding, candidate_embedding, user_embedding * candidate_embedding]
+        if self.ctr_feature_embeddings is not None:
+            if side_feature_ids is None:
+                raise ValueError("`side_feature_ids` are required: this model was configured with side features.")
+            parts.append(self.ctr_feature_embeddings(side_feature_ids))
+        logits = self.ctr_head(torch.cat(parts, dim=-1)).float()  # (B,)
+
+        loss = ctr_loss = aux_loss = None
+        if labels is not None:
+            ctr_loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype).view(-1))
+            loss = ctr_loss
+            if self.config.ctr_aux_loss_weight > 0:
+                # Pretraining losses on history events only: the candidate's outcome is the label, not a target.
+                history_labels = input_ids.masked_fill(~history, -100)
+                query = F.normalize(self.query_proj(hidden), dim=-1)
+                losses = self.pretraining_losses(query, history_labels, action_ids, history.long())
+                weights = {
+                    "next_token": self.config.next_token_loss_weight,
+                    "multi_token": self.config.multi_token_loss_weight,
+                    "future_token": self.config.future_token_loss_weight,
+                }
+                aux_loss = sum(weights[name] * value for name, value in losses.items())
+                loss = ctr_loss + self.config.ctr_aux_loss_weight * aux_loss
+        return PinFMForCTROutput(
+            loss=loss,
+            logits=logits,
+            ctr_loss=ctr_loss,
+            aux_loss=aux_loss,
+            candidate_hidden_state=candidate_hidden,
+            user_embedding=user_embedding,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
 __all__ = [
     "PINFM_LORA_TARGET_MODULES",
     "PinFMPreTrainedModel",
     "PinFMModel",
     "PinFMForPretraining",
+    "PinFMForCTR",
     "PinFMModelOutput",
+    "PinFMForCTROutput",
     "PinFMForPretrainingOutput",
 ]

@@ -19,6 +19,38 @@ logger = logging.get_logger(__name__)
 CHECKPOINT_PREFIX = "checkpoint-"
 
 
+def make_accelerator(
+    output_dir: str | os.PathLike, *, mixed_precision: str = "auto", gradient_accumulation_steps: int = 1,
+    report_to: Optional[str] = None,
+):
+    """
+    The recipes' `Accelerator` (bf16 on a GPU that has it when `mixed_precision="auto"`, seedable sampler so the data
+    order is a function of the seed and epoch) and their log format; only the main process logs at INFO.
+    """
+    import logging as std_logging
+
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    accelerator = Accelerator(
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        mixed_precision=mixed_precision,
+        log_with=report_to,
+        project_dir=str(output_dir),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    std_logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=std_logging.INFO
+    )
+    std_logging.getLogger("pinfm_hf").setLevel(std_logging.INFO if accelerator.is_main_process else std_logging.ERROR)
+    std_logging.getLogger("accelerate").setLevel(std_logging.WARNING)
+    logging.set_verbosity_warning()
+    return accelerator
+
+
 def parse_recipe_args(dataclass_types: Sequence[type], args: Optional[list[str]] = None) -> tuple:
     """
     Parse recipe arguments: `--config file.yaml` supplies defaults, any other `--field value` on the command line

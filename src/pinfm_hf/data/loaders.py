@@ -6,6 +6,7 @@ bad value is reported with its file, line and column instead of failing inside t
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Optional, Union
@@ -306,3 +307,21 @@ def load_dataset_by_name(name: str, data_dir: PathLike) -> EventTable:
     if name == "taobao":
         return load_taobao(data_dir / "taobao-sample" / "UserBehavior.csv")
     raise ValueError(f"Unknown data set {name!r}; known: 'ml-1m', 'taobao' (or use `load_events` on a file).")
+
+
+def load_events_from_args(dataset: str, data_dir: PathLike, columns: Optional[str] = None) -> EventTable:
+    """
+    The recipes' `--dataset`/`--data_dir`/`--columns`: a shared data set by name (`"ml-1m"`, `"taobao"`), or a
+    CSV/Parquet event file of the user's own, with `columns` a JSON object mapping canonical to file column names.
+    """
+    if dataset in ("ml-1m", "taobao"):
+        return load_dataset_by_name(dataset, data_dir)
+    mapping = None
+    if columns:
+        try:
+            mapping = json.loads(columns)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--columns must be a JSON object such as '{{\"user_id\": \"uid\"}}': {err}") from None
+        if not isinstance(mapping, dict):
+            raise ValueError(f"--columns must be a JSON object mapping canonical to file column names, got {mapping!r}.")
+    return load_events(dataset, columns=mapping)

@@ -131,6 +131,17 @@ def leave_last_out_split(
     return result
 
 
+def quantile_timestamp(events: Union[EventTable, pa.Table], quantile: float) -> int:
+    """
+    The event timestamp at `quantile` (in (0, 1)), rounded up to a real event time ("higher" interpolation).
+
+    Shared by `time_split` and the CTR split so that both cut event logs and impressions at the same time.
+    """
+    if not 0.0 < quantile < 1.0:
+        raise ValueError(f"`quantile` ({quantile}) must be strictly between 0 and 1.")
+    return pc.quantile(_as_table(events)["timestamp"], q=quantile, interpolation="higher")[0].as_py()
+
+
 def time_split(
     events: Union[EventTable, pa.Table],
     *,
@@ -149,12 +160,7 @@ def time_split(
     if (cut_timestamp is None) == (quantile is None):
         raise ValueError("Pass exactly one of `cut_timestamp` and `quantile`.")
     table = _as_table(events)
-    if quantile is not None:
-        if not 0.0 < quantile < 1.0:
-            raise ValueError(f"`quantile` ({quantile}) must be strictly between 0 and 1.")
-        cut = pc.quantile(table["timestamp"], q=quantile, interpolation="higher")[0].as_py()
-    else:
-        cut = int(cut_timestamp)
+    cut = quantile_timestamp(table, quantile) if quantile is not None else int(cut_timestamp)
     before_mask = pc.less(table["timestamp"], cut)
     parts = (table.filter(before_mask), table.filter(pc.invert(before_mask)))
     logger.info(f"Time split at {cut}: {parts[0].num_rows:,} events before, {parts[1].num_rows:,} from then on.")

@@ -1,0 +1,411 @@
+"""Fine-tune a pretrained PinFM into a CTR/CVR ranker, with a GPSD transfer strategy or a LoRA adapter per use case.
+
+    accelerate launch recipes/finetune_ctr.py --config recipes/configs/ml1m_like.yaml --base outputs/ml1m_ctr_base/model
+    python recipes/finetune_ctr.py --config recipes/configs/ml1m_like.yaml --transfer lora   # single process
+
+Samples come from real events only: each impression of the use case (e.g. ML-1M `like`: every rating, label =
+rating >= 4) with the user's history strictly before it, split at one global time cut (train before, test after).
+The base must have been pretrained on events before that cut (`pretrain.py --time_cut_quantile`, same value); the
+recipe refuses a base whose recorded data reaches past it. `--transfer` picks the strategy (see `--help`); LoRA
+saves a shareable adapter folder (adapter + head + card), the others a full model folder. Any config field can be
+overridden on the command line; `--resume_from_checkpoint latest` continues an interrupted run exactly.
+"""
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import torch
+from accelerate.logging import get_logger
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from pinfm_hf import PinFMTokenizer
+from pinfm_hf.data import (
+    CTR_USE_CASES,
+    CTRDataset,
+    CTRFeatureEncoder,
+    PinFMDataCollator,
+    build_ctr_samples,
+    load_events_from_args,
+    load_movielens_users,
+    split_ctr_samples,
+)
+from pinfm_hf.data.sequences import quantile_timestamp
+from pinfm_hf.evaluation import evaluate_ctr
+from pinfm_hf.model_card import render_ctr_card
+from pinfm_hf.training_utils import (
+    JsonlLogger,
+    finish,
+    load_training_state,
+    make_accelerator,
+    parse_recipe_args,
+    peak_rss_gib,
+    plot_training_curves,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from pinfm_hf.transfer import (
+    TRANSFER_STRATEGIES,
+    build_ctr_model,
+    count_parameters,
+    ctr_config_from_base,
+    optimizer_param_groups,
+    save_ctr_adapter,
+)
+
+
+logger = get_logger("finetune_ctr")
+
+# Columns of a CTR sample that are not side features.
+SAMPLE_COLUMNS = {"user_index", "history_length", "user_id", "item_id", "timestamp", "label", "surface"}
+
+
+@dataclass
+class DataArguments:
+    dataset: str = field(default="ml-1m", metadata={"help": "'ml-1m', 'taobao', or a CSV/Parquet event file of your own."})
+    data_dir: str = field(default="../shared/data", metadata={"help": "Folder holding ml-1m/ and taobao-sample/."})
+    columns: Optional[str] = field(
+        default=None, metadata={"help": 'Own files: JSON map from canonical to file column, e.g. \'{"user_id": "uid"}\'.'}
+    )
+    use_case: str = field(
+        default="like",
+        metadata={"help": f"One of {sorted(CTR_USE_CASES)}, or 'custom' with --positive_actions/--negative_actions."},
+    )
+    positive_actions: Optional[str] = field(default=None, metadata={"help": "Custom use case: comma-separated actions labelled 1."})
+    negative_actions: Optional[str] = field(default=None, metadata={"help": "Custom use case: comma-separated actions labelled 0."})
+    user_features: str = field(
+        default="auto",
+        metadata={"help": "'auto' (ml-1m.user for ML-1M), 'none', or a CSV/Parquet file with user_id + feature columns."},
+    )
+    side_features: bool = field(default=True, metadata={"help": "Feed user and item side features to the head."})
+    cut_quantile: float = field(default=0.9, metadata={"help": "Global time cut (quantile of event times): train before, test after."})
+    max_history: int = field(default=50, metadata={"help": "Most recent history events before each impression."})
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Train on a seeded random subset of N samples."})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Test on a seeded random subset of N samples."})
+    max_slots_per_field: int = field(default=8, metadata={"help": "Most values kept per multi-valued side feature."})
+
+
+@dataclass
+class ModelArguments:
+    base: str = field(
+        default="outputs/ml1m_ctr_base/model",
+        metadata={"help": "Pretrained folder or hub repo id (its tokenizer and architecture are used for every strategy)."},
+    )
+    transfer: str = field(
+        default="full", metadata={"help": "; ".join(f"'{k}': {v}" for k, v in TRANSFER_STRATEGIES.items())}
+    )
+    ctr_fusion: str = field(default="early", metadata={"help": "'early' (candidate token) or 'late' (user + candidate embedding)."})
+    ctr_head: str = field(default="mlp", metadata={"help": "'mlp' or 'dcn' (cross layers before the MLP)."})
+    ctr_head_hidden_sizes: list[int] = field(default_factory=lambda: [64, 32])
+    ctr_num_cross_layers: int = 2
+    ctr_dropout: float = 0.1
+    ctr_feature_embedding_size: int = 16
+    ctr_aux_loss_weight: float = field(default=0.0, metadata={"help": "Weight of the auxiliary next-token loss on histories."})
+    lora_rank: int = 4
+    lora_alpha: int = 8
+    lora_dropout: float = 0.0
+    allow_leaky_base: bool = field(
+        default=False, metadata={"help": "Accept a base pretrained on events after the cut (its figures then leak)."}
+    )
+
+
+@dataclass
+class TrainArguments:
+    output_dir: str = field(default="outputs/finetune_ctr", metadata={"help": "Run folder: model/ or adapter/, checkpoints/, logs."})
+    seed: int = 42
+    per_device_train_batch_size: int = 256
+    per_device_eval_batch_size: int = 1024
+    learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of new parts: head, random layers, LoRA."})
+    backbone_learning_rate: float = field(default=1e-4, metadata={"help": "Learning rate of trainable pretrained weights."})
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    num_train_epochs: int = 1
+    max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (-1: epochs decide)."})
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    mixed_precision: str = field(default="auto", metadata={"help": "'auto' (bf16 on GPU, none on CPU), 'no', 'bf16', 'fp16'."})
+    logging_steps: int = 10
+    checkpointing_steps: int = field(default=500, metadata={"help": "Save a resumable checkpoint every N steps."})
+    checkpoints_total_limit: int = 2
+    resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "'latest' or a checkpoint folder."})
+    stop_after_steps: Optional[int] = field(
+        default=None, metadata={"help": "Save a checkpoint and exit after N steps, as if interrupted (tests)."}
+    )
+    report_to: Optional[str] = field(default=None, metadata={"help": "An Accelerate tracker, e.g. 'tensorboard'."})
+
+
+def use_case_actions(data_args: DataArguments) -> tuple[list[str], list[str]]:
+    def names(value: Optional[str]) -> list[str]:
+        return [a.strip() for a in (value or "").split(",") if a.strip()]
+
+    if data_args.use_case == "custom":
+        positive, negative = names(data_args.positive_actions), names(data_args.negative_actions)
+        if not positive or not negative:
+            raise ValueError("--use_case custom needs both --positive_actions and --negative_actions.")
+        return positive, negative
+    if data_args.use_case not in CTR_USE_CASES:
+        raise ValueError(f"Unknown --use_case {data_args.use_case!r}; choose one of {sorted(CTR_USE_CASES)} or 'custom'.")
+    use_case = CTR_USE_CASES[data_args.use_case]
+    if data_args.dataset != use_case.dataset:
+        raise ValueError(f"--use_case {use_case.name!r} is defined on {use_case.dataset!r}, not {data_args.dataset!r}.")
+    return list(use_case.positive_actions), list(use_case.negative_actions)
+
+
+def load_user_features(data_args: DataArguments) -> Optional[pa.Table]:
+    if data_args.user_features == "none" or not data_args.side_features:
+        return None
+    if data_args.user_features == "auto":
+        return load_movielens_users(Path(data_args.data_dir) / "ml-1m") if data_args.dataset == "ml-1m" else None
+    path = Path(data_args.user_features)
+    if not path.is_file():
+        raise FileNotFoundError(f"--user_features {path} does not exist.")
+    if path.suffix in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path)
+    import pyarrow.csv as pacsv
+
+    table = pacsv.read_csv(path)
+    return table.cast(pa.schema([(name, pa.string()) for name in table.column_names]))
+
+
+def subsample(samples: pa.Table, limit: Optional[int], seed: int) -> pa.Table:
+    """A seeded random subset in the original order (every kept row is a real impression)."""
+    if limit is None or limit >= samples.num_rows:
+        return samples
+    keep = np.sort(np.random.default_rng(seed).choice(samples.num_rows, size=limit, replace=False))
+    return samples.take(keep)
+
+
+def main(args: Optional[list[str]] = None) -> dict:
+    data_args, model_args, train_args = parse_recipe_args((DataArguments, ModelArguments, TrainArguments), args)
+    output_dir = Path(train_args.output_dir)
+    accelerator = make_accelerator(
+        output_dir,
+        mixed_precision=train_args.mixed_precision,
+        gradient_accumulation_steps=train_args.gradient_accumulation_steps,
+        report_to=train_args.report_to,
+    )
+    set_seed(train_args.seed)
+    start_time = time.time()
+
+    # ----- data: events -> per-user sequences + impressions -> time split -> CTR samples -----
+    positive_actions, negative_actions = use_case_actions(data_args)
+    events = load_events_from_args(data_args.dataset, data_args.data_dir, data_args.columns)
+    sequences, samples = build_ctr_samples(
+        events, positive_actions=positive_actions, negative_actions=negative_actions,
+        user_features=load_user_features(data_args),
+    )
+    cut = quantile_timestamp(events, data_args.cut_quantile)
+    train_samples, test_samples = split_ctr_samples(samples, cut)
+    train_samples = subsample(train_samples, data_args.max_train_samples, train_args.seed)
+    test_samples = subsample(test_samples, data_args.max_eval_samples, train_args.seed + 1)
+    tokenizer = PinFMTokenizer.from_pretrained(model_args.base)
+    feature_fields = [c for c in samples.column_names if c not in SAMPLE_COLUMNS] if data_args.side_features else []
+    encoder = None
+    if feature_fields:
+        encoder = CTRFeatureEncoder.fit(train_samples, feature_fields, max_slots_per_field=data_args.max_slots_per_field)
+    train_data = CTRDataset(sequences, train_samples, tokenizer, max_history=data_args.max_history, feature_encoder=encoder)
+    test_data = CTRDataset(sequences, test_samples, tokenizer, max_history=data_args.max_history, feature_encoder=encoder)
+    data_summary = {
+        "use_case": data_args.use_case,
+        "positive_actions": positive_actions,
+        "negative_actions": negative_actions,
+        "cut_timestamp": cut,
+        "train_samples": train_samples.num_rows,
+        "test_samples": test_samples.num_rows,
+        "train_positive_rate": round(float(np.mean(train_samples["label"].to_numpy())), 4),
+        "test_positive_rate": round(float(np.mean(test_samples["label"].to_numpy())), 4),
+        "side_features": feature_fields,
+    }
+    logger.info("CTR data: %s", data_summary)
+    collator = PinFMDataCollator(
+        pad_token_id=tokenizer.pad_token_id, padding_side="left", max_length=data_args.max_history + 1
+    )
+    train_loader = DataLoader(train_data, batch_size=train_args.per_device_train_batch_size, shuffle=True, collate_fn=collator)
+    test_loader = DataLoader(test_data, batch_size=train_args.per_device_eval_batch_size, collate_fn=collator)
+
+    # ----- model: base architecture + CTR head, with the chosen transfer strategy -----
+    config = ctr_config_from_base(
+        model_args.base,
+        ctr_fusion=model_args.ctr_fusion,
+        ctr_head=model_args.ctr_head,
+        ctr_head_hidden_sizes=model_args.ctr_head_hidden_sizes,
+        ctr_num_cross_layers=model_args.ctr_num_cross_layers,
+        ctr_dropout=model_args.ctr_dropout,
+        ctr_feature_vocab_size=encoder.vocab_size if encoder else 0,
+        ctr_feature_slots=encoder.slots if encoder else None,
+        ctr_feature_embedding_size=model_args.ctr_feature_embedding_size,
+        ctr_aux_loss_weight=model_args.ctr_aux_loss_weight,
+    )
+    seen_until = config.pretraining_max_timestamp
+    if seen_until is None:
+        logger.warning("%s does not record its pretraining data window: make sure it saw no event after %d.", model_args.base, cut)
+    elif seen_until >= cut and not model_args.allow_leaky_base:
+        raise ValueError(
+            f"{model_args.base} was pretrained on events up to {seen_until}, at or after the CTR cut {cut}: test "
+            f"impressions leaked into pretraining. Pretrain with `--time_cut_quantile {data_args.cut_quantile}`, or "
+            "pass --allow_leaky_base to accept it knowingly."
+        )
+    built = build_ctr_model(
+        model_args.base, model_args.transfer, config,
+        lora_rank=model_args.lora_rank, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
+    )
+    model = built.model
+    trainable_params, model_params = count_parameters(model)
+    optimizer = torch.optim.AdamW(
+        optimizer_param_groups(
+            built, learning_rate=train_args.learning_rate, backbone_learning_rate=train_args.backbone_learning_rate,
+            weight_decay=train_args.weight_decay,
+        ),
+        lr=train_args.learning_rate,
+    )
+    model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
+    steps_per_epoch = math.ceil(len(train_loader) / train_args.gradient_accumulation_steps)
+    total_steps = train_args.max_steps if train_args.max_steps > 0 else steps_per_epoch * train_args.num_train_epochs
+    num_epochs = math.ceil(total_steps / steps_per_epoch)
+    # The prepared scheduler steps once per process per optimizer step (Accelerate), hence the factor.
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer,
+        num_warmup_steps=min(train_args.warmup_steps, total_steps) * accelerator.num_processes,
+        num_training_steps=total_steps * accelerator.num_processes,
+    )
+    scheduler = accelerator.prepare(scheduler)
+    logger.info(
+        "Transfer %r: %s trainable parameters (%.2f%% of %s); %d steps (%d epochs of %d).",
+        model_args.transfer, f"{trainable_params:,}", 100 * trainable_params / model_params, f"{model_params:,}",
+        total_steps, num_epochs, steps_per_epoch,
+    )
+
+    # ----- resume -----
+    checkpoint_dir = output_dir / "checkpoints"
+    run_log = JsonlLogger(output_dir / "train_log.jsonl", enabled=accelerator.is_main_process)
+    step, start_epoch, skip_batches, micro_step = 0, 0, 0, 0
+    checkpoint = resolve_checkpoint(train_args.resume_from_checkpoint, checkpoint_dir)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        state = load_training_state(checkpoint)
+        step, start_epoch, skip_batches, micro_step = state["step"], state["epoch"], state["batches_in_epoch"], state["micro_step"]
+        run_log.truncate_after(step)
+        logger.info("Resumed from %s at step %d (epoch %d, batch %d).", checkpoint, step, start_epoch, skip_batches)
+    elif accelerator.is_main_process and run_log.path.exists():
+        run_log.path.unlink()  # a fresh run starts a fresh log
+    if train_args.report_to:
+        accelerator.init_trackers("pinfm-finetune-ctr", config={**asdict(data_args), **asdict(model_args), **asdict(train_args)})
+
+    # ----- loop -----
+    model.train()
+    progress = tqdm(total=total_steps, initial=step, desc=f"finetune {model_args.transfer}", disable=not accelerator.is_main_process)
+    samples_seen, window_start = 0, time.time()
+    done = step >= total_steps
+    for epoch in range(start_epoch, num_epochs):
+        if done:
+            break
+        train_loader.set_epoch(epoch)
+        loader = accelerator.skip_first_batches(train_loader, skip_batches) if skip_batches else train_loader
+        batches_in_epoch, skip_batches = skip_batches, 0
+        step_losses = []
+        for batch in loader:
+            # Dropout and sampled negatives are a function of the micro-step, so a resumed run repeats them exactly.
+            set_seed(train_args.seed + micro_step, device_specific=True)
+            micro_step += 1
+            labels = batch.pop("label")
+            batch.pop("user_index")
+            with accelerator.accumulate(model):
+                outputs = model(**batch, labels=labels)
+                accelerator.backward(outputs.loss)
+                if accelerator.sync_gradients and train_args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            batches_in_epoch += 1
+            samples_seen += labels.numel() * accelerator.num_processes
+            step_losses.append({k: v.detach() for k, v in outputs.items() if k.endswith("loss") and v is not None})
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            record = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0]}
+            for key in step_losses[0]:
+                mean = torch.stack([losses[key] for losses in step_losses]).mean()
+                record[key] = accelerator.reduce(mean, reduction="mean").item()
+            step_losses = []
+            record["samples_per_s"] = samples_seen / max(time.time() - window_start, 1e-9)
+            run_log.log(record)
+            accelerator.log(record, step=step)
+            progress.update(1)
+            if step % train_args.logging_steps == 0 or step == 1:
+                progress.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.0f}")
+            state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch, "micro_step": micro_step}
+            interrupted = train_args.stop_after_steps is not None and step >= train_args.stop_after_steps
+            if step % train_args.checkpointing_steps == 0 or interrupted:
+                save_checkpoint(accelerator, checkpoint_dir, step, state, train_args.checkpoints_total_limit)
+            if interrupted:
+                progress.close()
+                logger.info("Stopping after step %d as asked (--stop_after_steps); resume with --resume_from_checkpoint latest.", step)
+                finish(accelerator)
+                return {"step": step, "interrupted": True}
+            if step >= total_steps:
+                done = True
+                break
+    progress.close()
+    train_seconds = time.time() - window_start
+    if step % train_args.checkpointing_steps != 0:
+        final_state = {"step": step, "epoch": num_epochs, "batches_in_epoch": 0, "micro_step": micro_step}
+        save_checkpoint(accelerator, checkpoint_dir, step, final_state, train_args.checkpoints_total_limit)
+
+    # ----- evaluation and save -----
+    test_metrics = evaluate_ctr(model, test_loader, accelerator)
+    run_log.log({"step": step, **{f"test/{k}": v for k, v in test_metrics.items()}})
+    logger.info("Test at step %d: %s", step, {k: round(v, 4) for k, v in test_metrics.items()})
+    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+    results = {
+        "dataset": data_args.dataset,
+        "base": model_args.base,
+        "transfer": model_args.transfer,
+        "data": data_summary,
+        "steps": step,
+        "epochs": num_epochs,
+        "train_seconds": round(train_seconds, 1),
+        "seconds_per_epoch": round(train_seconds / max(step / steps_per_epoch, 1e-9), 1),
+        "total_seconds": round(time.time() - start_time, 1),
+        "trainable_parameters": trainable_params,
+        "model_parameters": model_params,
+        "peak_rss_gib": round(peak_rss_gib(), 3),
+        "num_processes": accelerator.num_processes,
+        "parameter_checksums": accelerator.gather(checksum.to(accelerator.device)).tolist(),
+        "test": test_metrics,
+    }
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        if model_args.transfer == "lora":
+            save_dir = save_ctr_adapter(unwrapped, output_dir / "adapter")
+        else:
+            save_dir = output_dir / "model"
+            unwrapped.save_pretrained(save_dir)
+            tokenizer.save_pretrained(save_dir)
+        if encoder is not None:
+            encoder.save(save_dir)
+        card = render_ctr_card(
+            save_dir=save_dir, results=results, data_args=asdict(data_args), model_args=asdict(model_args),
+            train_args=asdict(train_args),
+        )
+        (save_dir / "README.md").write_text(card)
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+        plot = plot_training_curves(output_dir / "train_log.jsonl", output_dir / "training_curves.png")
+        logger.info("Saved %s to %s, curves to %s, results to %s.", "adapter" if model_args.transfer == "lora" else "model",
+                    save_dir, plot, output_dir / "results.json")
+    finish(accelerator)
+    return results
+
+
+if __name__ == "__main__":
+    main()

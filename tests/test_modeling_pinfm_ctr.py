@@ -1,0 +1,142 @@
+"""PinFMForCTR: early and late fusion, side features, the auxiliary loss, padding and save/load."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForSequenceClassification
+
+from pinfm_hf import PinFMConfig, PinFMForCTR, PinFMForPretraining
+
+
+VOCAB, ACTIONS = 60, 6
+
+
+def make_config(**overrides) -> PinFMConfig:
+    defaults = dict(
+        item_vocab_size=VOCAB, action_vocab_size=ACTIONS, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        hidden_dropout_prob=0.0, num_negatives=8, ctr_feature_vocab_size=12, ctr_feature_slots=[3, 1],
+        ctr_feature_embedding_size=4, ctr_dropout=0.0,
+    )
+    return PinFMConfig(**{**defaults, **overrides})
+
+
+def make_batch(batch_size: int = 4, length: int = 7, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(4, VOCAB, (batch_size, length), generator=g)
+    action_ids = torch.randint(2, ACTIONS, (batch_size, length), generator=g)
+    action_ids[:, -1] = 1  # the candidate marker
+    attention_mask = torch.ones(batch_size, length, dtype=torch.long)
+    attention_mask[0, :3] = 0  # a left-padded short history
+    input_ids[0, :3] = 0
+    timestamps = torch.arange(length).repeat(batch_size, 1) * 3600 + 1_000_000
+    side = torch.randint(1, 12, (batch_size, 4), generator=g)
+    side[:, 2] = 0  # an unused multi-value slot
+    return dict(input_ids=input_ids, action_ids=action_ids, attention_mask=attention_mask, timestamps=timestamps,
+                side_feature_ids=side)
+
+
+def right_padded(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same rows with the padding moved to the right."""
+    out = {k: v.clone() for k, v in batch.items()}
+    for row in range(batch["input_ids"].shape[0]):
+        n = int(batch["attention_mask"][row].sum())
+        for key in ("input_ids", "action_ids", "attention_mask", "timestamps"):
+            values = batch[key][row]
+            out[key][row] = torch.cat([values[-n:], torch.zeros_like(values[:-n])]) if n < len(values) else values
+    return out
+
+
+@pytest.mark.parametrize("fusion", ["early", "late"])
+@pytest.mark.parametrize("head", ["mlp", "dcn"])
+def test_logits_loss_and_padding_side(fusion, head):
+    torch.manual_seed(0)
+    model = PinFMForCTR(make_config(ctr_fusion=fusion, ctr_head=head)).eval()
+    batch = make_batch()
+    labels = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    out = model(**batch, labels=labels)
+    assert out.logits.shape == (4,)
+    torch.testing.assert_close(out.loss, F.binary_cross_entropy_with_logits(out.logits, labels))
+    torch.testing.assert_close(model(**right_padded(batch)).logits, out.logits, atol=1e-5, rtol=1e-5)
+    out.loss.backward()
+    assert model.ctr_head.mlp[0].weight.grad.abs().sum() > 0
+    assert model.ctr_feature_embeddings.embeddings.weight.grad.abs().sum() > 0
+
+
+def test_early_fusion_reads_the_candidate_and_late_fusion_user_embedding_ignores_it():
+    torch.manual_seed(0)
+    model = PinFMForCTR(make_config(ctr_fusion="early")).eval()
+    batch = make_batch()
+    other = {k: v.clone() for k, v in batch.items()}
+    other["input_ids"][:, -1] = (other["input_ids"][:, -1] + 1 - 4) % (VOCAB - 4) + 4  # another candidate
+    a, b = model(**batch), model(**other)
+    assert not torch.allclose(a.logits, b.logits)
+    # The encoder is causal: the output before the candidate (late fusion's user embedding) cannot see it.
+    torch.testing.assert_close(a.user_embedding, b.user_embedding)
+    assert not torch.allclose(a.candidate_hidden_state, b.candidate_hidden_state)
+
+
+def test_late_fusion_with_an_empty_history():
+    torch.manual_seed(0)
+    model = PinFMForCTR(make_config(ctr_fusion="late")).eval()
+    batch = make_batch()
+    batch["attention_mask"][0, :-1] = 0
+    batch["input_ids"][0, :-1] = 0
+    out = model(**batch)
+    assert torch.isfinite(out.logits).all()
+    assert out.user_embedding[0].abs().sum() == 0  # nothing to summarise yet
+
+
+def test_side_features_pool_per_field_and_padding_slots_do_not_count():
+    torch.manual_seed(0)
+    model = PinFMForCTR(make_config()).eval()
+    pooling = model.ctr_feature_embeddings
+    ids = torch.tensor([[5, 7, 0, 9]])
+    table = pooling.embeddings.weight
+    expected = torch.cat([(table[5] + table[7]) / 2, table[9]])
+    torch.testing.assert_close(pooling(ids)[0], expected)
+    with pytest.raises(ValueError, match="3 slot columns, the config expects 4"):
+        pooling(ids[:, :3])
+    batch = make_batch()
+    batch.pop("side_feature_ids")
+    with pytest.raises(ValueError, match="side_feature_ids"):
+        model(**batch)
+
+
+def test_auxiliary_next_token_loss_trains_the_retrieval_head():
+    torch.manual_seed(0)
+    labels = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    plain = PinFMForCTR(make_config())
+    out = plain(**make_batch(), labels=labels)
+    assert out.aux_loss is None and torch.equal(out.loss, out.ctr_loss)
+    out.loss.backward()
+    assert plain.query_proj.weight.grad is None or plain.query_proj.weight.grad.abs().sum() == 0
+    torch.manual_seed(0)
+    aux = PinFMForCTR(make_config(ctr_aux_loss_weight=0.5))
+    out = aux(**make_batch(), labels=labels)
+    assert out.aux_loss > 0
+    torch.testing.assert_close(out.loss, out.ctr_loss + 0.5 * out.aux_loss)
+    out.loss.backward()
+    assert aux.query_proj.weight.grad.abs().sum() > 0
+
+
+def test_loads_a_pretraining_checkpoint_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    pretrained = PinFMForPretraining(make_config(ctr_feature_vocab_size=0, ctr_feature_slots=None))
+    pretrained.save_pretrained(tmp_path / "base")
+    model = PinFMForCTR.from_pretrained(tmp_path / "base", ctr_feature_vocab_size=12, ctr_feature_slots=[3, 1]).eval()
+    for name, value in pretrained.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value, msg=name)
+    model.save_pretrained(tmp_path / "ctr")
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ctr").eval()
+    assert isinstance(reloaded, PinFMForCTR)
+    batch = make_batch()
+    torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits)
+
+
+def test_config_rejects_bad_ctr_fields():
+    with pytest.raises(ValueError, match="ctr_fusion"):
+        make_config(ctr_fusion="middle")
+    with pytest.raises(ValueError, match="ctr_head"):
+        make_config(ctr_head="wide")
+    with pytest.raises(ValueError, match="given together"):
+        make_config(ctr_feature_slots=None)

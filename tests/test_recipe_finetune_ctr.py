@@ -1,0 +1,119 @@
+"""CTR recipe checks on a slice of real ML-1M: end to end (full model and LoRA adapter), exact resume, the leakage
+guard, and two processes with gradient sync."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from transformers import AutoModelForSequenceClassification
+
+from pinfm_hf import PinFMForCTR
+from pinfm_hf.data import CTRFeatureEncoder
+from pinfm_hf.training_utils import list_checkpoints, read_jsonl
+from pinfm_hf.transfer import load_ctr_adapters
+
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_PRETRAIN = ROOT / "recipes" / "configs" / "tiny_test.yaml"
+TINY_CTR = ROOT / "recipes" / "configs" / "ctr_tiny_test.yaml"
+pytestmark = pytest.mark.slow
+
+
+def run(script: str, config: Path, output_dir: Path, *extra: str, launcher: tuple[str, ...] = (), env: dict | None = None,
+        check: bool = True) -> subprocess.CompletedProcess:
+    command = [*launcher] if launcher else [sys.executable]
+    command += [str(ROOT / "recipes" / script), "--config", str(config), "--output_dir", str(output_dir), *extra]
+    result = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    )
+    if check:
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def step_losses(output_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_jsonl(output_dir / "train_log.jsonl") if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, shared_data_dir) -> Path:
+    """A tiny base pretrained on ML-1M events before the 0.9 time quantile (the CTR configs' cut)."""
+    output_dir = tmp_path_factory.mktemp("base")
+    run("pretrain.py", TINY_PRETRAIN, output_dir, "--time_cut_quantile", "0.9")
+    return output_dir / "model"
+
+
+@pytest.fixture(scope="module")
+def full_run(base, tmp_path_factory) -> Path:
+    output_dir = tmp_path_factory.mktemp("full")
+    run("finetune_ctr.py", TINY_CTR, output_dir, "--base", str(base))
+    return output_dir
+
+
+def test_full_transfer_end_to_end(full_run):
+    losses = step_losses(full_run)
+    assert [s for s, _ in losses] == list(range(1, 9))
+    results = json.loads((full_run / "results.json").read_text())
+    test = results["test"]
+    assert test["num_samples"] == 999 and 0 < test["auc"] < 1 and test["logloss"] > 0
+    assert test["gauc_users"] + test["gauc_skipped_users"] > 0
+    assert results["trainable_parameters"] == results["model_parameters"]  # full transfer trains everything
+    model_dir = full_run / "model"
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    assert isinstance(model, PinFMForCTR) and model.config.ctr_feature_vocab_size > 0
+    assert CTRFeatureEncoder.load(model_dir).slots == model.config.ctr_feature_slots
+    card = ModelCard.load(model_dir / "README.md")
+    assert {r.metric_type for r in card.data.eval_results} == {"auc", "gauc", "logloss"}
+    assert f"{test['auc']:.4f}" in card.text and "like" in card.text
+    assert (full_run / "training_curves.png").stat().st_size > 1000
+    assert len(list_checkpoints(full_run / "checkpoints")) == 2
+
+
+def test_lora_saves_a_small_adapter_that_reloads(base, tmp_path):
+    output_dir = tmp_path / "lora"
+    run("finetune_ctr.py", TINY_CTR, output_dir, "--base", str(base), "--transfer", "lora")
+    results = json.loads((output_dir / "results.json").read_text())
+    assert results["trainable_parameters"] < results["model_parameters"] * 0.25
+    adapter = output_dir / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "ctr_features.json").is_file()
+    assert not (adapter / "model.safetensors").exists()  # an adapter, not a copy of the base
+    model = load_ctr_adapters(base, {"like": adapter})
+    assert model.active_adapter == "like"
+    assert ModelCard.load(adapter / "README.md").data.library_name == "peft"
+
+
+def test_resume_gives_the_same_losses(base, full_run, tmp_path):
+    interrupted = tmp_path / "interrupted"
+    run("finetune_ctr.py", TINY_CTR, interrupted, "--base", str(base), "--stop_after_steps", "5")
+    assert [s for s, _ in step_losses(interrupted)] == [1, 2, 3, 4, 5]
+    run("finetune_ctr.py", TINY_CTR, interrupted, "--base", str(base), "--resume_from_checkpoint", "latest")
+    resumed, uninterrupted = step_losses(interrupted), step_losses(full_run)
+    assert [s for s, _ in resumed] == [s for s, _ in uninterrupted]
+    torch.testing.assert_close(torch.tensor([l for _, l in resumed]), torch.tensor([l for _, l in uninterrupted]))
+
+
+def test_a_base_that_saw_the_test_period_is_refused(base, tmp_path):
+    result = run("finetune_ctr.py", TINY_CTR, tmp_path / "o", "--base", str(base), "--cut_quantile", "0.5", check=False)
+    assert result.returncode != 0
+    assert "leaked into pretraining" in result.stderr and "--time_cut_quantile 0.5" in result.stderr
+
+
+def test_two_processes_sync_gradients_and_gather_metrics_once(base, tmp_path):
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
+    output_dir = tmp_path / "ddp"
+    run(
+        "finetune_ctr.py", TINY_CTR, output_dir, "--base", str(base),  # 999 test samples: odd on purpose
+        launcher=(accelerate, "launch", "--config_file", str(ROOT / "recipes/accelerate/cpu_2proc.yaml")),
+        env={"ACCELERATE_USE_CPU": "1"},
+    )
+    results = json.loads((output_dir / "results.json").read_text())
+    assert results["num_processes"] == 2
+    checksums = results["parameter_checksums"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    assert results["test"]["num_samples"] == 999  # gather_for_metrics dropped the padding duplicate
