@@ -12,7 +12,6 @@ overridden on the command line; `--resume_from_checkpoint latest` continues an i
 """
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,7 +24,6 @@ from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
 
 from pinfm_hf import PinFMTokenizer
 from pinfm_hf.data import (
@@ -42,15 +40,17 @@ from pinfm_hf.data.sequences import quantile_timestamp
 from pinfm_hf.evaluation import evaluate_ctr
 from pinfm_hf.model_card import render_ctr_card
 from pinfm_hf.training_utils import (
+    cosine_schedule,
     JsonlLogger,
     finish,
-    load_training_state,
     make_accelerator,
     parse_recipe_args,
     peak_rss_gib,
+    parameter_checksums,
     plot_training_curves,
-    resolve_checkpoint,
+    reduce_step_losses,
     save_checkpoint,
+    start_or_resume,
 )
 from pinfm_hf.transfer import (
     TRANSFER_STRATEGIES,
@@ -269,16 +269,10 @@ def main(args: Optional[list[str]] = None) -> dict:
         lr=train_args.learning_rate,
     )
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
-    steps_per_epoch = math.ceil(len(train_loader) / train_args.gradient_accumulation_steps)
-    total_steps = train_args.max_steps if train_args.max_steps > 0 else steps_per_epoch * train_args.num_train_epochs
-    num_epochs = math.ceil(total_steps / steps_per_epoch)
-    # The prepared scheduler steps once per process per optimizer step (Accelerate), hence the factor.
-    scheduler = get_cosine_schedule_with_warmup(
-        optimizer,
-        num_warmup_steps=min(train_args.warmup_steps, total_steps) * accelerator.num_processes,
-        num_training_steps=total_steps * accelerator.num_processes,
+    scheduler, steps_per_epoch, total_steps, num_epochs = cosine_schedule(
+        optimizer, accelerator, num_batches=len(train_loader), gradient_accumulation_steps=train_args.gradient_accumulation_steps,
+        num_train_epochs=train_args.num_train_epochs, max_steps=train_args.max_steps, warmup_steps=train_args.warmup_steps,
     )
-    scheduler = accelerator.prepare(scheduler)
     logger.info(
         "Transfer %r: %s trainable parameters (%.2f%% of %s); %d steps (%d epochs of %d).",
         model_args.transfer, f"{trainable_params:,}", 100 * trainable_params / model_params, f"{model_params:,}",
@@ -288,16 +282,8 @@ def main(args: Optional[list[str]] = None) -> dict:
     # ----- resume -----
     checkpoint_dir = output_dir / "checkpoints"
     run_log = JsonlLogger(output_dir / "train_log.jsonl", enabled=accelerator.is_main_process)
-    step, start_epoch, skip_batches, micro_step = 0, 0, 0, 0
-    checkpoint = resolve_checkpoint(train_args.resume_from_checkpoint, checkpoint_dir)
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        state = load_training_state(checkpoint)
-        step, start_epoch, skip_batches, micro_step = state["step"], state["epoch"], state["batches_in_epoch"], state["micro_step"]
-        run_log.truncate_after(step)
-        logger.info("Resumed from %s at step %d (epoch %d, batch %d).", checkpoint, step, start_epoch, skip_batches)
-    elif accelerator.is_main_process and run_log.path.exists():
-        run_log.path.unlink()  # a fresh run starts a fresh log
+    position = start_or_resume(accelerator, train_args.resume_from_checkpoint, checkpoint_dir, run_log)
+    step, start_epoch, skip_batches, micro_step = (position[k] for k in ("step", "epoch", "batches_in_epoch", "micro_step"))
     if train_args.report_to:
         accelerator.init_trackers("pinfm-finetune-ctr", config={**asdict(data_args), **asdict(model_args), **asdict(train_args)})
 
@@ -334,9 +320,7 @@ def main(args: Optional[list[str]] = None) -> dict:
                 continue
             step += 1
             record = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0]}
-            for key in step_losses[0]:
-                mean = torch.stack([losses[key] for losses in step_losses]).mean()
-                record[key] = accelerator.reduce(mean, reduction="mean").item()
+            record.update(reduce_step_losses(step_losses, accelerator))
             step_losses = []
             record["samples_per_s"] = samples_seen / max(time.time() - window_start, 1e-9)
             run_log.log(record)
@@ -366,7 +350,6 @@ def main(args: Optional[list[str]] = None) -> dict:
     test_metrics = evaluate_ctr(model, test_loader, accelerator)
     run_log.log({"step": step, **{f"test/{k}": v for k, v in test_metrics.items()}})
     logger.info("Test at step %d: %s", step, {k: round(v, 4) for k, v in test_metrics.items()})
-    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
     results = {
         "dataset": data_args.dataset,
         "base": model_args.base,
@@ -381,7 +364,7 @@ def main(args: Optional[list[str]] = None) -> dict:
         "model_parameters": model_params,
         "peak_rss_gib": round(peak_rss_gib(), 3),
         "num_processes": accelerator.num_processes,
-        "parameter_checksums": accelerator.gather(checksum.to(accelerator.device)).tolist(),
+        "parameter_checksums": parameter_checksums(model, accelerator),
         "test": test_metrics,
     }
     if accelerator.is_main_process:

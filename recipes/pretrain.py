@@ -12,7 +12,6 @@ interrupted run exactly.
 """
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,7 +24,6 @@ from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
 
 from pinfm_hf import PinFMConfig, PinFMForPretraining, PinFMTokenizer
 from pinfm_hf.data import (
@@ -39,15 +37,17 @@ from pinfm_hf.data import (
 from pinfm_hf.evaluation import evaluate_next_item
 from pinfm_hf.model_card import render_pretrained_card
 from pinfm_hf.training_utils import (
+    cosine_schedule,
     JsonlLogger,
     finish,
-    load_training_state,
     make_accelerator,
     parse_recipe_args,
     peak_rss_gib,
+    parameter_checksums,
     plot_training_curves,
-    resolve_checkpoint,
+    reduce_step_losses,
     save_checkpoint,
+    start_or_resume,
 )
 
 
@@ -215,33 +215,18 @@ def main(args: Optional[list[str]] = None) -> dict:
     model, optimizer, train_loader, valid_loader, test_loader = accelerator.prepare(
         model, optimizer, train_loader, valid_loader, test_loader
     )
-    steps_per_epoch = math.ceil(len(train_loader) / train_args.gradient_accumulation_steps)
-    total_steps = train_args.max_steps if train_args.max_steps > 0 else steps_per_epoch * train_args.num_train_epochs
-    num_epochs = math.ceil(total_steps / steps_per_epoch)
-    # The prepared scheduler steps once per process per optimizer step (Accelerate), hence the factor.
-    scheduler = get_cosine_schedule_with_warmup(
-        optimizer,
-        num_warmup_steps=min(train_args.warmup_steps, total_steps) * accelerator.num_processes,
-        num_training_steps=total_steps * accelerator.num_processes,
+    scheduler, steps_per_epoch, total_steps, num_epochs = cosine_schedule(
+        optimizer, accelerator, num_batches=len(train_loader), gradient_accumulation_steps=train_args.gradient_accumulation_steps,
+        num_train_epochs=train_args.num_train_epochs, max_steps=train_args.max_steps, warmup_steps=train_args.warmup_steps,
     )
-    scheduler = accelerator.prepare(scheduler)
     num_params = sum(p.numel() for p in model.parameters())
     logger.info("Model: %.2fM parameters; %d steps (%d epochs of %d).", num_params / 1e6, total_steps, num_epochs, steps_per_epoch)
 
     # ----- resume -----
     checkpoint_dir = output_dir / "checkpoints"
     run_log = JsonlLogger(output_dir / "train_log.jsonl", enabled=accelerator.is_main_process)
-    step, start_epoch, skip_batches, micro_step = 0, 0, 0, 0
-    checkpoint = resolve_checkpoint(train_args.resume_from_checkpoint, checkpoint_dir)
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        state = load_training_state(checkpoint)
-        step, start_epoch, skip_batches = state["step"], state["epoch"], state["batches_in_epoch"]
-        micro_step = state["micro_step"]
-        run_log.truncate_after(step)
-        logger.info("Resumed from %s at step %d (epoch %d, batch %d).", checkpoint, step, start_epoch, skip_batches)
-    elif accelerator.is_main_process and run_log.path.exists():
-        run_log.path.unlink()  # a fresh run starts a fresh log
+    position = start_or_resume(accelerator, train_args.resume_from_checkpoint, checkpoint_dir, run_log)
+    step, start_epoch, skip_batches, micro_step = (position[k] for k in ("step", "epoch", "batches_in_epoch", "micro_step"))
     if train_args.report_to:
         accelerator.init_trackers("pinfm-pretrain", config={**asdict(data_args), **asdict(model_args), **asdict(train_args)})
 
@@ -287,9 +272,7 @@ def main(args: Optional[list[str]] = None) -> dict:
                 continue
             step += 1
             record = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0]}
-            for key in step_losses[0]:
-                mean = torch.stack([losses[key] for losses in step_losses]).mean()
-                record[key] = accelerator.reduce(mean, reduction="mean").item()
+            record.update(reduce_step_losses(step_losses, accelerator))
             step_losses = []
             record["temperature"] = accelerator.unwrap_model(model).temperature.item()
             elapsed = time.time() - window_start
@@ -321,9 +304,6 @@ def main(args: Optional[list[str]] = None) -> dict:
 
     # ----- final evaluation and save -----
     test_metrics = log_eval("test", test_loader)
-    # One checksum per rank: equal values show the processes trained in sync.
-    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
-    checksums = accelerator.gather(checksum.to(accelerator.device)).tolist()
     results = {
         "dataset": data_args.dataset,
         "steps": step,
@@ -333,7 +313,7 @@ def main(args: Optional[list[str]] = None) -> dict:
         "peak_rss_gib": round(peak_rss_gib(), 3),
         "num_parameters": num_params,
         "num_processes": accelerator.num_processes,
-        "parameter_checksums": checksums,
+        "parameter_checksums": parameter_checksums(model, accelerator),
         "test": test_metrics,
     }
     if accelerator.is_main_process:

@@ -517,14 +517,7 @@ class PinFMForPretraining(PinFMPreTrainedModel):
         losses = {}
         if labels is not None:
             losses = self.pretraining_losses(query, labels, action_ids, attention_mask)
-        loss = None
-        if losses:
-            weights = {
-                "next_token": self.config.next_token_loss_weight,
-                "multi_token": self.config.multi_token_loss_weight,
-                "future_token": self.config.future_token_loss_weight,
-            }
-            loss = sum(weights[name] * value for name, value in losses.items())
+        loss = self.weighted_loss(losses) if losses else None
         return PinFMForPretrainingOutput(
             loss=loss,
             next_token_loss=losses.get("next_token"),
@@ -536,6 +529,15 @@ class PinFMForPretraining(PinFMPreTrainedModel):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
+
+    def weighted_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Sum of the losses from `pretraining_losses`, each weighted by its config weight."""
+        weights = {
+            "next_token": self.config.next_token_loss_weight,
+            "multi_token": self.config.multi_token_loss_weight,
+            "future_token": self.config.future_token_loss_weight,
+        }
+        return sum(weights[name] * value for name, value in losses.items())
 
     def positive_targets(self, labels: torch.LongTensor, action_ids: Optional[torch.LongTensor]) -> torch.BoolTensor:
         """`(B, T)` mask of events that are positive targets: labelled, and with a positive action when configured."""
@@ -814,13 +816,7 @@ class PinFMForCTR(PinFMForPretraining):
                 # Pretraining losses on history events only: the candidate's outcome is the label, not a target.
                 history_labels = input_ids.masked_fill(~history, -100)
                 query = F.normalize(self.query_proj(hidden), dim=-1)
-                losses = self.pretraining_losses(query, history_labels, action_ids, history.long())
-                weights = {
-                    "next_token": self.config.next_token_loss_weight,
-                    "multi_token": self.config.multi_token_loss_weight,
-                    "future_token": self.config.future_token_loss_weight,
-                }
-                aux_loss = sum(weights[name] * value for name, value in losses.items())
+                aux_loss = self.weighted_loss(self.pretraining_losses(query, history_labels, action_ids, history.long()))
                 loss = ctr_loss + self.config.ctr_aux_loss_weight * aux_loss
         return PinFMForCTROutput(
             loss=loss,

@@ -4,7 +4,6 @@ import json
 import os
 import tempfile
 import zlib
-from collections import Counter
 from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np

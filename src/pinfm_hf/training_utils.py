@@ -217,3 +217,63 @@ def plot_training_curves(log_path: str | os.PathLike, png_path: str | os.PathLik
     plt.close(fig)
     os.replace(tmp, png_path)
     return png_path
+
+
+def cosine_schedule(
+    optimizer, accelerator, *, num_batches: int, gradient_accumulation_steps: int, num_train_epochs: int,
+    max_steps: int, warmup_steps: int,
+):
+    """
+    Plan the run and build its warm-up + cosine schedule, prepared by Accelerate.
+
+    Returns `(scheduler, steps_per_epoch, total_steps, num_epochs)`; `max_steps > 0` overrides the epochs.
+    """
+    from transformers import get_cosine_schedule_with_warmup
+
+    steps_per_epoch = max(-(-num_batches // gradient_accumulation_steps), 1)
+    total_steps = max_steps if max_steps > 0 else steps_per_epoch * num_train_epochs
+    num_epochs = -(-total_steps // steps_per_epoch)
+    # The prepared scheduler steps once per process per optimizer step (Accelerate), hence the factor.
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer,
+        num_warmup_steps=min(warmup_steps, total_steps) * accelerator.num_processes,
+        num_training_steps=total_steps * accelerator.num_processes,
+    )
+    return accelerator.prepare(scheduler), steps_per_epoch, total_steps, num_epochs
+
+
+def start_or_resume(accelerator, resume_from_checkpoint: Optional[str], checkpoint_dir: str | os.PathLike, run_log: JsonlLogger) -> dict[str, int]:
+    """
+    Restore model, optimizer, scheduler and RNG states from a checkpoint (`"latest"` or a folder) and cut the run
+    log back to it; a fresh run starts a fresh log. Returns the loop position: `step`, `epoch`, `batches_in_epoch`
+    (batches of that epoch already consumed) and `micro_step`.
+    """
+    checkpoint = resolve_checkpoint(resume_from_checkpoint, checkpoint_dir)
+    if checkpoint is None:
+        if accelerator.is_main_process and run_log.path.exists():
+            run_log.path.unlink()
+        return {"step": 0, "epoch": 0, "batches_in_epoch": 0, "micro_step": 0}
+    accelerator.load_state(str(checkpoint))
+    state = load_training_state(checkpoint)
+    run_log.truncate_after(state["step"])
+    logger.warning(f"Resumed from {checkpoint} at step {state['step']} (epoch {state['epoch']}, batch {state['batches_in_epoch']}).")
+    return {key: state[key] for key in ("step", "epoch", "batches_in_epoch", "micro_step")}
+
+
+def reduce_step_losses(step_losses: list[dict[str, Any]], accelerator) -> dict[str, float]:
+    """Mean of each loss over the micro-batches of one optimizer step, averaged across processes."""
+    import torch
+
+    record = {}
+    for key in step_losses[0]:
+        mean = torch.stack([losses[key] for losses in step_losses]).mean()
+        record[key] = accelerator.reduce(mean, reduction="mean").item()
+    return record
+
+
+def parameter_checksums(model, accelerator) -> list[float]:
+    """One parameter sum per rank: equal values show the processes trained in sync."""
+    import torch
+
+    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+    return accelerator.gather(checksum.to(accelerator.device)).tolist()
