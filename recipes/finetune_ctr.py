@@ -30,8 +30,10 @@ from pinfm_hf.data import (
     CTR_USE_CASES,
     CTRDataset,
     CTRFeatureEncoder,
+    CTRImpressionGroups,
     PinFMDataCollator,
     build_ctr_samples,
+    collate_impression_groups,
     load_events_from_args,
     load_movielens_users,
     split_ctr_samples,
@@ -140,6 +142,11 @@ class TrainArguments:
         default=None, metadata={"help": "Save a checkpoint and exit after N steps, as if interrupted (tests)."}
     )
     report_to: Optional[str] = field(default=None, metadata={"help": "An Accelerate tracker, e.g. 'tensorboard'."})
+    deduplicate_histories: bool = field(
+        default=False,
+        metadata={"help": "DCAT: batch impressions of one request together and encode their shared history once "
+                  "(same logits; fewer encoder passes). Batches then hold whole requests, about the same number of samples."},
+    )
 
 
 def use_case_actions(data_args: DataArguments) -> tuple[list[str], list[str]]:
@@ -178,10 +185,20 @@ def load_user_features(data_args: DataArguments) -> Optional[pa.Table]:
 
 
 def subsample(samples: pa.Table, limit: Optional[int], seed: int) -> pa.Table:
-    """A seeded random subset in the original order (every kept row is a real impression)."""
+    """
+    A seeded random subset of whole requests (impressions sharing user, history and time stay together, as DCAT
+    wants), in the original order; every kept row is a real impression. About `limit` rows (whole requests).
+    """
     if limit is None or limit >= samples.num_rows:
         return samples
-    keep = np.sort(np.random.default_rng(seed).choice(samples.num_rows, size=limit, replace=False))
+    keys = np.stack([samples[c].to_numpy() for c in ("user_index", "history_length", "timestamp")], axis=1)
+    new_request = np.ones(len(keys), dtype=bool)
+    new_request[1:] = (keys[1:] != keys[:-1]).any(axis=1)
+    request = np.cumsum(new_request) - 1
+    sizes = np.bincount(request)
+    chosen = np.random.default_rng(seed).permutation(len(sizes))
+    chosen = chosen[: int(np.searchsorted(np.cumsum(sizes[chosen]), limit)) + 1]
+    keep = np.flatnonzero(np.isin(request, chosen))
     return samples.take(keep)
 
 
@@ -230,7 +247,14 @@ def main(args: Optional[list[str]] = None) -> dict:
     collator = PinFMDataCollator(
         pad_token_id=tokenizer.pad_token_id, padding_side="left", max_length=data_args.max_history + 1
     )
-    train_loader = DataLoader(train_data, batch_size=train_args.per_device_train_batch_size, shuffle=True, collate_fn=collator)
+    if train_args.deduplicate_histories:
+        # Shuffle whole requests, so DCAT finds each shared history within its batch; same samples per batch on average.
+        groups = CTRImpressionGroups(train_data)
+        group_batch = max(1, round(train_args.per_device_train_batch_size / groups.mean_group_size))
+        logger.info("DCAT: %d requests of %.2f impressions on average; %d requests per batch.", len(groups), groups.mean_group_size, group_batch)
+        train_loader = DataLoader(groups, batch_size=group_batch, shuffle=True, collate_fn=collate_impression_groups(collator))
+    else:
+        train_loader = DataLoader(train_data, batch_size=train_args.per_device_train_batch_size, shuffle=True, collate_fn=collator)
     test_loader = DataLoader(test_data, batch_size=train_args.per_device_eval_batch_size, collate_fn=collator)
 
     # ----- model: base architecture + CTR head, with the chosen transfer strategy -----
@@ -306,7 +330,7 @@ def main(args: Optional[list[str]] = None) -> dict:
             labels = batch.pop("label")
             batch.pop("user_index")
             with accelerator.accumulate(model):
-                outputs = model(**batch, labels=labels)
+                outputs = model(**batch, labels=labels, deduplicate_histories=train_args.deduplicate_histories)
                 accelerator.backward(outputs.loss)
                 if accelerator.sync_gradients and train_args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)
@@ -347,7 +371,7 @@ def main(args: Optional[list[str]] = None) -> dict:
         save_checkpoint(accelerator, checkpoint_dir, step, final_state, train_args.checkpoints_total_limit)
 
     # ----- evaluation and save -----
-    test_metrics = evaluate_ctr(model, test_loader, accelerator)
+    test_metrics = evaluate_ctr(model, test_loader, accelerator, deduplicate_histories=train_args.deduplicate_histories)
     run_log.log({"step": step, **{f"test/{k}": v for k, v in test_metrics.items()}})
     logger.info("Test at step %d: %s", step, {k: round(v, 4) for k, v in test_metrics.items()})
     results = {

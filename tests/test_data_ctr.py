@@ -14,9 +14,11 @@ from pinfm_hf.data import (
     FEATURES_FILE_NAME,
     CTRDataset,
     CTRFeatureEncoder,
+    CTRImpressionGroups,
     EventValidationError,
     PinFMDataCollator,
     build_ctr_samples,
+    collate_impression_groups,
     load_movielens_users,
     make_event_table,
     quantile_timestamp,
@@ -348,3 +350,20 @@ def test_ctr_dataset_unknown_action_is_the_tokenizer_error(toy_events):
     tokenizer = PinFMTokenizer.from_events(known)
     with pytest.raises(ValueError, match=r"Unknown actions \['view'\]"):
         CTRDataset(sequences, samples, tokenizer, max_history=3)
+
+
+def test_impression_groups_keep_each_request_together(toy_events):
+    sequences, samples = build_ctr_samples(toy_events, positive_actions=["buy"], negative_actions=["skip"])
+    tokenizer = PinFMTokenizer.from_events(toy_events)
+    groups = CTRImpressionGroups(CTRDataset(sequences, samples, tokenizer, max_history=4))
+    # u1's "b" and "c" share second 20 (same history): one request; every other impression is its own.
+    assert len(groups) == samples.num_rows - 1
+    sizes = [len(groups[i]) for i in range(len(groups))]
+    assert sorted(sizes) == [1] * (len(groups) - 1) + [2]
+    pair = groups[sizes.index(2)]
+    assert [e["timestamps"][-1] for e in pair] == [20, 20]
+    np.testing.assert_array_equal(pair[0]["input_ids"][:-1], pair[1]["input_ids"][:-1])
+    assert groups.mean_group_size == samples.num_rows / len(groups)
+    collate = collate_impression_groups(PinFMDataCollator(padding_side="left"))
+    batch = collate([groups[i] for i in range(len(groups))])
+    assert batch["input_ids"].shape[0] == samples.num_rows

@@ -140,3 +140,116 @@ def test_config_rejects_bad_ctr_fields():
         make_config(ctr_head="wide")
     with pytest.raises(ValueError, match="given together"):
         make_config(ctr_feature_slots=None)
+
+
+# ----- DCAT: deduplicated cross-attention scoring -----
+
+
+def naive_scores(model, users: dict, candidate_ids, candidate_user_index, request_ts, side=None) -> torch.Tensor:
+    """Each candidate appended to its user's (left-padded) history and encoded in full."""
+    rows = []
+    for n, (item, u) in enumerate(zip(candidate_ids.tolist(), candidate_user_index.tolist())):
+        valid = users["attention_mask"][u].bool()
+        row = dict(
+            input_ids=torch.cat([users["input_ids"][u][valid], torch.tensor([item])]),
+            action_ids=torch.cat([users["action_ids"][u][valid], torch.tensor([1])]),
+            timestamps=torch.cat([users["timestamps"][u][valid], request_ts[u : u + 1]]),
+        )
+        width = users["input_ids"].shape[1] + 1
+        pad = width - len(row["input_ids"])
+        batch = {k: torch.cat([torch.zeros(pad, dtype=torch.long), v]).unsqueeze(0) for k, v in row.items()}
+        batch["attention_mask"] = (torch.arange(width) >= pad).long().unsqueeze(0)
+        if side is not None:
+            batch["side_feature_ids"] = side[n : n + 1]
+        rows.append(model(**batch).logits)
+    return torch.cat(rows)
+
+
+def random_users(num_users: int = 5, length: int = 9, seed: int = 0, right_padding: bool = False) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, length + 1, (num_users,), generator=g)
+    lengths[0] = 0  # one user with no history yet
+    lengths[1] = length
+    ids = torch.randint(4, VOCAB, (num_users, length), generator=g)
+    actions = torch.randint(2, ACTIONS, (num_users, length), generator=g)
+    times = torch.randint(0, 10**6, (num_users, length), generator=g).sort(dim=1).values
+    positions = torch.arange(length)
+    valid = positions < lengths[:, None] if right_padding else positions >= (length - lengths)[:, None]
+    return dict(input_ids=ids * valid, action_ids=actions * valid, timestamps=times * valid, attention_mask=valid.long())
+
+
+@pytest.mark.parametrize("fusion", ["early", "late"])
+@pytest.mark.parametrize("right_padding", [False, True])
+def test_dcat_scores_equal_the_naive_path(fusion, right_padding):
+    torch.manual_seed(0)
+    model = PinFMForCTR(make_config(ctr_fusion=fusion, ctr_head="dcn")).eval()
+    users = random_users(right_padding=right_padding)
+    g = torch.Generator().manual_seed(1)
+    request_ts = users["timestamps"].amax(dim=1) + torch.randint(0, 10**5, (5,), generator=g)
+    # Ragged candidates, users repeated, one user (index 3) with none.
+    user_index = torch.tensor([0, 1, 1, 2, 4, 4, 4, 0, 2, 1])
+    candidates = torch.randint(4, VOCAB, (10,), generator=g)
+    side = torch.randint(0, 12, (10, 4), generator=g)
+    with torch.no_grad():
+        dcat = model.score_candidates(
+            candidate_ids=candidates, candidate_user_index=user_index, request_timestamps=request_ts,
+            candidate_side_feature_ids=side, **users,
+        )
+        naive = naive_scores(model, users, candidates, user_index, request_ts, side)
+    torch.testing.assert_close(dcat, naive, atol=1e-4, rtol=1e-4)
+
+
+def test_dcat_dense_candidates_and_repeated_users_are_encoded_once(monkeypatch):
+    torch.manual_seed(0)
+    model = PinFMForCTR(make_config(ctr_feature_vocab_size=0, ctr_feature_slots=None)).eval()
+    users = random_users(num_users=3)
+    # Rows 3 and 4 repeat users 1 and 2: the context pass must see 3 distinct users, not 5.
+    repeated = {k: torch.cat([v, v[1:3]]) for k, v in users.items()}
+    candidates = torch.randint(4, VOCAB, (5, 7), generator=torch.Generator().manual_seed(2))
+    candidates[3] = candidates[1]
+    seen = []
+    original = model.pinfm.forward
+    monkeypatch.setattr(model.pinfm, "forward", lambda *a, **k: seen.append(a[0].shape[0]) or original(*a, **k))
+    request_ts = repeated["timestamps"].amax(dim=1) + 60
+    with torch.no_grad():
+        dcat = model.score_candidates(candidate_ids=candidates, request_timestamps=request_ts, **repeated)
+        undeduplicated = model.score_candidates(candidate_ids=candidates, request_timestamps=request_ts, deduplicate=False, **repeated)
+    assert seen == [3, 5]
+    assert dcat.shape == (5, 7)
+    torch.testing.assert_close(dcat, undeduplicated)
+    torch.testing.assert_close(dcat[3], dcat[1])
+    with torch.no_grad():
+        naive = naive_scores(model, repeated, candidates.reshape(-1), torch.arange(5).repeat_interleave(7), request_ts)
+    torch.testing.assert_close(dcat.reshape(-1), naive, atol=1e-4, rtol=1e-4)
+
+
+def test_forward_with_deduplicated_histories_matches_and_trains(shared_data_dir):
+    """Real ML-1M impressions: same-second ratings share a history; DCAT gives the plain path's logits and loss."""
+    import pyarrow as pa
+
+    from pinfm_hf import PinFMTokenizer
+    from pinfm_hf.data import CTR_USE_CASES, CTRDataset, PinFMDataCollator, build_ctr_samples, load_dataset_by_name
+
+    events = load_dataset_by_name("ml-1m", shared_data_dir)
+    use_case = CTR_USE_CASES["like"]
+    sequences, samples = build_ctr_samples(events, positive_actions=use_case.positive_actions,
+                                           negative_actions=use_case.negative_actions)
+    samples = samples.slice(0, 400)  # the first users' impressions, in order: many share (history, time)
+    tokenizer = PinFMTokenizer.from_events(events, num_hash_buckets=16)
+    data = CTRDataset(sequences, samples, tokenizer, max_history=30)
+    batch = PinFMDataCollator(pad_token_id=0, padding_side="left", max_length=31)([data[i] for i in range(len(data))])
+    labels, _ = batch.pop("label"), batch.pop("user_index")
+    key = pa.table({"u": samples["user_index"], "h": samples["history_length"], "t": samples["timestamp"]})
+    assert key.group_by(["u", "h", "t"]).aggregate([]).num_rows < 0.8 * len(samples)  # real sharing to exploit
+
+    torch.manual_seed(0)
+    config = make_config(item_vocab_size=len(tokenizer), action_vocab_size=tokenizer.action_vocab_size,
+                         ctr_feature_vocab_size=0, ctr_feature_slots=None, ctr_aux_loss_weight=0.3, num_negatives=16)
+    model = PinFMForCTR(config)
+    plain = model(**batch, labels=labels)
+    dcat = model(**batch, labels=labels, deduplicate_histories=True)
+    torch.testing.assert_close(dcat.logits, plain.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(dcat.ctr_loss, plain.ctr_loss, atol=1e-5, rtol=1e-5)
+    assert dcat.aux_loss is not None and torch.isfinite(dcat.aux_loss)
+    dcat.loss.backward()
+    assert model.pinfm.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0

@@ -53,9 +53,12 @@ def evaluate_next_item(
 
 
 @torch.no_grad()
-def evaluate_ctr(model, dataloader, accelerator, *, show_progress: bool = True) -> dict[str, float]:
+def evaluate_ctr(
+    model, dataloader, accelerator, *, deduplicate_histories: bool = False, show_progress: bool = True
+) -> dict[str, float]:
     """
     AUC, GAUC (per user, impression-weighted) and logloss of a CTR model over a loader of `CTRDataset` batches.
+    With `deduplicate_histories`, impressions of one request in a batch share one history encoding (DCAT).
 
     Predictions are gathered across processes with `gather_for_metrics` (no duplicated padding samples) and every
     rank computes the same figures with the package's `evaluate` module, kept in memory (no cache-file clash).
@@ -69,7 +72,8 @@ def evaluate_ctr(model, dataloader, accelerator, *, show_progress: bool = True) 
     for batch in batches:
         labels = batch.pop("label")
         user_index = batch.pop("user_index")
-        probs = torch.sigmoid(model(**batch).logits.float())
+        logits = model(**batch, deduplicate_histories=True).logits if deduplicate_histories else model(**batch).logits
+        probs = torch.sigmoid(logits.float())
         probs, labels, user_index = accelerator.gather_for_metrics((probs, labels, user_index))
         predictions.append(probs.cpu())
         references.append(labels.cpu())

@@ -59,12 +59,16 @@ class PinFMModelOutput(ModelOutput):
             Input embeddings and the output of every layer, each `(batch_size, sequence_length, hidden_size)`.
         attentions (`tuple(torch.FloatTensor)`, *optional*):
             Attention probabilities of every layer, each `(batch_size, num_heads, sequence_length, sequence_length)`.
+        past_key_values (`tuple(tuple(torch.FloatTensor))`, *optional*, returned with `return_key_values=True`):
+            Each layer's rotated keys and values, each `(batch_size, num_heads, sequence_length, head_dim)`: the cache
+            that DCAT candidate tokens attend to.
     """
 
     last_hidden_state: Optional[torch.FloatTensor] = None
     user_embedding: Optional[torch.FloatTensor] = None
     hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
     attentions: Optional[tuple[torch.FloatTensor, ...]] = None
+    past_key_values: Optional[tuple[tuple[torch.FloatTensor, torch.FloatTensor], ...]] = None
 
 
 @dataclass
@@ -185,12 +189,9 @@ class PinFMAttention(nn.Module):
         sin: torch.Tensor,
         attention_mask: torch.BoolTensor,
         output_attentions: bool = False,
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        B, T, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(hidden_states).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        v = self.v_proj(hidden_states).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return_key_value: bool = False,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[tuple[torch.Tensor, torch.Tensor]]]:
+        q, k, v = self.project(hidden_states, cos, sin)  # (B, H, T, D) each
         dropout = self.dropout if self.training else 0.0
         if output_attentions:
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, T, T)
@@ -200,8 +201,43 @@ class PinFMAttention(nn.Module):
         else:
             probs = None
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout)
+        B, T = hidden_states.shape[:2]
         out = out.transpose(1, 2).reshape(B, T, -1)  # (B, T, H * D)
-        return self.o_proj(out), probs
+        return self.o_proj(out), probs, ((k, v) if return_key_value else None)
+
+    def project(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Queries, keys (both rotated) and values, each `(B, heads, T, head_dim)`."""
+        B, T, _ = hidden_states.shape
+        q, k, v = (
+            proj(hidden_states).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def cross_attention(
+        self,
+        hidden_states: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        past_key: torch.Tensor,
+        past_value: torch.Tensor,
+        past_valid: torch.BoolTensor,
+    ) -> torch.Tensor:
+        """
+        DCAT crossing step: each of a user's C candidate tokens `(U, C, hidden)` attends to that user's cached history
+        keys/values `(U, heads, T, head_dim)` (valid where `past_valid` `(U, T)`) and to itself, never to the other
+        candidates: the same result as appending each candidate to the sequence alone, in O(C * T), not O(C * T^2).
+        """
+        U, C, _ = hidden_states.shape
+        q, k, v = self.project(hidden_states, cos, sin)  # (U, H, C, D)
+        scale = 1.0 / math.sqrt(self.head_dim)
+        history_scores = (q @ past_key.transpose(-2, -1)) * scale  # (U, H, C, T)
+        history_scores = history_scores.masked_fill(~past_valid[:, None, None, :], torch.finfo(q.dtype).min)
+        self_scores = (q * k).sum(-1, keepdim=True) * scale  # (U, H, C, 1)
+        probs = torch.cat([history_scores, self_scores], dim=-1).float().softmax(dim=-1).to(q.dtype)
+        probs = F.dropout(probs, p=self.dropout if self.training else 0.0, training=self.training)
+        out = probs[..., :-1] @ past_value + probs[..., -1:] * v  # (U, H, C, D)
+        return self.o_proj(out.transpose(1, 2).reshape(U, C, -1))
 
 
 class PinFMMLP(nn.Module):
@@ -233,11 +269,27 @@ class PinFMLayer(GradientCheckpointingLayer):
         sin: torch.Tensor,
         attention_mask: torch.BoolTensor,
         output_attentions: bool = False,
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        attn_out, probs = self.self_attn(self.input_layernorm(hidden_states), cos, sin, attention_mask, output_attentions)
+        return_key_value: bool = False,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[tuple[torch.Tensor, torch.Tensor]]]:
+        attn_out, probs, key_value = self.self_attn(
+            self.input_layernorm(hidden_states), cos, sin, attention_mask, output_attentions, return_key_value
+        )
         hidden_states = hidden_states + self.dropout(attn_out)
         hidden_states = hidden_states + self.dropout(self.mlp(self.post_attention_layernorm(hidden_states)))
-        return hidden_states, probs
+        return hidden_states, probs, key_value
+
+    def cross_forward(
+        self,
+        hidden_states: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        past_key_value: tuple[torch.Tensor, torch.Tensor],
+        past_valid: torch.BoolTensor,
+    ) -> torch.Tensor:
+        """The layer for DCAT candidate tokens: cross-attention to the cached history instead of self-attention."""
+        attn_out = self.self_attn.cross_attention(self.input_layernorm(hidden_states), cos, sin, *past_key_value, past_valid)
+        hidden_states = hidden_states + self.dropout(attn_out)
+        return hidden_states + self.dropout(self.mlp(self.post_attention_layernorm(hidden_states)))
 
 
 class PinFMItemEmbedding(nn.Module):
@@ -287,7 +339,9 @@ class PinFMEventEmbedding(nn.Module):
             self.input_mlp = PinFMMLP(config.hidden_size, 2 * config.hidden_size)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def time_features(self, timestamps: torch.LongTensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def time_features(
+        self, timestamps: torch.LongTensor, attention_mask: torch.Tensor, end_timestamps: Optional[torch.LongTensor] = None
+    ) -> torch.Tensor:
         valid = attention_mask.bool()
         previous_valid = torch.zeros_like(valid)
         previous_valid[:, 1:] = valid[:, :-1]
@@ -297,6 +351,8 @@ class PinFMEventEmbedding(nn.Module):
         prev_bucket = prev_bucket.masked_fill(~previous_valid, self.config.num_time_buckets)
         # The sequence ends at its latest valid timestamp, wherever the padding is.
         end = timestamps.masked_fill(~valid, torch.iinfo(timestamps.dtype).min).amax(dim=1, keepdim=True)  # (B, 1)
+        if end_timestamps is not None:  # the request time, when the sequence is encoded ahead of its candidates
+            end = torch.maximum(end, end_timestamps.view(-1, 1))
         end_bucket = log_time_buckets(end - timestamps, self.config.num_time_buckets)
         return self.gap_to_previous_embeddings(prev_bucket) + self.gap_to_end_embeddings(end_bucket)
 
@@ -307,7 +363,23 @@ class PinFMEventEmbedding(nn.Module):
         action_ids: Optional[torch.LongTensor] = None,
         surface_ids: Optional[torch.LongTensor] = None,
         timestamps: Optional[torch.LongTensor] = None,
+        end_timestamps: Optional[torch.LongTensor] = None,
     ) -> torch.Tensor:
+        time_embeddings = None
+        if self.config.use_time_features:
+            if timestamps is None:
+                raise ValueError("`timestamps` are required: this model was configured with `use_time_features=True`.")
+            time_embeddings = self.time_features(timestamps, attention_mask, end_timestamps)
+        return self.combine(input_ids, action_ids, surface_ids, time_embeddings)
+
+    def combine(
+        self,
+        input_ids: torch.LongTensor,
+        action_ids: Optional[torch.LongTensor],
+        surface_ids: Optional[torch.LongTensor],
+        time_embeddings: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        """Item + action (+ surface) (+ time) embeddings through the input MLP: one event token each."""
         embeddings = self.item_embeddings(input_ids)
         if self.config.use_action_embeddings:
             if action_ids is None:
@@ -315,13 +387,18 @@ class PinFMEventEmbedding(nn.Module):
             embeddings = embeddings + self.action_embeddings(action_ids)
         if self.config.surface_vocab_size > 0 and surface_ids is not None:
             embeddings = embeddings + self.surface_embeddings(surface_ids)
-        if self.config.use_time_features:
-            if timestamps is None:
-                raise ValueError("`timestamps` are required: this model was configured with `use_time_features=True`.")
-            embeddings = embeddings + self.time_features(timestamps, attention_mask)
+        if time_embeddings is not None:
+            embeddings = embeddings + time_embeddings
         if self.config.use_input_mlp:
             embeddings = embeddings + self.input_mlp(self.input_norm(embeddings))
         return self.dropout(embeddings)
+
+    def candidate_time_features(self, gap_to_previous: torch.LongTensor, has_previous: torch.BoolTensor) -> torch.Tensor:
+        """Time features of a candidate token: its gap to the user's last event; it is the sequence end itself."""
+        prev_bucket = log_time_buckets(gap_to_previous, self.config.num_time_buckets)
+        prev_bucket = prev_bucket.masked_fill(~has_previous, self.config.num_time_buckets)
+        end_bucket = torch.zeros_like(prev_bucket)
+        return self.gap_to_previous_embeddings(prev_bucket) + self.gap_to_end_embeddings(end_bucket)
 
 
 class PinFMPreTrainedModel(PreTrainedModel):
@@ -377,6 +454,8 @@ class PinFMModel(PinFMPreTrainedModel):
         output_hidden_states: Optional[bool] = None,
         output_attentions: Optional[bool] = None,
         return_dict: Optional[bool] = None,
+        end_timestamps: Optional[torch.LongTensor] = None,
+        return_key_values: bool = False,
         **kwargs,
     ) -> PinFMModelOutput:
         r"""
@@ -391,6 +470,11 @@ class PinFMModel(PinFMPreTrainedModel):
                 Surface token ids (used when `config.surface_vocab_size > 0`).
             timestamps (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
                 Event times in unix seconds (required when `config.use_time_features`).
+            end_timestamps (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+                Request time of each sequence, when it is later than its last event (DCAT encodes the history ahead
+                of candidates stamped with the request time).
+            return_key_values (`bool`, *optional*, defaults to `False`):
+                Return each layer's keys and values (`past_key_values`) for [`PinFMModel.encode_candidates`].
         """
         if input_ids is None:
             raise ValueError("`input_ids` are required.")
@@ -401,7 +485,7 @@ class PinFMModel(PinFMPreTrainedModel):
         valid = attention_mask.bool()  # (B, T)
         B, T = input_ids.shape
 
-        hidden_states = self.embeddings(input_ids, attention_mask, action_ids, surface_ids, timestamps)
+        hidden_states = self.embeddings(input_ids, attention_mask, action_ids, surface_ids, timestamps, end_timestamps)
         position_ids = (valid.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T) real-event positions
         cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, hidden_states.dtype)
         causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
@@ -411,8 +495,11 @@ class PinFMModel(PinFMPreTrainedModel):
 
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
+        key_values = () if return_key_values else None
         for layer in self.layers:
-            hidden_states, probs = layer(hidden_states, cos, sin, mask, output_attentions)
+            hidden_states, probs, key_value = layer(hidden_states, cos, sin, mask, output_attentions, return_key_values)
+            if return_key_values:
+                key_values += (key_value,)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             if output_attentions:
@@ -426,7 +513,26 @@ class PinFMModel(PinFMPreTrainedModel):
             user_embedding=user_embedding,
             hidden_states=all_hidden_states,
             attentions=all_attentions,
+            past_key_values=key_values,
         )
+
+    def encode_candidates(
+        self,
+        candidate_embeddings: torch.Tensor,
+        candidate_positions: torch.LongTensor,
+        past_key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...],
+        past_valid: torch.BoolTensor,
+    ) -> torch.Tensor:
+        """
+        DCAT crossing pass: run `(U, C, hidden)` candidate tokens (from `embeddings.combine`) through every layer,
+        each attending to its user's cached `past_key_values` (valid where `past_valid` `(U, T)`) and itself, at
+        rotary position `candidate_positions` `(U, C)` (the user's number of events). Returns the final-norm outputs.
+        """
+        cos, sin = rotary_cos_sin(candidate_positions, self.config.head_dim, self.config.rope_theta, candidate_embeddings.dtype)
+        hidden_states = candidate_embeddings
+        for layer, past_key_value in zip(self.layers, past_key_values):
+            hidden_states = layer.cross_forward(hidden_states, cos, sin, past_key_value, past_valid)
+        return self.norm(hidden_states)
 
 
 class PinFMForPretraining(PinFMPreTrainedModel):
@@ -735,6 +841,9 @@ class PinFMForCTR(PinFMForPretraining):
     candidate) with the candidate's item embedding; both come from one encoder pass. Side features (user and item
     fields) join in the ranking head. It subclasses the pretraining model so a pretrained checkpoint loads as is and
     its next-token loss stays available as an auxiliary loss (`config.ctr_aux_loss_weight`).
+
+    [`PinFMForCTR.score_candidates`] scores many candidates per user with DCAT (PinFM's deduplicated
+    cross-attention): each distinct user sequence is encoded once, and candidates attend to its cached keys/values.
     """
 
     def __init__(self, config: PinFMConfig):
@@ -745,6 +854,25 @@ class PinFMForCTR(PinFMForPretraining):
             head_input += self.ctr_feature_embeddings.output_size
         self.ctr_head = PinFMRankingHead(config, head_input)
         self.post_init()
+
+    def ranking_logits(
+        self,
+        candidate_hidden: torch.Tensor,
+        user_embedding: torch.Tensor,
+        candidate_ids: torch.LongTensor,
+        side_feature_ids: Optional[torch.LongTensor],
+    ) -> torch.Tensor:
+        """Head logits `(N,)` from the candidate's encoder output (early fusion) or user + candidate (late fusion)."""
+        if self.config.ctr_fusion == "early":
+            parts = [candidate_hidden]
+        else:
+            candidate_embedding = self.pinfm.embeddings.item_embeddings(candidate_ids)  # (N, H)
+            parts = [user_embedding, candidate_embedding, user_embedding * candidate_embedding]
+        if self.ctr_feature_embeddings is not None:
+            if side_feature_ids is None:
+                raise ValueError("`side_feature_ids` are required: this model was configured with side features.")
+            parts.append(self.ctr_feature_embeddings(side_feature_ids))
+        return self.ctr_head(torch.cat(parts, dim=-1)).float()
 
     def forward(
         self,
@@ -758,6 +886,7 @@ class PinFMForCTR(PinFMForPretraining):
         output_hidden_states: Optional[bool] = None,
         output_attentions: Optional[bool] = None,
         return_dict: Optional[bool] = None,
+        deduplicate_histories: bool = False,
         **kwargs,
     ) -> PinFMForCTROutput:
         r"""
@@ -768,21 +897,16 @@ class PinFMForCTR(PinFMForPretraining):
                 Side-feature ids from `CTRFeatureEncoder` (required when `config.ctr_feature_vocab_size > 0`).
             labels (`torch.Tensor` of shape `(batch_size,)`, *optional*):
                 1 for a click (or conversion), 0 otherwise.
+            deduplicate_histories (`bool`, *optional*, defaults to `False`):
+                Score through DCAT: rows with the same history and impression time are encoded once (impressions of
+                one request), the candidates cross-attend to the cached history. Same logits as the plain path; the
+                auxiliary loss then counts each distinct history once.
             Other inputs: see [`PinFMModel.forward`]; `action_ids` mark the candidate with `config.candidate_action_id`.
         """
         if input_ids is None:
             raise ValueError("`input_ids` are required.")
         if attention_mask is None:
             attention_mask = (input_ids != self.config.pad_token_id).long()
-        outputs = self.pinfm(
-            input_ids,
-            attention_mask=attention_mask,
-            action_ids=action_ids,
-            surface_ids=surface_ids,
-            timestamps=timestamps,
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
-        )
         B, T = input_ids.shape
         valid = attention_mask.bool()
         positions = torch.arange(T, device=input_ids.device)
@@ -790,33 +914,52 @@ class PinFMForCTR(PinFMForPretraining):
         candidate_index = (valid.long() * positions).argmax(dim=1)  # last real token
         history = valid.clone()
         history[rows, candidate_index] = False
-        has_history = history.any(dim=1)
-        user_index = (history.long() * positions).argmax(dim=1)
-        hidden = outputs.last_hidden_state
-        candidate_hidden = hidden[rows, candidate_index]  # (B, H)
-        user_embedding = hidden[rows, user_index] * has_history.unsqueeze(-1).to(hidden.dtype)  # (B, H)
+        candidate_ids = input_ids[rows, candidate_index]
 
-        if self.config.ctr_fusion == "early":
-            parts = [candidate_hidden]
+        if deduplicate_histories:
+            if output_hidden_states or output_attentions:
+                raise ValueError("`deduplicate_histories=True` returns no per-layer hidden states or attentions.")
+            logits, candidate_hidden, user_embedding, context = self._dcat(
+                input_ids, history.long(), action_ids, surface_ids, timestamps,
+                candidate_ids=candidate_ids,
+                candidate_user_index=rows,
+                request_timestamps=timestamps[rows, candidate_index] if timestamps is not None else None,
+                candidate_side_feature_ids=side_feature_ids,
+                candidate_surface_ids=surface_ids[rows, candidate_index] if surface_ids is not None else None,
+                deduplicate=True,
+            )
+            hidden_states = attentions = None
         else:
-            candidate_items = input_ids[rows, candidate_index]
-            candidate_embedding = self.pinfm.embeddings.item_embeddings(candidate_items)  # (B, H)
-            parts = [user_embedding, candidate_embedding, user_embedding * candidate_embedding]
-        if self.ctr_feature_embeddings is not None:
-            if side_feature_ids is None:
-                raise ValueError("`side_feature_ids` are required: this model was configured with side features.")
-            parts.append(self.ctr_feature_embeddings(side_feature_ids))
-        logits = self.ctr_head(torch.cat(parts, dim=-1)).float()  # (B,)
+            outputs = self.pinfm(
+                input_ids,
+                attention_mask=attention_mask,
+                action_ids=action_ids,
+                surface_ids=surface_ids,
+                timestamps=timestamps,
+                output_hidden_states=output_hidden_states,
+                output_attentions=output_attentions,
+            )
+            has_history = history.any(dim=1)
+            user_index = (history.long() * positions).argmax(dim=1)
+            hidden = outputs.last_hidden_state
+            candidate_hidden = hidden[rows, candidate_index]  # (B, H)
+            user_embedding = hidden[rows, user_index] * has_history.unsqueeze(-1).to(hidden.dtype)  # (B, H)
+            logits = self.ranking_logits(candidate_hidden, user_embedding, candidate_ids, side_feature_ids)
+            hidden_states, attentions = outputs.hidden_states, outputs.attentions
+            # Pretraining losses see history events only: the candidate's outcome is the label, not a target.
+            context = (hidden, input_ids, action_ids, history)
 
         loss = ctr_loss = aux_loss = None
         if labels is not None:
             ctr_loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype).view(-1))
             loss = ctr_loss
             if self.config.ctr_aux_loss_weight > 0:
-                # Pretraining losses on history events only: the candidate's outcome is the label, not a target.
-                history_labels = input_ids.masked_fill(~history, -100)
+                hidden, context_ids, context_actions, context_valid = context
                 query = F.normalize(self.query_proj(hidden), dim=-1)
-                aux_loss = self.weighted_loss(self.pretraining_losses(query, history_labels, action_ids, history.long()))
+                history_labels = context_ids.masked_fill(~context_valid, -100)
+                aux_loss = self.weighted_loss(
+                    self.pretraining_losses(query, history_labels, context_actions, context_valid.long())
+                )
                 loss = ctr_loss + self.config.ctr_aux_loss_weight * aux_loss
         return PinFMForCTROutput(
             loss=loss,
@@ -825,9 +968,146 @@ class PinFMForCTR(PinFMForPretraining):
             aux_loss=aux_loss,
             candidate_hidden_state=candidate_hidden,
             user_embedding=user_embedding,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
+            hidden_states=hidden_states,
+            attentions=attentions,
         )
+
+    def score_candidates(
+        self,
+        input_ids: torch.LongTensor,
+        candidate_ids: torch.LongTensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        action_ids: Optional[torch.LongTensor] = None,
+        surface_ids: Optional[torch.LongTensor] = None,
+        timestamps: Optional[torch.LongTensor] = None,
+        candidate_user_index: Optional[torch.LongTensor] = None,
+        request_timestamps: Optional[torch.LongTensor] = None,
+        candidate_side_feature_ids: Optional[torch.LongTensor] = None,
+        candidate_surface_ids: Optional[torch.LongTensor] = None,
+        deduplicate: bool = True,
+    ) -> torch.Tensor:
+        r"""
+        Score candidates for users with DCAT: one context pass per distinct user sequence caches every layer's keys and
+        values; one crossing pass runs all candidates, each attending to its user's cache and to itself. The logits
+        equal those of appending each candidate to its user's sequence and running `forward` (within float error).
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(num_users, sequence_length)`):
+                The users' histories (no candidate token), either padding side. Other per-event inputs as in
+                [`PinFMModel.forward`].
+            candidate_ids (`torch.LongTensor` of shape `(num_users, num_candidates)` or `(N,)`):
+                Item token ids to score: a row per user, or a flat list with `candidate_user_index`.
+            candidate_user_index (`torch.LongTensor` of shape `(N,)`, *optional*):
+                With flat `candidate_ids`: the user row of each candidate (users may have any number of candidates).
+            request_timestamps (`torch.LongTensor` of shape `(num_users,)`, *optional*):
+                Time of the request (the candidates' timestamp); defaults to each user's last event time.
+            candidate_side_feature_ids (`torch.LongTensor` of shape `(..., num_slots)`, *optional*):
+                Side features of each candidate impression, shaped like `candidate_ids` plus a slot axis.
+            candidate_surface_ids (`torch.LongTensor`, *optional*):
+                Surface of each impression, shaped like `candidate_ids`.
+            deduplicate (`bool`, *optional*, defaults to `True`):
+                Encode identical user rows (same history and request time) once.
+
+        Returns:
+            `torch.FloatTensor` shaped like `candidate_ids`: the logits; `sigmoid` gives probabilities.
+        """
+        shape = candidate_ids.shape
+        if candidate_ids.dim() == 2:
+            if candidate_ids.shape[0] != input_ids.shape[0]:
+                raise ValueError(
+                    f"`candidate_ids` has {candidate_ids.shape[0]} rows for {input_ids.shape[0]} users; pass one row "
+                    "per user, or flat ids with `candidate_user_index`."
+                )
+            candidate_user_index = torch.arange(shape[0], device=input_ids.device).repeat_interleave(shape[1])
+        elif candidate_user_index is None or candidate_user_index.shape != shape:
+            raise ValueError("Flat `candidate_ids` (N,) need `candidate_user_index` (N,): the user row of each.")
+        flat = candidate_ids.reshape(-1)
+        side = candidate_side_feature_ids.reshape(flat.numel(), -1) if candidate_side_feature_ids is not None else None
+        surfaces = candidate_surface_ids.reshape(-1) if candidate_surface_ids is not None else None
+        if attention_mask is None:
+            attention_mask = (input_ids != self.config.pad_token_id).long()
+        logits, *_ = self._dcat(
+            input_ids, attention_mask, action_ids, surface_ids, timestamps,
+            candidate_ids=flat, candidate_user_index=candidate_user_index, request_timestamps=request_timestamps,
+            candidate_side_feature_ids=side, candidate_surface_ids=surfaces, deduplicate=deduplicate,
+        )
+        return logits.view(shape)
+
+    def _dcat(
+        self,
+        input_ids, attention_mask, action_ids, surface_ids, timestamps, *,
+        candidate_ids, candidate_user_index, request_timestamps, candidate_side_feature_ids, candidate_surface_ids,
+        deduplicate,
+    ):
+        """DCAT scoring of flat candidates; also returns candidate outputs, user embeddings and the context pass."""
+        config = self.config
+        device = input_ids.device
+        valid = attention_mask.bool()
+        if request_timestamps is None and timestamps is not None:
+            request_timestamps = timestamps.masked_fill(~valid, torch.iinfo(timestamps.dtype).min).amax(dim=1)
+        # Padding positions never matter: zero them so identical histories compare equal whatever they hold there.
+        per_event = {"input_ids": input_ids, "action_ids": action_ids, "surface_ids": surface_ids, "timestamps": timestamps}
+        per_event = {k: (v * valid) if v is not None else None for k, v in per_event.items()}
+        user_index = candidate_user_index
+        if deduplicate:
+            keys = [v for v in per_event.values() if v is not None] + [valid.long()]
+            if request_timestamps is not None:
+                keys.append(request_timestamps.view(-1, 1))
+            _, inverse = torch.unique(torch.cat(keys, dim=1), dim=0, return_inverse=True)
+            num_unique = int(inverse.max()) + 1
+            first = torch.full((num_unique,), valid.shape[0], device=device, dtype=torch.long)
+            first = first.scatter_reduce(0, inverse, torch.arange(valid.shape[0], device=device), reduce="amin")
+            per_event = {k: v[first] if v is not None else None for k, v in per_event.items()}
+            valid = valid[first]
+            request_timestamps = request_timestamps[first] if request_timestamps is not None else None
+            user_index = inverse[candidate_user_index]
+
+        # Context pass: once per distinct user, caching each layer's keys and values.
+        context = self.pinfm(
+            per_event["input_ids"],
+            attention_mask=valid.long(),
+            action_ids=per_event["action_ids"],
+            surface_ids=per_event["surface_ids"],
+            timestamps=per_event["timestamps"],
+            end_timestamps=request_timestamps,
+            return_key_values=True,
+        )
+        num_users = valid.shape[0]
+        num_events = valid.sum(dim=1)  # (U,)
+
+        # Lay the candidates out as (user, slot): the crossing pass runs them all at once.
+        order = torch.argsort(user_index, stable=True)
+        counts = torch.bincount(user_index, minlength=num_users)
+        starts = counts.cumsum(0) - counts
+        sorted_users = user_index[order]
+        slots = torch.arange(order.numel(), device=device) - starts[sorted_users]
+        width = int(counts.max())
+        grid_ids = torch.full((num_users, width), config.pad_token_id, dtype=torch.long, device=device)
+        grid_ids[sorted_users, slots] = candidate_ids[order]
+        grid_actions = torch.full_like(grid_ids, config.candidate_action_id)
+        grid_surfaces = None
+        if candidate_surface_ids is not None:
+            grid_surfaces = torch.zeros_like(grid_ids)
+            grid_surfaces[sorted_users, slots] = candidate_surface_ids[order]
+        time_embeddings = None
+        if config.use_time_features:
+            if timestamps is None:
+                raise ValueError("`timestamps` are required: this model was configured with `use_time_features=True`.")
+            last_event = per_event["timestamps"].masked_fill(~valid, torch.iinfo(timestamps.dtype).min).amax(dim=1)
+            gap = (request_timestamps - last_event).clamp(min=0).view(-1, 1).expand(num_users, width)
+            has_previous = (num_events > 0).view(-1, 1).expand(num_users, width)
+            time_embeddings = self.pinfm.embeddings.candidate_time_features(gap, has_previous)
+        candidate_embeddings = self.pinfm.embeddings.combine(grid_ids, grid_actions, grid_surfaces, time_embeddings)
+        positions = num_events.view(-1, 1).expand(num_users, width)
+        crossed = self.pinfm.encode_candidates(candidate_embeddings, positions, context.past_key_values, valid)
+
+        candidate_hidden = torch.empty(order.numel(), crossed.shape[-1], dtype=crossed.dtype, device=device)
+        candidate_hidden[order] = crossed[sorted_users, slots]
+        has_history = (num_events > 0).to(crossed.dtype).view(-1, 1)
+        user_embedding = (context.user_embedding * has_history)[user_index]
+        logits = self.ranking_logits(candidate_hidden, user_embedding, candidate_ids, candidate_side_feature_ids)
+        context_inputs = (context.last_hidden_state, per_event["input_ids"], per_event["action_ids"], valid)
+        return logits, candidate_hidden, user_embedding, context_inputs
 
 
 __all__ = [

@@ -6,8 +6,10 @@ from .ctr import (
     FEATURES_FILE_NAME,
     CTRDataset,
     CTRFeatureEncoder,
+    CTRImpressionGroups,
     CTRUseCase,
     build_ctr_samples,
+    collate_impression_groups,
     split_ctr_samples,
 )
 from .events import (
@@ -41,6 +43,7 @@ from .sequences import (
 __all__ = [
     "CTRDataset",
     "CTRFeatureEncoder",
+    "CTRImpressionGroups",
     "CTRUseCase",
     "CTR_USE_CASES",
     "DEFAULT_POSITIVE_ACTIONS",
@@ -50,6 +53,7 @@ __all__ = [
     "FEATURES_FILE_NAME",
     "PinFMDataCollator",
     "build_ctr_samples",
+    "collate_impression_groups",
     "build_user_sequences",
     "drop_duplicate_events",
     "leave_last_out_split",

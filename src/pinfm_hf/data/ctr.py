@@ -468,3 +468,39 @@ class CTRDataset(torch.utils.data.Dataset):
         if self.side_feature_ids is not None:
             item["side_feature_ids"] = self.side_feature_ids[index]
         return item
+
+
+class CTRImpressionGroups(torch.utils.data.Dataset):
+    """
+    The impressions of a `CTRDataset` grouped by request: consecutive samples with the same user, history and
+    timestamp (ML-1M: about 2 per group; several ratings in one second). Shuffling groups rather than samples keeps
+    each request in one batch, so DCAT (`PinFMForCTR(..., deduplicate_histories=True)`) encodes its history once.
+    An item is the list of the group's examples; batch them with [`collate_impression_groups`].
+    """
+
+    def __init__(self, dataset: CTRDataset):
+        self.dataset = dataset
+        keys = np.stack([dataset.user_index, dataset.history_length, dataset.candidate_timestamps], axis=1)
+        new_group = np.ones(len(keys), dtype=bool)
+        new_group[1:] = (keys[1:] != keys[:-1]).any(axis=1)
+        self.starts = np.flatnonzero(new_group)
+        self.ends = np.append(self.starts[1:], len(keys))
+
+    @property
+    def mean_group_size(self) -> float:
+        return len(self.dataset) / max(len(self.starts), 1)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, index: int) -> list[dict[str, np.ndarray]]:
+        return [self.dataset[i] for i in range(self.starts[index], self.ends[index])]
+
+
+def collate_impression_groups(collator):
+    """Wrap an example collator so it batches lists of groups (from `CTRImpressionGroups`) as flat examples."""
+
+    def collate(groups: list[list[dict[str, np.ndarray]]]):
+        return collator([example for group in groups for example in group])
+
+    return collate
