@@ -67,7 +67,7 @@ from pinfm_hf.transfer import (
 logger = get_logger("finetune_ctr")
 
 # Columns of a CTR sample that are not side features.
-SAMPLE_COLUMNS = {"user_index", "history_length", "user_id", "item_id", "timestamp", "label", "surface"}
+SAMPLE_COLUMNS = {"user_index", "history_length", "user_id", "item_id", "timestamp", "label", "item_first_seen", "surface"}
 
 
 @dataclass

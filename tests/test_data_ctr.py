@@ -72,7 +72,8 @@ def test_toy_samples_and_same_second_ties(toy_events):
     sequences, samples = build_ctr_samples(toy_events, positive_actions=["buy"], negative_actions=["skip"])
     assert sequences["user_id"] == ["u1", "u2"]
     assert samples.column_names == [
-        "user_index", "history_length", "user_id", "item_id", "timestamp", "label", "surface", "category"
+        "user_index", "history_length", "user_id", "item_id", "timestamp", "label", "item_first_seen", "surface",
+        "category",
     ]
     assert samples["item_id"].to_pylist() == ["a", "b", "c", "d", "x", "y"]  # "v" is history only
     assert samples["history_length"].to_pylist() == [0, 1, 1, 4, 0, 1]  # c does not see b (same second)
@@ -80,6 +81,7 @@ def test_toy_samples_and_same_second_ties(toy_events):
     assert samples["user_index"].to_pylist() == [0, 0, 0, 0, 1, 1]
     assert samples["surface"].to_pylist() == ["home", "home", "search", "search", "search", "home"]
     assert samples["category"].to_pylist() == ["k1", "k2", "k1", "k1", "k2", "k2"]
+    assert samples["item_first_seen"].to_pylist() == [10, 20, 20, 30, 5, 6]
     assert samples.schema.field("label").type == pa.int8()
     assert samples.schema.field("history_length").type == pa.int64()
 
@@ -94,6 +96,7 @@ def test_toy_samples_and_same_second_ties(toy_events):
     assert item["input_ids"].tolist() == tokenizer.convert_tokens_to_ids(["a", "b", "c", "v", "d"])
     assert item["label"] == np.float32(0) and item["label"].dtype == np.float32
     assert item["user_index"] == 0 and item["user_index"].dtype == np.int64
+    assert item["candidate_age"] == 0  # "d" is seen for the first time at this impression
 
     # A history that reaches the impression's second is refused (samples not built from these sequences).
     tampered = samples.set_column(1, "history_length", pa.array([0, 1, 2, 4, 0, 1], pa.int64()))
@@ -367,3 +370,13 @@ def test_impression_groups_keep_each_request_together(toy_events):
     collate = collate_impression_groups(PinFMDataCollator(padding_side="left"))
     batch = collate([groups[i] for i in range(len(groups))])
     assert batch["input_ids"].shape[0] == samples.num_rows
+
+
+def test_item_first_seen_is_the_first_event_of_the_item_anywhere(ml1m_events, ml1m_like):
+    _, samples = ml1m_like
+    first = ml1m_events.table.group_by("item_id").aggregate([("timestamp", "min")])
+    expected = dict(zip(first["item_id"].to_pylist(), first["timestamp_min"].to_pylist()))
+    rows = samples.slice(0, 2000).to_pylist()
+    assert all(row["item_first_seen"] == expected[row["item_id"]] for row in rows)
+    ages = pc.subtract(samples["timestamp"], samples["item_first_seen"])
+    assert pc.min(ages).as_py() == 0  # never negative, and some impression is the item's first event

@@ -134,7 +134,9 @@ def build_ctr_samples(
         impression, in sequence order (`user_index`, then position), with `user_index` (row in `sequences`),
         `history_length` (the user's events with a timestamp strictly before the impression: they are the first
         `history_length` events of the user's sequence), `user_id`, `item_id`, `timestamp`, `label` (int8),
-        `surface` when the events have one, then one string column per item feature and per user feature.
+        `item_first_seen` (the item's first event time in the log: its age at the impression is `timestamp -
+        item_first_seen`, never negative), `surface` when the events have one, then one string column per item
+        feature and per user feature.
     """
     table = events.table if isinstance(events, EventTable) else events
     _check_actions(table, positive_actions, negative_actions)
@@ -168,6 +170,10 @@ def build_ctr_samples(
         "timestamp": pa.array(timestamps[keep], pa.int64()),
         "label": pa.array(is_positive.to_numpy(zero_copy_only=False)[keep].astype(np.int8), pa.int8()),
     }
+    # Each item's first event anywhere in the log: its age at an impression, and whether it is fresh after a cut.
+    first_seen = table.group_by("item_id").aggregate([("timestamp", "min")])
+    position = pc.index_in(columns["item_id"], value_set=first_seen["item_id"])
+    columns["item_first_seen"] = pc.cast(pc.take(first_seen["timestamp_min"], position), pa.int64())
     if "surfaces" in seq.column_names:
         columns[SURFACE_COLUMN] = seq["surfaces"].combine_chunks().flatten().filter(is_impression)
     for name in item_features:
@@ -389,7 +395,8 @@ class CTRDataset(torch.utils.data.Dataset):
         feature_encoder (`CTRFeatureEncoder`, *optional*): adds `side_feature_ids` of shape `(num_slots,)`.
 
     Each item is a dict of numpy arrays: `input_ids`, `action_ids`, `timestamps`, `surface_ids` (when the tokenizer
-    and the sequences have surfaces), `label` (float32 scalar), `user_index` (int64 scalar, for GAUC) and
+    and the sequences have surfaces), `label` (float32 scalar), `user_index` (int64 scalar, for GAUC),
+    `candidate_age` (int64 seconds since the item's first event, when `samples` has `item_first_seen`) and
     `side_feature_ids`.
     """
 
@@ -431,6 +438,9 @@ class CTRDataset(torch.utils.data.Dataset):
         self.history_length = samples["history_length"].to_numpy().astype(np.int64)
         self.candidate_timestamps = samples["timestamp"].to_numpy().astype(np.int64)
         self.labels = samples["label"].to_numpy().astype(np.float32)
+        self.candidate_ages = None
+        if "item_first_seen" in samples.column_names:
+            self.candidate_ages = self.candidate_timestamps - samples["item_first_seen"].to_numpy().astype(np.int64)
         self._check_histories(lengths)
         self.candidate_ids = tokenizer.item_ids_to_token_ids(samples["item_id"])
         self.candidate_action_id = tokenizer.candidate_action_id
@@ -465,6 +475,8 @@ class CTRDataset(torch.utils.data.Dataset):
             item["surface_ids"] = np.append(self.surface_ids[start:end], self.candidate_surface_ids[index])
         item["label"] = self.labels[index]
         item["user_index"] = user
+        if self.candidate_ages is not None:
+            item["candidate_age"] = self.candidate_ages[index]
         if self.side_feature_ids is not None:
             item["side_feature_ids"] = self.side_feature_ids[index]
         return item
