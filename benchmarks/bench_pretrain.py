@@ -22,6 +22,9 @@ PINFM = CONFIGS / "ml1m_pinfm_small.yaml"
 VARIANTS = {
     "sasrec_like": (CONFIGS / "ml1m_sasrec_like.yaml", []),
     "pinfm_small": (PINFM, []),
+    # Tuning of the baseline (learning rate, number of sampled negatives).
+    "sasrec_lr5e3": (CONFIGS / "ml1m_sasrec_like.yaml", ["--learning_rate", "0.005"]),
+    "sasrec_neg1024": (CONFIGS / "ml1m_sasrec_like.yaml", ["--num_negatives", "1024"]),
     # Loss ablations on the full-feature model.
     "next_only": (PINFM, ["--multi_token_loss_weight", "0", "--future_token_loss_weight", "0"]),
     "next_multi": (PINFM, ["--future_token_loss_weight", "0"]),

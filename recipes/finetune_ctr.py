@@ -19,6 +19,7 @@ from typing import Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
@@ -36,6 +37,7 @@ from pinfm_hf.data import (
     collate_impression_groups,
     load_events_from_args,
     load_movielens_users,
+    randomize_candidate_ids,
     split_ctr_samples,
 )
 from pinfm_hf.data.sequences import quantile_timestamp
@@ -111,6 +113,13 @@ class ModelArguments:
     ctr_dropout: float = 0.1
     ctr_feature_embedding_size: int = 16
     ctr_aux_loss_weight: float = field(default=0.0, metadata={"help": "Weight of the auxiliary next-token loss on histories."})
+    ctr_candidate_item_features: bool = field(
+        default=False, metadata={"help": "Cold start: the candidate's item features (genre, category) enter its token."}
+    )
+    ctr_young_item_dropout: float = field(
+        default=0.0, metadata={"help": "Cold start: drop the sequence output of brand-new candidate items with this rate."}
+    )
+    ctr_young_item_age_days: float = field(default=7.0, metadata={"help": "Age at which the young-item dropout is off."})
     lora_rank: int = 4
     lora_alpha: int = 8
     lora_dropout: float = 0.0
@@ -142,6 +151,9 @@ class TrainArguments:
         default=None, metadata={"help": "Save a checkpoint and exit after N steps, as if interrupted (tests)."}
     )
     report_to: Optional[str] = field(default=None, metadata={"help": "An Accelerate tracker, e.g. 'tensorboard'."})
+    candidate_id_randomization: float = field(
+        default=0.0, metadata={"help": "Cold start: share of training candidates whose id becomes a random hash bucket."}
+    )
     deduplicate_histories: bool = field(
         default=False,
         metadata={"help": "DCAT: batch impressions of one request together and encode their shared history once "
@@ -242,6 +254,7 @@ def main(args: Optional[list[str]] = None) -> dict:
         "train_positive_rate": round(float(np.mean(train_samples["label"].to_numpy())), 4),
         "test_positive_rate": round(float(np.mean(test_samples["label"].to_numpy())), 4),
         "side_features": feature_fields,
+        "test_fresh_samples": int(pc.sum(pc.greater_equal(test_samples["item_first_seen"], cut)).as_py() or 0),
     }
     logger.info("CTR data: %s", data_summary)
     collator = PinFMDataCollator(
@@ -269,6 +282,10 @@ def main(args: Optional[list[str]] = None) -> dict:
         ctr_feature_slots=encoder.slots if encoder else None,
         ctr_feature_embedding_size=model_args.ctr_feature_embedding_size,
         ctr_aux_loss_weight=model_args.ctr_aux_loss_weight,
+        ctr_candidate_item_features=model_args.ctr_candidate_item_features,
+        ctr_item_feature_fields=[i for i, f in enumerate(feature_fields) if f in events.item_features] or None,
+        ctr_young_item_dropout=model_args.ctr_young_item_dropout,
+        ctr_young_item_age_days=model_args.ctr_young_item_age_days,
     )
     seen_until = config.pretraining_max_timestamp
     if seen_until is None:
@@ -329,6 +346,10 @@ def main(args: Optional[list[str]] = None) -> dict:
             micro_step += 1
             labels = batch.pop("label")
             batch.pop("user_index")
+            batch["input_ids"] = randomize_candidate_ids(
+                batch["input_ids"], batch["attention_mask"], fraction=train_args.candidate_id_randomization,
+                first_bucket_id=tokenizer.first_bucket_id, num_buckets=len(tokenizer) - tokenizer.first_bucket_id,
+            )
             with accelerator.accumulate(model):
                 outputs = model(**batch, labels=labels, deduplicate_histories=train_args.deduplicate_histories)
                 accelerator.backward(outputs.loss)
@@ -371,7 +392,9 @@ def main(args: Optional[list[str]] = None) -> dict:
         save_checkpoint(accelerator, checkpoint_dir, step, final_state, train_args.checkpoints_total_limit)
 
     # ----- evaluation and save -----
-    test_metrics = evaluate_ctr(model, test_loader, accelerator, deduplicate_histories=train_args.deduplicate_histories)
+    test_metrics = evaluate_ctr(
+        model, test_loader, accelerator, deduplicate_histories=train_args.deduplicate_histories, fresh_after=cut
+    )
     run_log.log({"step": step, **{f"test/{k}": v for k, v in test_metrics.items()}})
     logger.info("Test at step %d: %s", step, {k: round(v, 4) for k, v in test_metrics.items()})
     results = {

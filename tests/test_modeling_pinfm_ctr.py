@@ -253,3 +253,43 @@ def test_forward_with_deduplicated_histories_matches_and_trains(shared_data_dir)
     assert dcat.aux_loss is not None and torch.isfinite(dcat.aux_loss)
     dcat.loss.backward()
     assert model.pinfm.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+# ----- cold start -----
+
+
+def test_candidate_item_features_reach_the_candidate_token_and_dcat_agrees():
+    torch.manual_seed(0)
+    model = PinFMForCTR(make_config(ctr_candidate_item_features=True, ctr_item_feature_fields=[0])).eval()
+    batch = make_batch()
+    other = {k: v.clone() for k, v in batch.items()}
+    other["side_feature_ids"][:, 0] = (other["side_feature_ids"][:, 0] % 11) + 1  # another genre, same item id
+    a, b = model(**batch), model(**other)
+    # The features entered the sequence model, not only the head: the candidate's encoder output moved.
+    assert not torch.allclose(a.candidate_hidden_state, b.candidate_hidden_state)
+    torch.testing.assert_close(a.user_embedding, b.user_embedding)  # the history is untouched
+    with torch.no_grad():
+        dcat = model(**batch, deduplicate_histories=True)
+    torch.testing.assert_close(dcat.logits, a.logits, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="ctr_item_feature_fields"):
+        make_config(ctr_candidate_item_features=True)
+
+
+def test_young_item_dropout_drops_only_young_items_in_training():
+    torch.manual_seed(0)
+    model = PinFMForCTR(make_config(ctr_young_item_dropout=0.9, ctr_young_item_age_days=7.0)).train()
+    batch = make_batch(batch_size=64)
+    young, old = torch.zeros(64, dtype=torch.long), torch.full((64,), 30 * 86400)
+
+    def head_inputs(age):
+        seen = []
+        handle = model.ctr_head.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+        model(**batch, candidate_age=age)
+        handle.remove()
+        return seen[0][:, : model.config.hidden_size]  # the sequence output part of the head input
+
+    dropped = (head_inputs(young).abs().sum(-1) == 0).float().mean()
+    assert 0.75 < dropped < 1.0  # about 90% of brand-new items lose the sequence output
+    assert (head_inputs(old).abs().sum(-1) > 0).all()  # items older than 7 days never do
+    model.eval()
+    assert (head_inputs(young).abs().sum(-1) > 0).all()  # and nothing is dropped at inference

@@ -63,6 +63,7 @@ def test_full_transfer_end_to_end(full_run):
     test = results["test"]
     assert test["num_samples"] == results["data"]["test_samples"] and 0 < test["auc"] < 1 and test["logloss"] > 0
     assert test["gauc_users"] + test["gauc_skipped_users"] > 0
+    assert test["fresh/num_samples"] == results["data"]["test_fresh_samples"]  # the fresh-item slice is reported
     # Full transfer trains everything but the retrieval head, which only the (here disabled) auxiliary loss uses.
     assert 0.95 * results["model_parameters"] < results["trainable_parameters"] < results["model_parameters"]
     model_dir = full_run / "model"
@@ -110,6 +111,8 @@ def test_two_processes_sync_gradients_and_gather_metrics_once(base, tmp_path):
     output_dir = tmp_path / "ddp"
     run(
         "finetune_ctr.py", TINY_CTR, output_dir, "--base", str(base), "--deduplicate_histories", "true",
+        # The cold-start switches too: item features in the candidate token, young-item dropout, random bucket ids.
+        "--ctr_candidate_item_features", "true", "--ctr_young_item_dropout", "0.5", "--candidate_id_randomization", "0.2",
         launcher=(accelerate, "launch", "--config_file", str(ROOT / "recipes/accelerate/cpu_2proc.yaml")),
         env={"ACCELERATE_USE_CPU": "1"},
     )

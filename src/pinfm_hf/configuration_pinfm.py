@@ -59,6 +59,10 @@ class PinFMConfig(PretrainedConfig):
             concatenated (PinFM), so vocabularies far larger than one memory-friendly table fit.
         item_hash_table_size (`int`, *optional*, defaults to 100003):
             Rows per hashed item table (a prime spreads the modulo hash best).
+        item_embedding_quantization (`str`, *optional*):
+            Row-wise quantisation of the item embedding table(s) for serving: `"int8"` or `"int4"` (per-row scale and
+            bias); `None` keeps float tables. Set by [`~PinFMPreTrainedModel.quantize_item_embeddings`]; a quantised
+            model cannot be trained.
         pad_token_id (`int`, *optional*, defaults to 0):
             Padding id shared by the item, action and surface vocabularies.
         candidate_action_id (`int`, *optional*, defaults to 1):
@@ -116,6 +120,17 @@ class PinFMConfig(PretrainedConfig):
         ctr_aux_loss_weight (`float`, *optional*, defaults to 0.0):
             Weight of the auxiliary pretraining (next-token etc.) loss on the history during fine-tuning, which
             PinFM keeps to stop the sequence representation from drifting.
+        ctr_candidate_item_features (`bool`, *optional*, defaults to `False`):
+            Cold start: add the candidate's item side features (`ctr_item_feature_fields`, e.g. genre, category) to
+            its token embedding, so a fresh item (a hash-bucket id) is not a blank to the sequence model.
+        ctr_item_feature_fields (`list[int]`, *optional*):
+            Indices (into `ctr_feature_slots`) of the side-feature fields that describe the item.
+        ctr_young_item_dropout (`float`, *optional*, defaults to 0.0):
+            Cold start (PinFM): during training, drop the sequence model's output for a candidate with this
+            probability when the item is brand new, decaying linearly to 0 at `ctr_young_item_age_days`, so the head
+            also learns to rank from side features, as it must for fresh items.
+        ctr_young_item_age_days (`float`, *optional*, defaults to 7.0):
+            Item age (days since its first event) from which the young-item dropout is off.
         pretraining_max_timestamp (`int`, *optional*):
             Latest event time (unix seconds) in the pretraining data, recorded by the pretraining recipe. Fine-tuning
             refuses a CTR test period that starts before it, as those test events would have leaked into pretraining.
@@ -153,6 +168,7 @@ class PinFMConfig(PretrainedConfig):
         use_input_mlp: bool = True,
         num_item_hash_tables: int = 0,
         item_hash_table_size: int = 100003,
+        item_embedding_quantization: Optional[str] = None,
         pad_token_id: int = 0,
         candidate_action_id: int = 1,
         num_special_item_tokens: int = 4,
@@ -178,6 +194,10 @@ class PinFMConfig(PretrainedConfig):
         ctr_feature_slots: Optional[Sequence[int]] = None,
         ctr_feature_embedding_size: int = 16,
         ctr_aux_loss_weight: float = 0.0,
+        ctr_candidate_item_features: bool = False,
+        ctr_item_feature_fields: Optional[Sequence[int]] = None,
+        ctr_young_item_dropout: float = 0.0,
+        ctr_young_item_age_days: float = 7.0,
         pretraining_max_timestamp: Optional[int] = None,
         **kwargs,
     ):
@@ -193,6 +213,16 @@ class PinFMConfig(PretrainedConfig):
         if num_item_hash_tables < 0 or (num_item_hash_tables and hidden_size % num_item_hash_tables != 0):
             raise ValueError(
                 f"`hidden_size` ({hidden_size}) must be divisible by `num_item_hash_tables` ({num_item_hash_tables})."
+            )
+        if item_embedding_quantization not in (None, "int8", "int4"):
+            raise ValueError(
+                f"`item_embedding_quantization` must be None, 'int8' or 'int4', got {item_embedding_quantization!r}."
+            )
+        item_table_width = hidden_size // num_item_hash_tables if num_item_hash_tables else hidden_size
+        if item_embedding_quantization == "int4" and item_table_width % 2 != 0:
+            raise ValueError(
+                f"`item_embedding_quantization='int4'` packs two values per byte: the item table width ({item_table_width}: "
+                "`hidden_size / num_item_hash_tables`) must be even."
             )
         if item_vocab_size <= num_special_item_tokens:
             raise ValueError(
@@ -215,6 +245,17 @@ class PinFMConfig(PretrainedConfig):
                 f"`ctr_feature_vocab_size` ({ctr_feature_vocab_size}) and `ctr_feature_slots` ({ctr_feature_slots}) "
                 "must be given together (side features) or both left empty."
             )
+        if ctr_candidate_item_features and not ctr_item_feature_fields:
+            raise ValueError("`ctr_candidate_item_features=True` needs `ctr_item_feature_fields` (which fields are item features).")
+        if ctr_item_feature_fields and any(not 0 <= f < len(ctr_feature_slots or []) for f in ctr_item_feature_fields):
+            raise ValueError(
+                f"`ctr_item_feature_fields` ({list(ctr_item_feature_fields)}) must index `ctr_feature_slots` "
+                f"({list(ctr_feature_slots or [])})."
+            )
+        if not 0.0 <= ctr_young_item_dropout < 1.0:
+            raise ValueError(f"`ctr_young_item_dropout` ({ctr_young_item_dropout}) must be in [0, 1).")
+        if ctr_young_item_age_days <= 0:
+            raise ValueError(f"`ctr_young_item_age_days` ({ctr_young_item_age_days}) must be positive.")
         if ctr_aux_loss_weight < 0:
             raise ValueError(f"`ctr_aux_loss_weight` ({ctr_aux_loss_weight}) must be >= 0.")
 
@@ -237,6 +278,7 @@ class PinFMConfig(PretrainedConfig):
         self.use_input_mlp = use_input_mlp
         self.num_item_hash_tables = num_item_hash_tables
         self.item_hash_table_size = item_hash_table_size
+        self.item_embedding_quantization = item_embedding_quantization
         self.candidate_action_id = candidate_action_id
         self.num_special_item_tokens = num_special_item_tokens
         self.next_token_loss_weight = next_token_loss_weight
@@ -261,6 +303,10 @@ class PinFMConfig(PretrainedConfig):
         self.ctr_feature_slots = list(ctr_feature_slots) if ctr_feature_slots else []
         self.ctr_feature_embedding_size = ctr_feature_embedding_size
         self.ctr_aux_loss_weight = ctr_aux_loss_weight
+        self.ctr_candidate_item_features = ctr_candidate_item_features
+        self.ctr_item_feature_fields = list(ctr_item_feature_fields) if ctr_item_feature_fields else []
+        self.ctr_young_item_dropout = ctr_young_item_dropout
+        self.ctr_young_item_age_days = ctr_young_item_age_days
         self.pretraining_max_timestamp = pretraining_max_timestamp
         super().__init__(pad_token_id=pad_token_id, **kwargs)
 

@@ -1,6 +1,6 @@
 """Full-ranking next-item evaluation (HSTU protocol), gathered across processes."""
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -54,34 +54,52 @@ def evaluate_next_item(
 
 @torch.no_grad()
 def evaluate_ctr(
-    model, dataloader, accelerator, *, deduplicate_histories: bool = False, show_progress: bool = True
+    model,
+    dataloader,
+    accelerator,
+    *,
+    deduplicate_histories: bool = False,
+    fresh_after: Optional[int] = None,
+    show_progress: bool = True,
 ) -> dict[str, float]:
     """
     AUC, GAUC (per user, impression-weighted) and logloss of a CTR model over a loader of `CTRDataset` batches.
-    With `deduplicate_histories`, impressions of one request in a batch share one history encoding (DCAT).
-
-    Predictions are gathered across processes with `gather_for_metrics` (no duplicated padding samples) and every
-    rank computes the same figures with the package's `evaluate` module, kept in memory (no cache-file clash).
+    With `deduplicate_histories`, impressions of one request in a batch share one history encoding (DCAT). With
+    `fresh_after` (a timestamp, e.g. the train cut), the same figures on the slice of fresh items (first seen at or
+    after it) are added as `fresh/<name>`, with `fresh/num_samples`.
     """
     from .evaluate_metrics import load_ctr_metric
 
     was_training = model.training
     model.eval()
-    predictions, references, users = [], [], []
+    predictions, references, users, first_seen = [], [], [], []
     batches = tqdm(dataloader, desc="evaluate", disable=not (show_progress and accelerator.is_main_process), leave=False)
     for batch in batches:
         labels = batch.pop("label")
         user_index = batch.pop("user_index")
         logits = model(**batch, deduplicate_histories=True).logits if deduplicate_histories else model(**batch).logits
         probs = torch.sigmoid(logits.float())
-        probs, labels, user_index = accelerator.gather_for_metrics((probs, labels, user_index))
+        if fresh_after is not None:
+            if "candidate_age" not in batch:
+                raise ValueError("A fresh-item slice needs `candidate_age` in the batches (samples with item_first_seen).")
+            item_first_seen = last_valid(batch["timestamps"], batch["attention_mask"]) - batch["candidate_age"]
+        else:
+            item_first_seen = torch.zeros_like(user_index)
+        probs, labels, user_index, item_first_seen = accelerator.gather_for_metrics((probs, labels, user_index, item_first_seen))
         predictions.append(probs.cpu())
         references.append(labels.cpu())
         users.append(user_index.cpu())
+        first_seen.append(item_first_seen.cpu())
     model.train(was_training)
+    predictions, references, users = torch.cat(predictions), torch.cat(references).long(), torch.cat(users)
     metric = load_ctr_metric(keep_in_memory=True)
-    return metric.compute(
-        predictions=torch.cat(predictions).numpy(),
-        references=torch.cat(references).long().numpy(),
-        user_ids=torch.cat(users).numpy(),
-    )
+    results = metric.compute(predictions=predictions.numpy(), references=references.numpy(), user_ids=users.numpy())
+    if fresh_after is not None:
+        fresh = torch.cat(first_seen) >= fresh_after
+        results["fresh/num_samples"] = int(fresh.sum())
+        if references[fresh].unique().numel() == 2:
+            sliced = metric.compute(
+                predictions=predictions[fresh].numpy(), references=references[fresh].numpy(), user_ids=users[fresh].numpy()
+            )
+            results.update({f"fresh/{k}": v for k, v in sliced.items() if k != "num_samples"})
+    return results

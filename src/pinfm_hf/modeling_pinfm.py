@@ -3,10 +3,10 @@
 Each event of a user's history is one token: item + action (+ surface) + time-gap features. The encoder is
 pre-norm RMSNorm, rotary positions, SwiGLU, no biases (GPSD), with SDPA attention. Heads: next-item
 pretraining with PinFM's next-, multi- and future-token losses, and CTR ranking with the candidate fused early
-(appended to the sequence) or late (user embedding + candidate embedding).
+(appended to the sequence) or late (user embedding + candidate embedding), scored in serving with DCAT.
 
-This file, `configuration_pinfm.py`, `tokenization_pinfm.py` and `losses.py` are copied into saved model
-folders for `trust_remote_code`: they import only torch, transformers and each other.
+This file, `configuration_pinfm.py`, `tokenization_pinfm.py`, `losses.py` and `quantization_pinfm.py` are copied
+into saved model folders for `trust_remote_code`: they import only torch, transformers and each other.
 """
 
 import math
@@ -23,6 +23,7 @@ from transformers.utils import ModelOutput, logging
 
 from .configuration_pinfm import PinFMConfig
 from .losses import full_softmax_loss, sample_negatives, sampled_softmax_loss
+from .quantization_pinfm import QUANTIZATION_TYPES, PinFMQuantizedEmbedding
 
 
 logger = logging.get_logger(__name__)
@@ -293,13 +294,17 @@ class PinFMLayer(GradientCheckpointingLayer):
 
 
 class PinFMItemEmbedding(nn.Module):
-    """Item-id embedding: one table, or `k` hashed tables whose lookups are concatenated (PinFM)."""
+    """
+    Item-id embedding: one table, or `k` hashed tables whose lookups are concatenated (PinFM). With
+    `config.item_embedding_quantization` the tables are row-wise int8/int4 [`PinFMQuantizedEmbedding`]s (serving).
+    """
 
     def __init__(self, config: PinFMConfig):
         super().__init__()
         self.num_tables = config.num_item_hash_tables
+        self.quantization = config.item_embedding_quantization
         if self.num_tables == 0:
-            self.table = nn.Embedding(config.item_vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+            self.table = self._new_table(config.item_vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         else:
             if self.num_tables > len(_HASH_MULTIPLIERS):
                 raise ValueError(f"`num_item_hash_tables` must be <= {len(_HASH_MULTIPLIERS)}, got {self.num_tables}.")
@@ -307,7 +312,24 @@ class PinFMItemEmbedding(nn.Module):
                 raise ValueError(f"`item_vocab_size` must be <= {_MAX_HASHED_VOCAB} with hashed tables (int64 hashing).")
             self.table_size = config.item_hash_table_size
             width = config.hidden_size // self.num_tables
-            self.tables = nn.ModuleList(nn.Embedding(self.table_size, width) for _ in range(self.num_tables))
+            self.tables = nn.ModuleList(self._new_table(self.table_size, width) for _ in range(self.num_tables))
+
+    def _new_table(self, num_embeddings: int, embedding_dim: int, padding_idx: Optional[int] = None) -> nn.Module:
+        if self.quantization is None:
+            return nn.Embedding(num_embeddings, embedding_dim, padding_idx=padding_idx)
+        # Empty: the packed rows come from the checkpoint (the padding row was quantised from zeros, so stays zero).
+        return PinFMQuantizedEmbedding(num_embeddings, embedding_dim, self.quantization)
+
+    @torch.no_grad()
+    def quantize(self, bits: str) -> None:
+        """Replace the float table(s), in place, by row-wise `bits` (`"int8"`/`"int4"`) quantised copies."""
+        if self.quantization is not None:
+            raise ValueError(f"The item embeddings are already quantised ({self.quantization}).")
+        if self.num_tables == 0:
+            self.table = PinFMQuantizedEmbedding.from_float(self.table, bits)
+        else:
+            self.tables = nn.ModuleList(PinFMQuantizedEmbedding.from_float(table, bits) for table in self.tables)
+        self.quantization = bits
 
     def hashed_rows(self, item_ids: torch.LongTensor, table_index: int) -> torch.LongTensor:
         a, b = _HASH_MULTIPLIERS[table_index], 7919 * (table_index + 1)
@@ -421,6 +443,31 @@ class PinFMPreTrainedModel(PreTrainedModel):
         if isinstance(module, PinFMCrossLayer):
             init.zeros_(module.linear.bias)
 
+    def quantize_item_embeddings(self, bits: str) -> "PinFMPreTrainedModel":
+        """
+        Quantise the trained item embedding table(s) row-wise for serving, in place: `"int8"` (`dim + 8` bytes a row,
+        28% of fp32 at `dim=64`) or `"int4"` (`dim / 2 + 4` bytes, 14%), each row with its own scale and bias (FBGEMM
+        ops of torch's CPU build). Sets `config.item_embedding_quantization`, so `save_pretrained` writes a folder that
+        `from_pretrained` loads quantised. A quantised model cannot be trained: it is returned in eval mode, and
+        `train()` raises (fine-tune the unquantised checkpoint instead).
+
+        Example: `model = PinFMForPretraining.from_pretrained(folder).quantize_item_embeddings("int8")`.
+        """
+        if self.config.item_embedding_quantization is not None:
+            raise ValueError(
+                f"The item embeddings are already quantised ({self.config.item_embedding_quantization}): load the "
+                "unquantised checkpoint to quantise it differently."
+            )
+        if bits not in QUANTIZATION_TYPES:
+            raise ValueError(f"`bits` must be one of {QUANTIZATION_TYPES}, got {bits!r}.")
+        for module in self.modules():
+            if isinstance(module, PinFMItemEmbedding):
+                module.quantize(bits)  # int4 on an odd table width raises here, before any table is replaced
+        for module in self.modules():
+            if isinstance(module, PinFMPreTrainedModel):
+                module.config.item_embedding_quantization = bits
+        return self.eval()
+
 
 class PinFMModel(PinFMPreTrainedModel):
     """
@@ -456,6 +503,7 @@ class PinFMModel(PinFMPreTrainedModel):
         return_dict: Optional[bool] = None,
         end_timestamps: Optional[torch.LongTensor] = None,
         return_key_values: bool = False,
+        extra_embeddings: Optional[torch.Tensor] = None,
         **kwargs,
     ) -> PinFMModelOutput:
         r"""
@@ -475,6 +523,8 @@ class PinFMModel(PinFMPreTrainedModel):
                 of candidates stamped with the request time).
             return_key_values (`bool`, *optional*, defaults to `False`):
                 Return each layer's keys and values (`past_key_values`) for [`PinFMModel.encode_candidates`].
+            extra_embeddings (`torch.Tensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
+                Added to the event embeddings (e.g. a candidate's item side features, for cold start).
         """
         if input_ids is None:
             raise ValueError("`input_ids` are required.")
@@ -486,6 +536,8 @@ class PinFMModel(PinFMPreTrainedModel):
         B, T = input_ids.shape
 
         hidden_states = self.embeddings(input_ids, attention_mask, action_ids, surface_ids, timestamps, end_timestamps)
+        if extra_embeddings is not None:
+            hidden_states = hidden_states + extra_embeddings
         position_ids = (valid.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T) real-event positions
         cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, hidden_states.dtype)
         causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
@@ -853,7 +905,33 @@ class PinFMForCTR(PinFMForPretraining):
         if self.ctr_feature_embeddings is not None:
             head_input += self.ctr_feature_embeddings.output_size
         self.ctr_head = PinFMRankingHead(config, head_input)
+        self.ctr_candidate_feature_proj = None
+        if config.ctr_candidate_item_features:
+            width = len(config.ctr_item_feature_fields) * config.ctr_feature_embedding_size
+            self.ctr_candidate_feature_proj = nn.Linear(width, config.hidden_size, bias=False)
         self.post_init()
+
+    def candidate_feature_embeddings(self, side_feature_ids: Optional[torch.LongTensor]) -> Optional[torch.Tensor]:
+        """Cold start: the candidate's item side features, projected to one token embedding `(N, hidden)`."""
+        if self.ctr_candidate_feature_proj is None:
+            return None
+        if side_feature_ids is None:
+            raise ValueError("`side_feature_ids` are required: `ctr_candidate_item_features` feeds them to the candidate.")
+        pooled = self.ctr_feature_embeddings(side_feature_ids).view(side_feature_ids.shape[0], -1, self.config.ctr_feature_embedding_size)
+        return self.ctr_candidate_feature_proj(pooled[:, self.config.ctr_item_feature_fields].flatten(1))
+
+    def young_item_mask(self, candidate_age: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
+        """
+        Cold start (PinFM): in training, a `(N, 1)` multiplier that drops the sequence output for young candidate
+        items, with probability `ctr_young_item_dropout * (1 - age / ctr_young_item_age_days)` (scaled like dropout).
+        """
+        rate = self.config.ctr_young_item_dropout
+        if not self.training or rate == 0 or candidate_age is None:
+            return None
+        age_days = candidate_age.to(like.dtype).clamp(min=0) / 86400.0
+        drop = rate * (1.0 - age_days / self.config.ctr_young_item_age_days).clamp(min=0.0)  # (N,)
+        keep = torch.bernoulli(1.0 - drop) / (1.0 - drop)
+        return keep.view(-1, 1)
 
     def ranking_logits(
         self,
@@ -861,8 +939,12 @@ class PinFMForCTR(PinFMForPretraining):
         user_embedding: torch.Tensor,
         candidate_ids: torch.LongTensor,
         side_feature_ids: Optional[torch.LongTensor],
+        candidate_age: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Head logits `(N,)` from the candidate's encoder output (early fusion) or user + candidate (late fusion)."""
+        keep = self.young_item_mask(candidate_age, candidate_hidden)
+        if keep is not None:  # the sequence model's output, dropped for young items in training
+            candidate_hidden, user_embedding = candidate_hidden * keep, user_embedding * keep
         if self.config.ctr_fusion == "early":
             parts = [candidate_hidden]
         else:
@@ -887,6 +969,7 @@ class PinFMForCTR(PinFMForPretraining):
         output_attentions: Optional[bool] = None,
         return_dict: Optional[bool] = None,
         deduplicate_histories: bool = False,
+        candidate_age: Optional[torch.LongTensor] = None,
         **kwargs,
     ) -> PinFMForCTROutput:
         r"""
@@ -901,6 +984,8 @@ class PinFMForCTR(PinFMForPretraining):
                 Score through DCAT: rows with the same history and impression time are encoded once (impressions of
                 one request), the candidates cross-attend to the cached history. Same logits as the plain path; the
                 auxiliary loss then counts each distinct history once.
+            candidate_age (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+                Seconds since the candidate item's first event, for the young-item dropout (training only).
             Other inputs: see [`PinFMModel.forward`]; `action_ids` mark the candidate with `config.candidate_action_id`.
         """
         if input_ids is None:
@@ -926,10 +1011,16 @@ class PinFMForCTR(PinFMForPretraining):
                 request_timestamps=timestamps[rows, candidate_index] if timestamps is not None else None,
                 candidate_side_feature_ids=side_feature_ids,
                 candidate_surface_ids=surface_ids[rows, candidate_index] if surface_ids is not None else None,
+                candidate_age=candidate_age,
                 deduplicate=True,
             )
             hidden_states = attentions = None
         else:
+            extra = None
+            candidate_features = self.candidate_feature_embeddings(side_feature_ids)
+            if candidate_features is not None:
+                extra = torch.zeros(B, T, candidate_features.shape[-1], dtype=candidate_features.dtype, device=input_ids.device)
+                extra[rows, candidate_index] = candidate_features
             outputs = self.pinfm(
                 input_ids,
                 attention_mask=attention_mask,
@@ -938,13 +1029,14 @@ class PinFMForCTR(PinFMForPretraining):
                 timestamps=timestamps,
                 output_hidden_states=output_hidden_states,
                 output_attentions=output_attentions,
+                extra_embeddings=extra,
             )
             has_history = history.any(dim=1)
             user_index = (history.long() * positions).argmax(dim=1)
             hidden = outputs.last_hidden_state
             candidate_hidden = hidden[rows, candidate_index]  # (B, H)
             user_embedding = hidden[rows, user_index] * has_history.unsqueeze(-1).to(hidden.dtype)  # (B, H)
-            logits = self.ranking_logits(candidate_hidden, user_embedding, candidate_ids, side_feature_ids)
+            logits = self.ranking_logits(candidate_hidden, user_embedding, candidate_ids, side_feature_ids, candidate_age)
             hidden_states, attentions = outputs.hidden_states, outputs.attentions
             # Pretraining losses see history events only: the candidate's outcome is the label, not a target.
             context = (hidden, input_ids, action_ids, history)
@@ -1037,7 +1129,7 @@ class PinFMForCTR(PinFMForPretraining):
         self,
         input_ids, attention_mask, action_ids, surface_ids, timestamps, *,
         candidate_ids, candidate_user_index, request_timestamps, candidate_side_feature_ids, candidate_surface_ids,
-        deduplicate,
+        deduplicate, candidate_age=None,
     ):
         """DCAT scoring of flat candidates; also returns candidate outputs, user embeddings and the context pass."""
         config = self.config
@@ -1098,6 +1190,11 @@ class PinFMForCTR(PinFMForPretraining):
             has_previous = (num_events > 0).view(-1, 1).expand(num_users, width)
             time_embeddings = self.pinfm.embeddings.candidate_time_features(gap, has_previous)
         candidate_embeddings = self.pinfm.embeddings.combine(grid_ids, grid_actions, grid_surfaces, time_embeddings)
+        candidate_features = self.candidate_feature_embeddings(candidate_side_feature_ids)
+        if candidate_features is not None:
+            grid_features = torch.zeros_like(candidate_embeddings)
+            grid_features[sorted_users, slots] = candidate_features[order].to(candidate_embeddings.dtype)
+            candidate_embeddings = candidate_embeddings + grid_features
         positions = num_events.view(-1, 1).expand(num_users, width)
         crossed = self.pinfm.encode_candidates(candidate_embeddings, positions, context.past_key_values, valid)
 
@@ -1105,7 +1202,7 @@ class PinFMForCTR(PinFMForPretraining):
         candidate_hidden[order] = crossed[sorted_users, slots]
         has_history = (num_events > 0).to(crossed.dtype).view(-1, 1)
         user_embedding = (context.user_embedding * has_history)[user_index]
-        logits = self.ranking_logits(candidate_hidden, user_embedding, candidate_ids, candidate_side_feature_ids)
+        logits = self.ranking_logits(candidate_hidden, user_embedding, candidate_ids, candidate_side_feature_ids, candidate_age)
         context_inputs = (context.last_hidden_state, per_event["input_ids"], per_event["action_ids"], valid)
         return logits, candidate_hidden, user_embedding, context_inputs
 

@@ -33,7 +33,7 @@ TRANSFER_STRATEGIES = {
 }
 # Saved next to a PEFT adapter: the CTR config the base must be built with (head shape, side features, fusion).
 CTR_CONFIG_NAME = "pinfm_ctr_config.json"
-CTR_HEAD_MODULES = ["ctr_head", "ctr_feature_embeddings"]
+CTR_HEAD_MODULES = ["ctr_head", "ctr_feature_embeddings", "ctr_candidate_feature_proj"]
 RETRIEVAL_HEAD_PARAMETERS = ("query_proj", "item_proj", "log_temperature")
 
 
@@ -195,7 +195,7 @@ def load_ctr_config(adapter_directory: Union[str, Path]) -> PinFMConfig:
 
 def _head_shape(config: PinFMConfig) -> dict[str, Any]:
     keys = ("ctr_fusion", "ctr_head", "ctr_head_hidden_sizes", "ctr_num_cross_layers", "ctr_feature_vocab_size",
-            "ctr_feature_slots", "ctr_feature_embedding_size")
+            "ctr_feature_slots", "ctr_feature_embedding_size", "ctr_candidate_item_features", "ctr_item_feature_fields")
     return {k: getattr(config, k) for k in keys}
 
 

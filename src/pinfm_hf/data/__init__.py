@@ -10,6 +10,7 @@ from .ctr import (
     CTRUseCase,
     build_ctr_samples,
     collate_impression_groups,
+    randomize_candidate_ids,
     split_ctr_samples,
 )
 from .events import (
@@ -54,6 +55,7 @@ __all__ = [
     "PinFMDataCollator",
     "build_ctr_samples",
     "collate_impression_groups",
+    "randomize_candidate_ids",
     "build_user_sequences",
     "drop_duplicate_events",
     "leave_last_out_split",
