@@ -1,0 +1,48 @@
+"""CTR recipe inputs: use cases, user-feature files and request-preserving subsampling (fast: no training)."""
+
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+import finetune_ctr  # noqa: E402
+
+
+def test_use_case_actions():
+    args = finetune_ctr.DataArguments(dataset="taobao", use_case="engage")
+    assert finetune_ctr.use_case_actions(args) == (["cart", "fav", "buy"], ["pv"])
+    custom = finetune_ctr.DataArguments(dataset="my.csv", use_case="custom", positive_actions="buy, cart", negative_actions="view")
+    assert finetune_ctr.use_case_actions(custom) == (["buy", "cart"], ["view"])
+    with pytest.raises(ValueError, match="Unknown --use_case 'likes'"):
+        finetune_ctr.use_case_actions(finetune_ctr.DataArguments(use_case="likes"))
+    with pytest.raises(ValueError, match="defined on 'ml-1m', not 'taobao'"):
+        finetune_ctr.use_case_actions(finetune_ctr.DataArguments(dataset="taobao", use_case="like"))
+    with pytest.raises(ValueError, match="needs both --positive_actions and --negative_actions"):
+        finetune_ctr.use_case_actions(finetune_ctr.DataArguments(use_case="custom", positive_actions="buy"))
+
+
+def test_user_features_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--user_features .*missing.csv does not exist"):
+        finetune_ctr.load_user_features(finetune_ctr.DataArguments(dataset="x.csv", user_features=str(tmp_path / "missing.csv")))
+    path = tmp_path / "users.csv"
+    path.write_text("user_id,age\nu1,25\nu2,31\n")
+    table = finetune_ctr.load_user_features(finetune_ctr.DataArguments(dataset="x.csv", user_features=str(path)))
+    assert table.column_names == ["user_id", "age"] and table["age"].type == pa.string()
+    none = finetune_ctr.DataArguments(dataset="ml-1m", user_features="auto", side_features=False)
+    assert finetune_ctr.load_user_features(none) is None
+
+
+def test_subsample_keeps_whole_requests():
+    # Requests: rows (0, 1) share user, history and second; every other row is its own request.
+    samples = pa.table({
+        "user_index": [0, 0, 0, 1, 1, 2, 2, 2], "history_length": [0, 0, 2, 0, 1, 0, 1, 1],
+        "timestamp": [5, 5, 7, 1, 2, 3, 4, 4], "row": list(range(8)),
+    })
+    assert finetune_ctr.subsample(samples, None, 0) is samples
+    for seed in range(20):
+        rows = finetune_ctr.subsample(samples, 3, seed)["row"].to_pylist()
+        assert rows == sorted(rows) and 3 <= len(rows) <= 4  # whole requests: at most one row over
+        assert (0 in rows) == (1 in rows) and (6 in rows) == (7 in rows)
