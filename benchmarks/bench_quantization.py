@@ -36,6 +36,7 @@ from pinfm_hf.data import (
     build_user_sequences,
     leave_last_out_split,
     load_events_from_args,
+    sample_requests,
     split_ctr_samples,
     time_split,
 )
@@ -93,7 +94,7 @@ def next_item_loader(args, tokenizer: PinFMTokenizer, pretraining_max_timestamp:
 def ctr_loader(args, folder: Path, tokenizer: PinFMTokenizer) -> tuple[DataLoader, int]:
     """The CTR test split of `recipes/finetune_ctr.py`: same use case, time cut, seeded subset and side features."""
     sys.path.insert(0, str(ROOT / "recipes"))  # the recipe's own split helpers, so the split is the same by construction
-    from finetune_ctr import DataArguments, load_user_features, subsample, use_case_actions
+    from finetune_ctr import DataArguments, load_user_features, use_case_actions
 
     has_features = (folder / FEATURES_FILE_NAME).is_file()
     data_args = DataArguments(dataset=args.dataset, data_dir=args.data_dir, use_case=args.use_case, side_features=has_features)
@@ -104,7 +105,7 @@ def ctr_loader(args, folder: Path, tokenizer: PinFMTokenizer) -> tuple[DataLoade
         user_features=load_user_features(data_args),
     )
     _, test_samples = split_ctr_samples(samples, quantile_timestamp(events, args.cut_quantile))
-    test_samples = subsample(test_samples, args.max_eval_samples, args.seed + 1)  # the recipe's test seed
+    test_samples = sample_requests(test_samples, args.max_eval_samples, args.seed + 1)  # the recipe's test seed
     encoder = CTRFeatureEncoder.load(folder) if has_features else None
     data = CTRDataset(sequences, test_samples, tokenizer, max_history=args.max_history, feature_encoder=encoder)
     collator = PinFMDataCollator(pad_token_id=tokenizer.pad_token_id, padding_side="left", max_length=args.max_history + 1)

@@ -38,6 +38,7 @@ from pinfm_hf.data import (
     load_events_from_args,
     load_movielens_users,
     randomize_candidate_ids,
+    sample_requests,
     split_ctr_samples,
 )
 from pinfm_hf.data.sequences import quantile_timestamp
@@ -196,24 +197,6 @@ def load_user_features(data_args: DataArguments) -> Optional[pa.Table]:
     return table.cast(pa.schema([(name, pa.string()) for name in table.column_names]))
 
 
-def subsample(samples: pa.Table, limit: Optional[int], seed: int) -> pa.Table:
-    """
-    A seeded random subset of whole requests (impressions sharing user, history and time stay together, as DCAT
-    wants), in the original order; every kept row is a real impression. About `limit` rows (whole requests).
-    """
-    if limit is None or limit >= samples.num_rows:
-        return samples
-    keys = np.stack([samples[c].to_numpy() for c in ("user_index", "history_length", "timestamp")], axis=1)
-    new_request = np.ones(len(keys), dtype=bool)
-    new_request[1:] = (keys[1:] != keys[:-1]).any(axis=1)
-    request = np.cumsum(new_request) - 1
-    sizes = np.bincount(request)
-    chosen = np.random.default_rng(seed).permutation(len(sizes))
-    chosen = chosen[: int(np.searchsorted(np.cumsum(sizes[chosen]), limit)) + 1]
-    keep = np.flatnonzero(np.isin(request, chosen))
-    return samples.take(keep)
-
-
 def main(args: Optional[list[str]] = None) -> dict:
     data_args, model_args, train_args = parse_recipe_args((DataArguments, ModelArguments, TrainArguments), args)
     output_dir = Path(train_args.output_dir)
@@ -235,8 +218,8 @@ def main(args: Optional[list[str]] = None) -> dict:
     )
     cut = quantile_timestamp(events, data_args.cut_quantile)
     train_samples, test_samples = split_ctr_samples(samples, cut)
-    train_samples = subsample(train_samples, data_args.max_train_samples, train_args.seed)
-    test_samples = subsample(test_samples, data_args.max_eval_samples, train_args.seed + 1)
+    train_samples = sample_requests(train_samples, data_args.max_train_samples, train_args.seed)
+    test_samples = sample_requests(test_samples, data_args.max_eval_samples, train_args.seed + 1)
     tokenizer = PinFMTokenizer.from_pretrained(model_args.base)
     feature_fields = [c for c in samples.column_names if c not in SAMPLE_COLUMNS] if data_args.side_features else []
     encoder = None

@@ -1,10 +1,12 @@
-"""CTR recipe inputs: use cases, user-feature files and request-preserving subsampling (fast: no training)."""
+"""CTR recipe inputs: use cases, user-feature files, and sampling whole requests (fast: no training)."""
 
 import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
+
+from pinfm_hf.data import request_ids, sample_requests
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
@@ -35,14 +37,17 @@ def test_user_features_file(tmp_path):
     assert finetune_ctr.load_user_features(none) is None
 
 
-def test_subsample_keeps_whole_requests():
+def test_sample_requests_keeps_whole_requests():
     # Requests: rows (0, 1) share user, history and second; every other row is its own request.
     samples = pa.table({
         "user_index": [0, 0, 0, 1, 1, 2, 2, 2], "history_length": [0, 0, 2, 0, 1, 0, 1, 1],
         "timestamp": [5, 5, 7, 1, 2, 3, 4, 4], "row": list(range(8)),
     })
-    assert finetune_ctr.subsample(samples, None, 0) is samples
+    assert sample_requests(samples, None, 0) is samples
+    assert request_ids(*(samples[c].to_numpy() for c in ("user_index", "history_length", "timestamp"))).tolist() == [
+        0, 0, 1, 2, 3, 4, 5, 5
+    ]
     for seed in range(20):
-        rows = finetune_ctr.subsample(samples, 3, seed)["row"].to_pylist()
+        rows = sample_requests(samples, 3, seed)["row"].to_pylist()
         assert rows == sorted(rows) and 3 <= len(rows) <= 4  # whole requests: at most one row over
         assert (0 in rows) == (1 in rows) and (6 in rows) == (7 in rows)

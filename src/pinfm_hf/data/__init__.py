@@ -11,6 +11,8 @@ from .ctr import (
     build_ctr_samples,
     collate_impression_groups,
     randomize_candidate_ids,
+    request_ids,
+    sample_requests,
     split_ctr_samples,
 )
 from .events import (
@@ -56,6 +58,8 @@ __all__ = [
     "build_ctr_samples",
     "collate_impression_groups",
     "randomize_candidate_ids",
+    "request_ids",
+    "sample_requests",
     "build_user_sequences",
     "drop_duplicate_events",
     "leave_last_out_split",

@@ -482,6 +482,31 @@ class CTRDataset(torch.utils.data.Dataset):
         return item
 
 
+def request_ids(user_index: np.ndarray, history_length: np.ndarray, timestamp: np.ndarray) -> np.ndarray:
+    """
+    Request id of each impression, in sample order: consecutive impressions with the same user, history and
+    timestamp are one request (ML-1M: several ratings in one second), and share one history encoding under DCAT.
+    """
+    keys = np.stack([user_index, history_length, timestamp], axis=1)
+    new_request = np.ones(len(keys), dtype=bool)
+    new_request[1:] = (keys[1:] != keys[:-1]).any(axis=1)
+    return np.cumsum(new_request) - 1
+
+
+def sample_requests(samples: pa.Table, limit: Optional[int], seed: int) -> pa.Table:
+    """
+    A seeded random subset of about `limit` impressions made of whole requests (see `request_ids`), in the original
+    order; every kept row is a real impression. `limit=None` (or above the size) keeps everything.
+    """
+    if limit is None or limit >= samples.num_rows:
+        return samples
+    request = request_ids(*(samples[c].to_numpy() for c in ("user_index", "history_length", "timestamp")))
+    sizes = np.bincount(request)
+    chosen = np.random.default_rng(seed).permutation(len(sizes))
+    chosen = chosen[: int(np.searchsorted(np.cumsum(sizes[chosen]), limit)) + 1]
+    return samples.take(np.flatnonzero(np.isin(request, chosen)))
+
+
 class CTRImpressionGroups(torch.utils.data.Dataset):
     """
     The impressions of a `CTRDataset` grouped by request: consecutive samples with the same user, history and
@@ -492,11 +517,9 @@ class CTRImpressionGroups(torch.utils.data.Dataset):
 
     def __init__(self, dataset: CTRDataset):
         self.dataset = dataset
-        keys = np.stack([dataset.user_index, dataset.history_length, dataset.candidate_timestamps], axis=1)
-        new_group = np.ones(len(keys), dtype=bool)
-        new_group[1:] = (keys[1:] != keys[:-1]).any(axis=1)
-        self.starts = np.flatnonzero(new_group)
-        self.ends = np.append(self.starts[1:], len(keys))
+        request = request_ids(dataset.user_index, dataset.history_length, dataset.candidate_timestamps)
+        self.starts = np.flatnonzero(np.diff(request, prepend=-1))
+        self.ends = np.append(self.starts[1:], len(request))
 
     @property
     def mean_group_size(self) -> float:
