@@ -1,20 +1,16 @@
 """Row-wise int8/int4 item embedding tables for serving: accuracy, size, save/load, training refusal, remote code."""
 
 import json
-import os
-import subprocess
-import sys
 
-import pyarrow as pa
 import pytest
 import torch
 from torch import nn
 from transformers import AutoModel
 
-from pinfm_hf import PinFMConfig, PinFMForCTR, PinFMForPretraining, PinFMModel, PinFMTokenizer
+from pinfm_hf import PinFMConfig, PinFMForCTR, PinFMForPretraining, PinFMModel
 from pinfm_hf.quantization_pinfm import PinFMQuantizedEmbedding, packed_row_bytes, quantized_table_bytes
 
-from test_remote_code import CHILD  # the child script that loads a folder where pinfm_hf cannot be imported
+from test_remote_code import load_in_child_without_package, toy_tokenizer
 
 
 VOCAB, ACTIONS, HIDDEN = 50, 6, 32
@@ -174,31 +170,11 @@ def test_ctr_model(tmp_path, fusion):
 
 def test_trust_remote_code_load_without_package(tmp_path):
     torch.manual_seed(0)
-    tokenizer = PinFMTokenizer.from_events(
-        pa.table({"item_id": ["a", "b", "a"], "action": ["click", "buy", "click"]}), num_hash_buckets=16
-    )
+    tokenizer = toy_tokenizer()
     config = make_config(item_vocab_size=len(tokenizer), action_vocab_size=tokenizer.action_vocab_size)
     model = PinFMForPretraining(config).quantize_item_embeddings("int4")
-    model.save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
-    inputs = {
-        "input_ids": torch.tensor([[4, 5, 7, 0], [5, 4, 4, 6]]),
-        "action_ids": torch.tensor([[2, 3, 2, 0], [3, 3, 2, 2]]),
-        "timestamps": torch.tensor([[10, 20, 4000, 0], [1, 2, 3, 99999]]),
-        "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]),
-    }
-    torch.save(inputs, tmp_path / "inputs.pt")
-    with torch.no_grad():
-        expected = model(**inputs)
-
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_MODULES_CACHE=str(tmp_path / "modules_cache"), HF_HUB_OFFLINE="1")
-    result = subprocess.run(
-        [sys.executable, "-c", CHILD, str(tmp_path)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report, expected, child = load_in_child_without_package(tmp_path, model, tokenizer)
+    assert (tmp_path / "quantization_pinfm.py").is_file()  # copied next to modeling_pinfm.py
     assert report["head_class"] == "PinFMForPretraining" and not report["pinfm_hf_imported"]
-    child = torch.load(tmp_path / "child_outputs.pt")
     torch.testing.assert_close(child["last_hidden_state"], expected.last_hidden_state)
     torch.testing.assert_close(child["query_embeddings"], expected.query_embeddings)

@@ -64,46 +64,58 @@ CHILD = textwrap.dedent(
 )
 
 
-def test_trust_remote_code_load_without_package(tmp_path):
-    torch.manual_seed(0)
-    tokenizer = PinFMTokenizer.from_events(
+def toy_tokenizer() -> PinFMTokenizer:
+    return PinFMTokenizer.from_events(
         pa.table({"item_id": ["a", "b", "a"], "action": ["click", "buy", "click"]}), num_hash_buckets=16
     )
-    config = PinFMConfig(
-        item_vocab_size=len(tokenizer), action_vocab_size=tokenizer.action_vocab_size, hidden_size=32,
-        num_attention_heads=2, num_hidden_layers=2,
-    )
-    model = PinFMForPretraining(config).eval()
-    model.save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
+
+
+def load_in_child_without_package(folder, model, tokenizer) -> tuple[dict, object, dict]:
+    """
+    Save `model` and `tokenizer` to `folder` and load them with `trust_remote_code=True` in a child process where
+    pinfm_hf, pyarrow and datasets cannot be imported. Returns the child's report, the parent's outputs on fixed
+    inputs, and the child's outputs on the same inputs.
+    """
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     inputs = {
         "input_ids": torch.tensor([[4, 5, 7, 0], [5, 4, 4, 6]]),
         "action_ids": torch.tensor([[2, 3, 2, 0], [3, 3, 2, 2]]),
         "timestamps": torch.tensor([[10, 20, 4000, 0], [1, 2, 3, 99999]]),
         "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]),
     }
-    torch.save(inputs, tmp_path / "inputs.pt")
+    torch.save(inputs, folder / "inputs.pt")
     with torch.no_grad():
         expected = model(**inputs)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_MODULES_CACHE=str(folder / "modules_cache"), HF_HUB_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, str(folder)], capture_output=True, text=True, env=env, cwd=folder, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    return report, expected, torch.load(folder / "child_outputs.pt")
+
+
+def test_trust_remote_code_load_without_package(tmp_path):
+    torch.manual_seed(0)
+    tokenizer = toy_tokenizer()
+    config = PinFMConfig(
+        item_vocab_size=len(tokenizer), action_vocab_size=tokenizer.action_vocab_size, hidden_size=32,
+        num_attention_heads=2, num_hidden_layers=2,
+    )
+    model = PinFMForPretraining(config).eval()
+    report, expected, child = load_in_child_without_package(tmp_path, model, tokenizer)
 
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["auto_map"]["AutoModel"] == "modeling_pinfm.PinFMModel"
     for name in ("configuration_pinfm.py", "modeling_pinfm.py", "losses.py", "tokenization_pinfm.py"):
         assert (tmp_path / name).exists(), f"{name} not copied into the saved folder"
-
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_MODULES_CACHE=str(tmp_path / "modules_cache"), HF_HUB_OFFLINE="1")
-    result = subprocess.run(
-        [sys.executable, "-c", CHILD, str(tmp_path)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["config_class"].startswith("transformers_modules")
     assert report["encoder_class"] == "PinFMModel"
     assert report["head_class"] == "PinFMForPretraining"
     assert report["tokenizer_class"] == "PinFMTokenizer"
     assert report["ids"] == tokenizer.encode_events(["a", "unseen"], actions=["click", "buy"])["input_ids"]
     assert not report["pinfm_hf_imported"]
-    child = torch.load(tmp_path / "child_outputs.pt")
     torch.testing.assert_close(child["last_hidden_state"], expected.last_hidden_state)
     torch.testing.assert_close(child["query_embeddings"], expected.query_embeddings)
