@@ -20,11 +20,10 @@ event is at or after the cut, so the base never saw them: they are hash-bucket i
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
-from _report import emit
+from _report import emit, run_once
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,24 +50,17 @@ COLD_START = {  # `--cold_start`: full transfer without and with PinFM's cold-st
 }
 
 
-def run(command: list[str], results_path: Path, rerun: bool) -> dict:
-    if rerun or not results_path.exists():
-        print("$", " ".join(command), file=sys.stderr, flush=True)
-        subprocess.run(command, cwd=ROOT, check=True)
-    return json.loads(results_path.read_text())
-
-
 def pretrain_base(base_config: str, output_dir: Path, extra: list[str], rerun: bool) -> Path:
     command = [sys.executable, str(ROOT / "recipes" / "pretrain.py"), "--config", str(CONFIGS / base_config),
                "--output_dir", str(output_dir), *extra]
-    run(command, output_dir / "results.json", rerun)
+    run_once(command, output_dir / "results.json", rerun, ROOT)
     return output_dir / "model"
 
 
 def finetune(config: str, base: Path, strategy: str, output_dir: Path, extra: list[str], rerun: bool) -> dict:
     command = [sys.executable, str(ROOT / "recipes" / "finetune_ctr.py"), "--config", str(CONFIGS / config),
                "--base", str(base), "--transfer", strategy, "--output_dir", str(output_dir), *extra]
-    return run(command, output_dir / "results.json", rerun)
+    return run_once(command, output_dir / "results.json", rerun, ROOT)
 
 
 def row(name: str, results: dict, baseline_auc: float) -> dict:

@@ -11,9 +11,10 @@ variant.
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
+
+from _report import run_once
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,13 +44,9 @@ PUBLISHED = {  # ../shared/data/README.md, from meta-recsys/generative-recommend
 def run_variant(name: str, runs_dir: Path, epochs: int | None, extra: list[str], rerun: bool) -> dict:
     config, overrides = VARIANTS[name]
     output_dir = runs_dir / name
-    results_path = output_dir / "results.json"
-    if rerun or not results_path.exists():
-        command = [sys.executable, str(ROOT / "recipes" / "pretrain.py"), "--config", str(config), "--output_dir", str(output_dir),
-                   *overrides, *(["--num_train_epochs", str(epochs)] if epochs else []), *extra]
-        print("$", " ".join(command), file=sys.stderr, flush=True)
-        subprocess.run(command, cwd=ROOT, check=True)
-    return json.loads(results_path.read_text())
+    command = [sys.executable, str(ROOT / "recipes" / "pretrain.py"), "--config", str(config), "--output_dir", str(output_dir),
+               *overrides, *(["--num_train_epochs", str(epochs)] if epochs else []), *extra]
+    return run_once(command, output_dir / "results.json", rerun, ROOT)
 
 
 def main() -> None:
