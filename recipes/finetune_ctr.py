@@ -43,8 +43,10 @@ from pinfm_hf.data import (
 )
 from pinfm_hf.data.sequences import quantile_timestamp
 from pinfm_hf.evaluation import evaluate_ctr
+from pinfm_hf.hub import HubArguments, is_local_folder, push_folder
 from pinfm_hf.model_card import render_ctr_card
 from pinfm_hf.training_utils import (
+    atomic_folder,
     cosine_schedule,
     JsonlLogger,
     finish,
@@ -104,6 +106,7 @@ class ModelArguments:
         default="outputs/ml1m_ctr_base/model",
         metadata={"help": "Pretrained folder or hub repo id (its tokenizer and architecture are used for every strategy)."},
     )
+    base_revision: Optional[str] = field(default=None, metadata={"help": "Branch, tag or commit of a hub --base."})
     transfer: str = field(
         default="full", metadata={"help": "; ".join(f"'{k}': {v}" for k, v in TRANSFER_STRATEGIES.items())}
     )
@@ -198,7 +201,14 @@ def load_user_features(data_args: DataArguments) -> Optional[pa.Table]:
 
 
 def main(args: Optional[list[str]] = None) -> dict:
-    data_args, model_args, train_args = parse_recipe_args((DataArguments, ModelArguments, TrainArguments), args)
+    data_args, model_args, train_args, hub_args = parse_recipe_args(
+        (DataArguments, ModelArguments, TrainArguments, HubArguments), args
+    )
+    if hub_args.push_to_hub and model_args.transfer == "lora" and is_local_folder(model_args.base):
+        raise ValueError(
+            f"--push_to_hub of a LoRA adapter needs --base to be a hub repo id: the adapter names its base, and the "
+            f"local folder {model_args.base!r} means nothing to others. Push the base first, then fine-tune from its id."
+        )
     output_dir = Path(train_args.output_dir)
     accelerator = make_accelerator(
         output_dir,
@@ -220,7 +230,7 @@ def main(args: Optional[list[str]] = None) -> dict:
     train_samples, test_samples = split_ctr_samples(samples, cut)
     train_samples = sample_requests(train_samples, data_args.max_train_samples, train_args.seed)
     test_samples = sample_requests(test_samples, data_args.max_eval_samples, train_args.seed + 1)
-    tokenizer = PinFMTokenizer.from_pretrained(model_args.base)
+    tokenizer = PinFMTokenizer.from_pretrained(model_args.base, revision=model_args.base_revision)
     feature_fields = [c for c in samples.column_names if c not in SAMPLE_COLUMNS] if data_args.side_features else []
     encoder = None
     if feature_fields:
@@ -256,6 +266,7 @@ def main(args: Optional[list[str]] = None) -> dict:
     # ----- model: base architecture + CTR head, with the chosen transfer strategy -----
     config = ctr_config_from_base(
         model_args.base,
+        revision=model_args.base_revision,
         ctr_fusion=model_args.ctr_fusion,
         ctr_head=model_args.ctr_head,
         ctr_head_hidden_sizes=model_args.ctr_head_hidden_sizes,
@@ -282,6 +293,7 @@ def main(args: Optional[list[str]] = None) -> dict:
     built = build_ctr_model(
         model_args.base, model_args.transfer, config,
         lora_rank=model_args.lora_rank, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
+        revision=model_args.base_revision,
     )
     model = built.model
     trainable_params, model_params = count_parameters(model)
@@ -399,23 +411,29 @@ def main(args: Optional[list[str]] = None) -> dict:
     }
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
-        if model_args.transfer == "lora":
-            save_dir = save_ctr_adapter(unwrapped, output_dir / "adapter")
-        else:
-            save_dir = output_dir / "model"
-            unwrapped.save_pretrained(save_dir)
-            tokenizer.save_pretrained(save_dir)
-        if encoder is not None:
-            encoder.save(save_dir)
-        card = render_ctr_card(
-            save_dir=save_dir, results=results, data_args=asdict(data_args), model_args=asdict(model_args),
-            train_args=asdict(train_args),
-        )
-        (save_dir / "README.md").write_text(card)
+        is_adapter = model_args.transfer == "lora"
+        save_dir = output_dir / ("adapter" if is_adapter else "model")
         (output_dir / "results.json").write_text(json.dumps(results, indent=2))
         plot = plot_training_curves(output_dir / "train_log.jsonl", output_dir / "training_curves.png")
-        logger.info("Saved %s to %s, curves to %s, results to %s.", "adapter" if model_args.transfer == "lora" else "model",
-                    save_dir, plot, output_dir / "results.json")
+        with atomic_folder(save_dir) as folder:
+            if is_adapter:
+                save_ctr_adapter(unwrapped, folder, base=model_args.base, base_revision=model_args.base_revision)
+            else:
+                unwrapped.save_pretrained(folder)
+                tokenizer.save_pretrained(folder)
+            if encoder is not None:
+                encoder.save(folder)
+            card = render_ctr_card(
+                save_dir=save_dir, results=results, data_args=asdict(data_args), model_args=asdict(model_args),
+                train_args=asdict(train_args), repo_id=hub_args.hub_model_id,
+            )
+            (folder / "README.md").write_text(card)
+        logger.info("Saved %s to %s, curves to %s, results to %s.", save_dir.name, save_dir, plot, output_dir / "results.json")
+        if hub_args.push_to_hub:
+            run_files = {f"training/{p.name}": p for p in (output_dir / "results.json", output_dir / "train_log.jsonl", plot) if p}
+            url = push_folder(save_dir, hub_args.hub_model_id, revision=hub_args.hub_revision,
+                              private=hub_args.hub_private, extra_files=run_files)
+            logger.info("Pushed %s (%s, card, training metrics) to %s", save_dir, save_dir.name, url)
     finish(accelerator)
     return results
 

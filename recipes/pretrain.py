@@ -35,8 +35,10 @@ from pinfm_hf.data import (
     time_split,
 )
 from pinfm_hf.evaluation import evaluate_next_item
+from pinfm_hf.hub import HubArguments, push_folder
 from pinfm_hf.model_card import render_pretrained_card
 from pinfm_hf.training_utils import (
+    atomic_folder,
     cosine_schedule,
     JsonlLogger,
     finish,
@@ -151,7 +153,9 @@ def eval_dataset(split: datasets.Dataset, tokenizer: PinFMTokenizer, max_length:
 
 
 def main(args: Optional[list[str]] = None) -> dict:
-    data_args, model_args, train_args = parse_recipe_args((DataArguments, ModelArguments, TrainArguments), args)
+    data_args, model_args, train_args, hub_args = parse_recipe_args(
+        (DataArguments, ModelArguments, TrainArguments, HubArguments), args
+    )
     output_dir = Path(train_args.output_dir)
     accelerator = make_accelerator(
         output_dir,
@@ -319,16 +323,22 @@ def main(args: Optional[list[str]] = None) -> dict:
     if accelerator.is_main_process:
         model_dir = output_dir / "model"
         unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(model_dir)
-        tokenizer.save_pretrained(model_dir)
         (output_dir / "results.json").write_text(json.dumps(results, indent=2))
-        card = render_pretrained_card(
-            model_dir=model_dir, config=unwrapped.config, results=results, data_args=asdict(data_args),
-            train_args=asdict(train_args), events_summary=events.summary(),
-        )
-        (model_dir / "README.md").write_text(card)
         plot = plot_training_curves(output_dir / "train_log.jsonl", output_dir / "training_curves.png")
+        with atomic_folder(model_dir) as folder:
+            unwrapped.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            card = render_pretrained_card(
+                model_dir=model_dir, config=unwrapped.config, results=results, data_args=asdict(data_args),
+                train_args=asdict(train_args), events_summary=events.summary(), repo_id=hub_args.hub_model_id,
+            )
+            (folder / "README.md").write_text(card)
         logger.info("Saved model + tokenizer + card to %s, curves to %s, results to %s.", model_dir, plot, output_dir / "results.json")
+        if hub_args.push_to_hub:
+            run_files = {f"training/{p.name}": p for p in (output_dir / "results.json", output_dir / "train_log.jsonl", plot) if p}
+            url = push_folder(model_dir, hub_args.hub_model_id, revision=hub_args.hub_revision,
+                              private=hub_args.hub_private, extra_files=run_files)
+            logger.info("Pushed %s (model, tokenizer, code, card, training metrics) to %s", model_dir, url)
     finish(accelerator)
     return results
 

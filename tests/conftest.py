@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from hub_fixtures import loopback_hub  # noqa: F401  (a loopback model hub for push/load tests)
+
 
 SHARED_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -12,11 +12,11 @@ import torch
 from pinfm_hf import PinFMConfig, PinFMForPretraining, PinFMTokenizer
 
 
-# Runs in the child: pinfm_hf (and pyarrow/datasets, which a bare transformers install lacks) are made unimportable
-# before anything else, as in an environment with only torch and transformers.
-CHILD = textwrap.dedent(
+# Prepended to a child's code: pinfm_hf (and pyarrow/datasets, which a bare transformers install lacks) are made
+# unimportable before anything else, as in an environment with only torch and transformers.
+WITHOUT_PINFM_HF = textwrap.dedent(
     """
-    import importlib.abc, json, sys
+    import importlib.abc, sys
 
     class BlockPinFM(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
@@ -25,6 +25,11 @@ CHILD = textwrap.dedent(
             return None
 
     sys.meta_path.insert(0, BlockPinFM())
+    """
+)
+CHILD = WITHOUT_PINFM_HF + textwrap.dedent(
+    """
+    import json
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForPreTraining, AutoTokenizer
 

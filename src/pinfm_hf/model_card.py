@@ -132,6 +132,7 @@ def render_ctr_card(
         model_name=model_name,
         use_case=data["use_case"],
         base=model_args["base"],
+        base_revision=model_args.get("base_revision"),
         transfer=model_args["transfer"],
         transfer_description=TRANSFER_STRATEGIES[model_args["transfer"]],
         is_adapter=is_adapter,

@@ -6,8 +6,9 @@ import re
 import resource
 import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import yaml
 from transformers import HfArgumentParser
@@ -162,6 +163,24 @@ def save_checkpoint(accelerator, checkpoint_dir: str | os.PathLike, step: int, s
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+@contextmanager
+def atomic_folder(final: str | os.PathLike) -> Iterator[Path]:
+    """
+    Yield a temp folder to write into; on success it replaces `final` in one rename, so a run killed while saving
+    leaves either the previous folder or the new one, never a half-written one.
+    """
+    final = Path(final)
+    tmp, old = final.with_name(f".tmp-{final.name}"), final.with_name(f".old-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_training_state(checkpoint: str | os.PathLike) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from .configuration_pinfm import PinFMConfig
+from .hub import cached_file_from
 from .modeling_pinfm import PINFM_LORA_TARGET_MODULES, PinFMForCTR
 
 
@@ -72,9 +73,9 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, base
 
 
-def ctr_config_from_base(base: Union[str, Path], **ctr_fields: Any) -> PinFMConfig:
+def ctr_config_from_base(base: Union[str, Path], *, revision: Optional[str] = None, **ctr_fields: Any) -> PinFMConfig:
     """The base's architecture with the CTR fields set (fusion, head, side features, auxiliary loss)."""
-    config = PinFMConfig.from_pretrained(base)
+    config = PinFMConfig.from_pretrained(base, revision=revision)
     unknown = [k for k in ctr_fields if not hasattr(config, k)]
     if unknown:
         raise ValueError(f"Unknown PinFMConfig field(s) {unknown}.")
@@ -91,9 +92,10 @@ def build_ctr_model(
     lora_rank: int = 8,
     lora_alpha: int = 16,
     lora_dropout: float = 0.0,
+    revision: Optional[str] = None,
 ) -> TransferredModel:
     """
-    Build a `PinFMForCTR` from the pretrained folder (or hub repo id) `base` with a transfer strategy (see
+    Build a `PinFMForCTR` from the pretrained folder (or hub repo id at `revision`) `base` with a transfer strategy (see
     `TRANSFER_STRATEGIES`). `config` is the CTR config (e.g. from [`ctr_config_from_base`]). Random parts are drawn
     from the current torch seed, so seed before calling for a reproducible head.
     """
@@ -102,13 +104,13 @@ def build_ctr_model(
     if strategy in ("none", "sparse", "sparse_freeze"):
         model = PinFMForCTR(config)
     else:
-        model = PinFMForCTR.from_pretrained(base, config=config)
+        model = PinFMForCTR.from_pretrained(base, config=config, revision=revision)
     embeddings = embedding_parameter_names(model)
 
     if strategy == "none":
         transferred = set()
     elif strategy in ("sparse", "sparse_freeze"):
-        pretrained = PinFMForCTR.from_pretrained(base, config=config).state_dict()
+        pretrained = PinFMForCTR.from_pretrained(base, config=config, revision=revision).state_dict()
         missing = embeddings - set(pretrained)
         if missing:
             raise ValueError(f"{base} has no pretrained weights for {sorted(missing)}.")
@@ -178,18 +180,29 @@ def optimizer_param_groups(
     ]
 
 
-def save_ctr_adapter(model: PeftModel, save_directory: Union[str, Path]) -> Path:
-    """Save a LoRA use case: the PEFT adapter (with its head) plus the CTR config the base must be built with."""
+def save_ctr_adapter(
+    model: PeftModel, save_directory: Union[str, Path], *, base: Optional[str] = None, base_revision: Optional[str] = None
+) -> Path:
+    """
+    Save a LoRA use case: the PEFT adapter (with its head) plus the CTR config the base must be built with. `base` and
+    `base_revision` name the base in `adapter_config.json` (what `PeftModel.from_pretrained` and the hub show).
+    """
     save_directory = Path(save_directory)
+    if base is not None:
+        for peft_config in model.peft_config.values():
+            peft_config.base_model_name_or_path = str(base)
+            peft_config.revision = base_revision
     model.save_pretrained(str(save_directory))
     model.get_base_model().config.to_json_file(str(save_directory / CTR_CONFIG_NAME))
     return save_directory
 
 
-def load_ctr_config(adapter_directory: Union[str, Path]) -> PinFMConfig:
-    path = Path(adapter_directory) / CTR_CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {adapter_directory} a folder saved by `save_ctr_adapter`?")
+def load_ctr_config(adapter: Union[str, Path], revision: Optional[str] = None) -> PinFMConfig:
+    """The CTR config saved with an adapter (a folder or a hub repo id at `revision`)."""
+    try:
+        path = cached_file_from(adapter, CTR_CONFIG_NAME, revision=revision)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e} Is {str(adapter)!r} an adapter saved by `save_ctr_adapter`?") from e
     return PinFMConfig.from_json_file(str(path))
 
 
@@ -200,28 +213,37 @@ def _head_shape(config: PinFMConfig) -> dict[str, Any]:
 
 
 def load_ctr_adapters(
-    base: Union[str, Path], adapters: dict[str, Union[str, Path]], *, base_model: Optional[PinFMForCTR] = None
+    base: Union[str, Path],
+    adapters: dict[str, Union[str, Path]],
+    *,
+    base_model: Optional[PinFMForCTR] = None,
+    revision: Optional[str] = None,
+    adapter_revisions: Optional[dict[str, str]] = None,
 ) -> PeftModel:
     """
     Put several use-case adapters on one base model (loaded once) and return the `PeftModel`; switch between them
-    with `model.set_adapter(name)`. Adapters on one base must share the head's shape (same side features).
+    with `model.set_adapter(name)`. Adapters on one base must share the head's shape (same side features). Base and
+    adapters are folders or hub repo ids; `revision` is the base's, `adapter_revisions` `{name: revision}` the adapters'.
     """
+    adapter_revisions = adapter_revisions or {}
     if not adapters:
         raise ValueError("Give at least one adapter: {name: folder}.")
     names = list(adapters)
-    config = load_ctr_config(adapters[names[0]])
+    config = load_ctr_config(adapters[names[0]], adapter_revisions.get(names[0]))
     for name in names[1:]:
-        other = load_ctr_config(adapters[name])
+        other = load_ctr_config(adapters[name], adapter_revisions.get(name))
         if _head_shape(other) != _head_shape(config):
             raise ValueError(
                 f"Adapter {name!r} needs a different head than {names[0]!r} "
                 f"({json.dumps(_head_shape(other))} vs {json.dumps(_head_shape(config))}); load it on its own base."
             )
     if base_model is None:
-        base_model = PinFMForCTR.from_pretrained(base, config=config)
-    model = PeftModel.from_pretrained(base_model, str(adapters[names[0]]), adapter_name=names[0])
+        base_model = PinFMForCTR.from_pretrained(base, config=config, revision=revision)
+    model = PeftModel.from_pretrained(
+        base_model, str(adapters[names[0]]), adapter_name=names[0], revision=adapter_revisions.get(names[0])
+    )
     for name in names[1:]:
-        model.load_adapter(str(adapters[name]), adapter_name=name)
+        model.load_adapter(str(adapters[name]), adapter_name=name, revision=adapter_revisions.get(name))
     model.eval()
     return model
 

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import torch
 from transformers.utils import logging
 
+from ..hub import cached_file_from
 from ..tokenization_pinfm import PinFMTokenizer, _atomic_write_json
 from .events import EVENT_COLUMNS, SURFACE_COLUMN, EventTable, EventValidationError
 from .sequences import _sequence_table, build_user_sequences
@@ -362,11 +363,9 @@ class CTRFeatureEncoder:
         return path
 
     @classmethod
-    def load(cls, directory: Union[str, os.PathLike]) -> "CTRFeatureEncoder":
-        """Read what `save` wrote."""
-        path = Path(directory) / FEATURES_FILE_NAME
-        if not path.is_file():
-            raise FileNotFoundError(f"No CTR feature vocabulary at {path}.")
+    def load(cls, directory: Union[str, os.PathLike], revision: Optional[str] = None) -> "CTRFeatureEncoder":
+        """Read what `save` wrote, from a folder or a hub repo id (at `revision`)."""
+        path = cached_file_from(directory, FEATURES_FILE_NAME, revision=revision)
         try:
             with open(path, encoding="utf-8") as f:
                 state = json.load(f)
