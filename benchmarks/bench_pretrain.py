@@ -26,6 +26,8 @@ VARIANTS = {
     # Tuning of the baseline (learning rate, number of sampled negatives).
     "sasrec_lr5e3": (CONFIGS / "ml1m_sasrec_like.yaml", ["--learning_rate", "0.005"]),
     "sasrec_neg1024": (CONFIGS / "ml1m_sasrec_like.yaml", ["--num_negatives", "1024"]),
+    "sasrec_full_softmax": (CONFIGS / "ml1m_sasrec_like.yaml", ["--full_softmax", "true"]),
+    "sasrec_full_softmax_lr5e3": (CONFIGS / "ml1m_sasrec_like.yaml", ["--full_softmax", "true", "--learning_rate", "0.005"]),
     # Loss ablations on the full-feature model.
     "next_only": (PINFM, ["--multi_token_loss_weight", "0", "--future_token_loss_weight", "0"]),
     "next_multi": (PINFM, ["--future_token_loss_weight", "0"]),
