@@ -6,7 +6,6 @@ Every hub call runs in a child process: `huggingface_hub` reads `HF_ENDPOINT` at
 """
 
 import json
-import os
 import subprocess
 import sys
 import textwrap

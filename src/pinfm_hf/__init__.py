@@ -7,6 +7,7 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
 )
+from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_pinfm import PinFMConfig
 from .modeling_pinfm import (
@@ -18,6 +19,7 @@ from .modeling_pinfm import (
     PinFMModelOutput,
     PinFMPreTrainedModel,
 )
+from .pipeline_pinfm import PINFM_PIPELINE_TASK, PinFMRecommendationPipeline
 from .tokenization_pinfm import PinFMTokenizer
 
 
@@ -35,6 +37,10 @@ PinFMModel.register_for_auto_class("AutoModel")
 PinFMForPretraining.register_for_auto_class("AutoModelForPreTraining")
 PinFMForCTR.register_for_auto_class("AutoModelForSequenceClassification")
 PinFMTokenizer.register_for_auto_class("AutoTokenizer")
+# `pipeline("pinfm-recommendation", model=folder)`; saved folders also name the pipeline for remote-code loading.
+PIPELINE_REGISTRY.register_pipeline(
+    PINFM_PIPELINE_TASK, pipeline_class=PinFMRecommendationPipeline, pt_model=AutoModelForPreTraining, type="text"
+)
 
 __all__ = [
     "PinFMConfig",
@@ -46,4 +52,6 @@ __all__ = [
     "PinFMForPretrainingOutput",
     "PinFMPreTrainedModel",
     "PinFMTokenizer",
+    "PinFMRecommendationPipeline",
+    "PINFM_PIPELINE_TASK",
 ]

@@ -5,8 +5,9 @@ pre-norm RMSNorm, rotary positions, SwiGLU, no biases (GPSD), with SDPA attentio
 pretraining with PinFM's next-, multi- and future-token losses, and CTR ranking with the candidate fused early
 (appended to the sequence) or late (user embedding + candidate embedding), scored in serving with DCAT.
 
-This file, `configuration_pinfm.py`, `tokenization_pinfm.py`, `losses.py` and `quantization_pinfm.py` are copied
-into saved model folders for `trust_remote_code`: they import only torch, transformers and each other.
+This file, `configuration_pinfm.py`, `tokenization_pinfm.py`, `losses.py`, `quantization_pinfm.py` and
+`pipeline_pinfm.py` are copied into saved model folders for `trust_remote_code`: they import only torch,
+transformers and each other.
 """
 
 import math
@@ -433,6 +434,11 @@ class PinFMPreTrainedModel(PreTrainedModel):
     def save_pretrained(self, save_directory, *args, **kwargs):
         # One saved folder serves every auto class: `AutoModel` gives the encoder, the head classes their own model.
         self.config.auto_map = {**PINFM_AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
+        # `pipeline(model=folder, trust_remote_code=True)` recommends with the pretraining head (pipeline_pinfm.py is
+        # copied as a relative import); encoder and CTR folders do not inherit the entry from their base's config.
+        from .pipeline_pinfm import saved_custom_pipelines
+
+        self.config.custom_pipelines = saved_custom_pipelines() if type(self) is PinFMForPretraining else {}
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:

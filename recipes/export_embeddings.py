@@ -1,0 +1,120 @@
+"""Export user and item embeddings of a pretrained PinFM model to Parquet, for a retrieval index.
+
+    python recipes/export_embeddings.py --model outputs/pretrain/model --dataset ml-1m --output_dir outputs/embeddings
+    python recipes/export_embeddings.py --model user/pinfm-ml1m --revision <sha> --dataset taobao --output_dir out/emb
+
+Reads events the way recipes/pretrain.py does (`--dataset`/`--data_dir`/`--columns`), groups them into each user's
+full time-ordered history, and writes to `--output_dir`, each file atomically (temporary file, then `os.replace`):
+`item_embeddings.parquet` (`item_id`, `embedding`), `user_embeddings.parquet` (`user_id`, `embedding`),
+`embedding_info.json` (the temperature and what was exported) and a `README.md` on how to score with them:
+`score = dot(user_embedding, item_embedding) / temperature`.
+"""
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from transformers import AutoModelForPreTraining, AutoTokenizer
+
+from pinfm_hf.data import build_user_sequences, load_events_from_args
+from pinfm_hf.embedding_export import (
+    export_item_embeddings,
+    export_user_embeddings,
+    write_parquet_atomically,
+    write_text_atomically,
+)
+from pinfm_hf.training_utils import parse_recipe_args
+
+
+logger = logging.getLogger("export_embeddings")
+
+README = """# PinFM embeddings
+
+Exported from `{model}` (revision `{revision}`) with `recipes/export_embeddings.py`.
+
+- `item_embeddings.parquet`: `item_id`, `embedding` ({num_items} items, {dim} float32 values each, L2-normalised).
+- `user_embeddings.parquet`: `user_id`, `embedding` ({num_users} users: the query embedding at each user's last event).
+- `embedding_info.json`: `temperature` ({temperature:.6g}) and what was exported.
+
+Score a user against an item with `score = dot(user_embedding, item_embedding) / temperature`: the model's next-item
+logit, as the `pinfm-recommendation` pipeline ranks by. The embeddings are normalised and the temperature is positive,
+so an inner-product or cosine index returns the same top-k without it.
+
+```python
+import datasets
+items = datasets.Dataset.from_parquet("item_embeddings.parquet").with_format("numpy")[:]
+users = datasets.Dataset.from_parquet("user_embeddings.parquet").with_format("numpy")[:]
+scores = users["embedding"] @ items["embedding"].T / {temperature:.6g}  # (num_users, num_items)
+```
+"""
+
+
+@dataclass
+class DataArguments:
+    dataset: str = field(default="ml-1m", metadata={"help": "'ml-1m', 'taobao', or a CSV/Parquet event file of your own."})
+    data_dir: str = field(default="../shared/data", metadata={"help": "Folder holding ml-1m/ and taobao-sample/."})
+    columns: Optional[str] = field(
+        default=None, metadata={"help": 'Own files: JSON map from canonical to file column, e.g. \'{"user_id": "uid"}\'.'}
+    )
+    max_users: Optional[int] = field(default=None, metadata={"help": "Export the first N users only (smoke tests)."})
+
+
+@dataclass
+class ExportArguments:
+    model: str = field(metadata={"help": "Saved PinFMForPretraining folder or hub repo id."})
+    revision: Optional[str] = field(default=None, metadata={"help": "Branch, tag or commit of a hub --model."})
+    output_dir: str = field(default="outputs/embeddings", metadata={"help": "Folder of the Parquet files."})
+    batch_size: int = field(default=256, metadata={"help": "Users encoded per forward pass."})
+    device: Optional[str] = field(default=None, metadata={"help": "'cpu', 'cuda', ...; defaults to cuda when available."})
+
+
+def main(args: Optional[list[str]] = None) -> dict:
+    data_args, export_args = parse_recipe_args((DataArguments, ExportArguments), args)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    output_dir = Path(export_args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    device = export_args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    # ----- setup: model, tokenizer, each user's full history -----
+    model = AutoModelForPreTraining.from_pretrained(export_args.model, revision=export_args.revision).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(export_args.model, revision=export_args.revision)
+    events = load_events_from_args(data_args.dataset, data_args.data_dir, data_args.columns)
+    sequences = build_user_sequences(events)
+    if data_args.max_users is not None:
+        sequences = sequences.select(range(min(data_args.max_users, len(sequences))))
+    logger.info("Exporting %d items and %d users from %s.", tokenizer.num_items, len(sequences), export_args.model)
+
+    # ----- export -----
+    items = export_item_embeddings(model, tokenizer, show_progress=True)
+    users = export_user_embeddings(model, tokenizer, sequences, batch_size=export_args.batch_size, show_progress=True)
+
+    # ----- save -----
+    info = {
+        "temperature": model.temperature.item(),
+        "score": "dot(user_embedding, item_embedding) / temperature",
+        "normalized": True,
+        "dim": model.config.projection_size,
+        "num_items": len(items),
+        "num_users": len(users),
+        "max_length": tokenizer.model_max_length,
+        "model": export_args.model,
+        "revision": export_args.revision,
+        **{f"data_{k}": v for k, v in asdict(data_args).items()},
+    }
+    write_parquet_atomically(items, output_dir / "item_embeddings.parquet")
+    write_parquet_atomically(users, output_dir / "user_embeddings.parquet")
+    write_text_atomically(json.dumps(info, indent=2), output_dir / "embedding_info.json")
+    readme = README.format(
+        model=export_args.model, revision=export_args.revision or "default", num_items=len(items), num_users=len(users),
+        dim=info["dim"], temperature=info["temperature"],
+    )
+    write_text_atomically(readme, output_dir / "README.md")
+    logger.info("Wrote %d item and %d user embeddings to %s.", len(items), len(users), output_dir)
+    return info
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""User and item embeddings of a pretrained PinFM model, for a retrieval (nearest-neighbour) index.
+
+Both are the L2-normalised scoring projections of [`PinFMForPretraining`], so
+`score(user, item) = dot(user_embedding, item_embedding) / model.temperature` is the logit that `model.score_items`
+gives and the recommendation pipeline ranks by. The temperature is one positive number: an inner-product (or cosine)
+index ranks items the same with or without it.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Union
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import torch
+from tqdm.auto import tqdm
+
+from .data.collator import PinFMDataCollator
+from .evaluation import last_valid
+
+
+def _check_pair(model, tokenizer) -> None:
+    if not hasattr(model, "item_embeddings") or not hasattr(model, "query_proj"):
+        raise TypeError(f"{type(model).__name__} has no scoring head: export from a PinFMForPretraining checkpoint.")
+    if model.config.item_vocab_size != len(tokenizer):
+        raise ValueError(
+            f"The model scores {model.config.item_vocab_size} item ids but the tokenizer has {len(tokenizer)}: "
+            "pass the tokenizer saved with this model."
+        )
+
+
+def _embedding_table(keys_name: str, keys: Any, embeddings: np.ndarray) -> datasets.Dataset:
+    """`(keys_name, embedding)` with a fixed-size float32 list column, the layout vector indexes read."""
+    dim = embeddings.shape[1]
+    column = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.astype(np.float32).reshape(-1)), dim)
+    return datasets.Dataset(pa.table({keys_name: keys, "embedding": column}))
+
+
+@torch.no_grad()
+def export_item_embeddings(model, tokenizer, batch_size: int = 65536, show_progress: bool = False) -> datasets.Dataset:
+    """
+    Scoring embedding of every real item of the vocabulary: item token ids `[num_special, tokenizer.first_bucket_id)`
+    (special tokens and hash buckets are not items).
+
+    Args:
+        model ([`PinFMForPretraining`]): the model whose `item_embeddings` are exported.
+        tokenizer ([`PinFMTokenizer`]): its tokenizer (maps token ids back to raw item ids).
+        batch_size (`int`, *optional*, defaults to 65536): item ids embedded per step.
+        show_progress (`bool`, *optional*, defaults to `False`): show a progress bar.
+
+    Returns:
+        `datasets.Dataset` with `item_id` (`str`, the raw id) and `embedding` (`float32`, `projection_size` values,
+        L2-normalised), in token-id order.
+    """
+    _check_pair(model, tokenizer)
+    first, end = model.config.num_special_item_tokens, tokenizer.first_bucket_id
+    device = next(model.parameters()).device
+    chunks = []
+    for start in tqdm(range(first, end, batch_size), desc="item embeddings", disable=not show_progress):
+        ids = torch.arange(start, min(start + batch_size, end), device=device)
+        chunks.append(model.item_embeddings(ids).float().cpu().numpy())
+    embeddings = np.concatenate(chunks) if chunks else np.zeros((0, model.config.projection_size), dtype=np.float32)
+    return _embedding_table("item_id", tokenizer.item_tokens[first:end], embeddings)
+
+
+@torch.no_grad()
+def export_user_embeddings(
+    model,
+    tokenizer,
+    sequences: Union[datasets.Dataset, pa.Table],
+    batch_size: int = 256,
+    show_progress: bool = False,
+) -> datasets.Dataset:
+    """
+    Query embedding of each user: the model's normalised scoring projection at the last event of the user's history
+    (its `tokenizer.model_max_length` most recent events, the window the model was trained on).
+
+    Args:
+        model ([`PinFMForPretraining`]): the model.
+        tokenizer ([`PinFMTokenizer`]): its tokenizer.
+        sequences (`datasets.Dataset` or `pyarrow.Table`):
+            Per-user time-ordered histories from [`~pinfm_hf.data.build_user_sequences`]: `user_id` and list columns
+            `item_ids`, `actions`, `timestamps` (and `surfaces`). Pass the full sequences, not a training split, for
+            embeddings of the users' present state.
+        batch_size (`int`, *optional*, defaults to 256): users encoded per forward pass.
+        show_progress (`bool`, *optional*, defaults to `False`): show a progress bar.
+
+    Returns:
+        `datasets.Dataset` with `user_id` and `embedding` (`float32`, `projection_size` values, L2-normalised), in the
+        order of `sequences`.
+    """
+    _check_pair(model, tokenizer)
+    table = sequences.with_format("arrow")[:] if isinstance(sequences, datasets.Dataset) else sequences
+    encoded = tokenizer.encode_sequences(table)
+    collator = PinFMDataCollator(pad_token_id=tokenizer.pad_token_id)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    chunks = []
+    progress = tqdm(total=encoded.num_rows, desc="user embeddings", unit="user", disable=not show_progress)
+    for start in range(0, encoded.num_rows, batch_size):
+        batch = collator(encoded.slice(start, batch_size).to_pylist())
+        batch = {key: value.to(device) for key, value in batch.items()}
+        query = last_valid(model(**batch).query_embeddings, batch["attention_mask"])  # (B, P)
+        chunks.append(query.float().cpu().numpy())
+        progress.update(len(query))
+    progress.close()
+    model.train(was_training)
+    embeddings = np.concatenate(chunks) if chunks else np.zeros((0, model.config.projection_size), dtype=np.float32)
+    return _embedding_table("user_id", table.column("user_id"), embeddings)
+
+
+def _replace_atomically(path: Union[str, os.PathLike], write: Callable[[str], Any]) -> Path:
+    """Run `write(tmp)` on a temporary sibling of `path`, then `os.replace` it into place: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_parquet_atomically(dataset: datasets.Dataset, path: Union[str, os.PathLike]) -> Path:
+    """`dataset.to_parquet(path)`, atomically."""
+    return _replace_atomically(path, dataset.to_parquet)
+
+
+def write_text_atomically(text: str, path: Union[str, os.PathLike]) -> Path:
+    """Write `text` (UTF-8) to `path`, atomically."""
+    return _replace_atomically(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+__all__ = ["export_item_embeddings", "export_user_embeddings", "write_parquet_atomically", "write_text_atomically"]

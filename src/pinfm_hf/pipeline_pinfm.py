@@ -1,0 +1,269 @@
+"""`PinFMRecommendationPipeline`: top-k next-item recommendations from one user's raw event history.
+
+Saved model folders carry this file (a relative import of `modeling_pinfm.py`) and name it in
+`config.custom_pipelines`, so `pipeline(model=folder, trust_remote_code=True)` works where pinfm_hf is not installed:
+it imports only torch, transformers and its siblings.
+"""
+
+import numbers
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Optional, Union
+
+import torch
+from transformers import Pipeline
+from transformers.utils import logging
+
+from .tokenization_pinfm import SPECIAL_ACTION_TOKENS
+
+
+logger = logging.get_logger(__name__)
+
+# Task name in the installed package's registry: `pipeline("pinfm-recommendation", model=folder)`.
+PINFM_PIPELINE_TASK = "pinfm-recommendation"
+# Task name saved in `config.custom_pipelines`. It differs from the registered one on purpose: transformers gives a
+# folder's custom task precedence over the registry and then demands `trust_remote_code=True`, which would break
+# `pipeline("pinfm-recommendation", model=folder)` for the installed package.
+PINFM_REMOTE_PIPELINE_TASK = "pinfm-recommendation-remote"
+EVENT_FIELDS = ("item_id", "action", "timestamp")
+SURFACE_FIELD = "surface"
+_INTEGER = re.compile(r"^[+-]?\d+$")
+# `__call__` keywords; anything else is a typo, not a parameter to ignore silently.
+_CALL_PARAMETERS = ("top_k", "exclude_history", "exclude_items", "batch_size", "num_workers")
+
+History = Union[Sequence[Mapping[str, Any]], Mapping[str, Sequence[Any]]]
+
+
+def saved_custom_pipelines() -> dict[str, dict[str, Any]]:
+    """The `config.custom_pipelines` entry of a saved folder, as `Pipeline.save_pretrained` would write it."""
+    return {
+        PINFM_REMOTE_PIPELINE_TASK: {
+            "impl": "pipeline_pinfm.PinFMRecommendationPipeline",
+            "pt": ["AutoModelForPreTraining"],
+            "type": "text",
+        }
+    }
+
+
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _iter_events(history: History) -> Iterable[tuple[int, Mapping[str, Any]]]:
+    """`(index, event)` pairs of a list of event dicts or of a dict of equally long columns."""
+    if isinstance(history, Mapping):
+        missing = [field for field in EVENT_FIELDS if field not in history]
+        if missing:
+            raise ValueError(f"The history has no `{missing[0]}` column; a dict of columns needs {list(EVENT_FIELDS)}.")
+        columns = {field: list(values) for field, values in history.items() if field in (*EVENT_FIELDS, SURFACE_FIELD)}
+        n = len(columns["item_id"])
+        for field, values in columns.items():
+            if len(values) != n:
+                raise ValueError(f"Column `{field}` has {len(values)} values, but `item_id` has {n}.")
+        return ((i, {field: values[i] for field, values in columns.items()}) for i in range(n))
+    if isinstance(history, Sequence) and not isinstance(history, (str, bytes)):
+        return enumerate(history)
+    raise TypeError(
+        f"A history is a list of event dicts {{'item_id', 'action', 'timestamp'[, 'surface']}} or a dict of such "
+        f"columns, got {type(history).__name__}."
+    )
+
+
+def validate_history(history: History, known_actions: Sequence[str]) -> dict[str, list]:
+    """
+    Check one user's raw history and return it as time-ordered columns `item_id` (str), `action`, `timestamp` (int)
+    and `surface` (when every event has one). Events with equal timestamps keep their input order (stable sort).
+
+    Raises `ValueError` naming the field and the event index (in input order) for a missing or empty field, a
+    non-integer timestamp or an unknown action, and for an empty history.
+    """
+    known = set(known_actions)
+    columns = {"item_id": [], "action": [], "timestamp": [], SURFACE_FIELD: []}
+    for i, event in _iter_events(history):
+        if not isinstance(event, Mapping):
+            raise TypeError(f"Event {i} is a {type(event).__name__}, not a dict with fields {list(EVENT_FIELDS)}.")
+        for field in EVENT_FIELDS:
+            if _is_missing(event.get(field)):
+                raise ValueError(f"Event {i}: `{field}` is missing or empty.")
+        item_id, action, timestamp = (event[field] for field in EVENT_FIELDS)
+        if isinstance(item_id, bool) or not isinstance(item_id, (str, numbers.Integral)):
+            raise ValueError(f"Event {i}: `item_id` must be a string or an integer, got {item_id!r}.")
+        if action not in known:
+            raise ValueError(f"Event {i}: unknown `action` {action!r}; this model knows {sorted(known)}.")
+        if isinstance(timestamp, str) and _INTEGER.match(timestamp.strip()):
+            timestamp = int(timestamp)
+        if isinstance(timestamp, bool) or not isinstance(timestamp, numbers.Integral):
+            raise ValueError(f"Event {i}: `timestamp` must be an integer (unix seconds), got {timestamp!r}.")
+        columns["item_id"].append(str(item_id))
+        columns["action"].append(action)
+        columns["timestamp"].append(int(timestamp))
+        surface = event.get(SURFACE_FIELD)
+        columns[SURFACE_FIELD].append(None if _is_missing(surface) else str(surface))
+    n = len(columns["item_id"])
+    if n == 0:
+        raise ValueError("The history has no events: the model needs at least one to recommend from.")
+    surfaces = columns.pop(SURFACE_FIELD)
+    given = [s is not None for s in surfaces]
+    if any(given):
+        if not all(given):
+            raise ValueError(f"Event {given.index(False)}: `{SURFACE_FIELD}` is missing or empty, but other events have one.")
+        columns[SURFACE_FIELD] = surfaces
+    order = sorted(range(n), key=columns["timestamp"].__getitem__)  # stable: ties keep their input order
+    return {field: [values[i] for i in order] for field, values in columns.items()}
+
+
+def _is_single_history(inputs: Any) -> bool:
+    """A dict of columns, or a list of event dicts (not a list of histories)."""
+    if isinstance(inputs, Mapping):
+        return True
+    if isinstance(inputs, (list, tuple)) and inputs:
+        first = inputs[0]
+        # An event's `item_id` is a scalar; a dict of columns (one history of a batch) holds a list there.
+        return isinstance(first, Mapping) and not isinstance(first.get("item_id"), (list, tuple))
+    return False
+
+
+def last_valid(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """`values[b, t_last(b)]` where `t_last` is row b's last real position, for either padding side."""
+    # Adapted from pinfm_hf.evaluation.last_valid: remote code cannot import the package.
+    T = attention_mask.shape[1]
+    last = (attention_mask.long() * torch.arange(T, device=attention_mask.device)).argmax(dim=1)  # (B,)
+    return values[torch.arange(values.shape[0], device=values.device), last]
+
+
+class PinFMRecommendationPipeline(Pipeline):
+    """
+    Top-k next-item recommendation from one user's raw event history, with a [`PinFMForPretraining`] model and its
+    [`PinFMTokenizer`].
+
+    The history is encoded like training data (the `tokenizer.model_max_length` most recent events), the query
+    embedding at the last event scores every item of the vocabulary (`model.score_items`: dot product of normalised
+    embeddings over the temperature), and the best `top_k` are returned. Special tokens and hash buckets (ids of
+    item ids unseen at tokenizer build) are never recommended.
+
+    Example:
+
+    ```python
+    from transformers import pipeline
+
+    recommend = pipeline("pinfm-recommendation", model="outputs/pretrain/model")  # pinfm_hf installed
+    recommend = pipeline(model="outputs/pretrain/model", trust_remote_code=True)  # anywhere
+    history = [{"item_id": "Toy Story (1995)", "action": "rating_5", "timestamp": 978300760}]
+    recommend(history, top_k=3)  # [{"item_id": ..., "score": ...}, ...], best first
+    recommend([history, history[:1]], top_k=3, exclude_items=["Heat (1995)"])  # a batch: one list per user
+    ```
+    """
+
+    _load_tokenizer = True
+    _load_processor = False
+    _load_image_processor = False
+    _load_video_processor = False
+    _load_feature_extractor = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model.eval()  # recommendations must not depend on dropout, whatever mode a passed model was left in
+        if not hasattr(self.model, "score_items"):
+            raise TypeError(
+                f"{type(self.model).__name__} cannot score items: load the model with `AutoModelForPreTraining` "
+                "(a PinFMForPretraining checkpoint)."
+            )
+        if self.tokenizer is None or not hasattr(self.tokenizer, "first_bucket_id"):
+            raise TypeError("The recommendation pipeline needs the model's PinFMTokenizer.")
+
+    def __call__(self, inputs: Union[History, Sequence[History]], **kwargs) -> Union[list[dict], list[list[dict]]]:
+        """
+        Recommend items for one user or a batch of users.
+
+        Args:
+            inputs (`list[dict]`, `dict[str, list]` or a `list` of either):
+                One user's raw history: event dicts `{"item_id", "action", "timestamp"[, "surface"]}` (any order;
+                sorted by timestamp, stably), or a dict of such columns. A list of histories is a batch.
+            top_k (`int`, *optional*, defaults to 10):
+                Number of items to return (fewer when fewer items can be recommended).
+            exclude_history (`bool`, *optional*, defaults to `True`):
+                Leave out items already in the history.
+            exclude_items (`Iterable[str]`, *optional*):
+                Further raw item ids to leave out.
+            batch_size (`int`, *optional*, defaults to 1):
+                Histories encoded per forward pass for batch inputs.
+
+        Returns:
+            One user: `[{"item_id": str, "score": float}, ...]` by descending score (the logit of the next-item
+            softmax); a batch: a list of these, in input order.
+        """
+        unknown = sorted(set(kwargs) - set(_CALL_PARAMETERS))
+        if unknown:
+            raise TypeError(f"Unknown parameter(s) {unknown}; the pipeline takes {list(_CALL_PARAMETERS)}.")
+        if _is_single_history(inputs):
+            # A list of events would otherwise be read as a batch: hand the base class one (column) history.
+            return super().__call__(self._columns(inputs), **kwargs)
+        if isinstance(inputs, (list, tuple)) and inputs:
+            return super().__call__(list(inputs), **kwargs)
+        raise ValueError(
+            "Pass one user's history (a non-empty list of event dicts, or a dict of columns) or a list of histories."
+        )
+
+    def _sanitize_parameters(self, top_k=None, exclude_history=None, exclude_items=None, **kwargs):
+        preprocess, forward = {}, {}
+        if exclude_history is not None:
+            preprocess["exclude_history"] = bool(exclude_history)
+        if exclude_items is not None:
+            if isinstance(exclude_items, (str, numbers.Integral)):
+                exclude_items = [exclude_items]
+            preprocess["exclude_items"] = [str(item) for item in exclude_items]
+        if top_k is not None:
+            if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1:
+                raise ValueError(f"`top_k` must be a positive integer, got {top_k!r}.")
+            forward["top_k"] = int(top_k)
+        return preprocess, forward, {}
+
+    def _columns(self, history: History) -> dict[str, list]:
+        known_actions = self.tokenizer.action_tokens[len(SPECIAL_ACTION_TOKENS) :]
+        return validate_history(history, known_actions)
+
+    def preprocess(
+        self, history: History, exclude_history: bool = True, exclude_items: Optional[list[str]] = None
+    ) -> dict[str, torch.Tensor]:
+        columns = self._columns(history)
+        tokenizer = self.tokenizer
+        encoded = tokenizer.encode_events(
+            columns["item_id"],
+            actions=columns["action"],
+            timestamps=columns["timestamp"],
+            surfaces=columns.get(SURFACE_FIELD),
+            return_tensors="pt",
+        )
+        excluded = list(exclude_items or [])
+        if exclude_history:
+            excluded += columns["item_id"]  # the whole history, also events older than the encoded window
+        excluded_ids = {i for i in tokenizer.convert_tokens_to_ids(excluded) if i < tokenizer.first_bucket_id}
+        # Id 0 (padding, never recommended anyway) keeps the tensor non-empty, so batches of histories pad it.
+        model_inputs = {key: value.long() for key, value in encoded.items()}
+        model_inputs["exclude_ids"] = torch.tensor([[0, *sorted(excluded_ids)]], dtype=torch.long)
+        return model_inputs
+
+    def _forward(self, model_inputs: dict[str, torch.Tensor], top_k: int = 10) -> dict[str, torch.Tensor]:
+        inputs = {key: value for key, value in model_inputs.items() if key != "exclude_ids"}
+        outputs = self.model(**inputs)
+        query = last_valid(outputs.query_embeddings, inputs["attention_mask"])  # (B, P)
+        scores = self.model.score_items(query).float()  # (B, V); special tokens are -inf
+        scores[:, self.tokenizer.first_bucket_id :] = float("-inf")  # hash buckets are not items
+        scores = scores.scatter(1, model_inputs["exclude_ids"], float("-inf"))
+        top = scores.topk(min(top_k, scores.shape[-1]), dim=-1)
+        return {"scores": top.values, "ids": top.indices}  # (B, k) each
+
+    def postprocess(self, model_outputs: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+        scores, ids = model_outputs["scores"][0], model_outputs["ids"][0]
+        keep = torch.isfinite(scores)  # fewer than top_k recommendable items: drop the excluded tail
+        tokens = self.tokenizer.convert_ids_to_tokens(ids[keep].tolist())
+        return [{"item_id": token, "score": score} for token, score in zip(tokens, scores[keep].tolist())]
+
+
+__all__ = [
+    "PINFM_PIPELINE_TASK",
+    "PINFM_REMOTE_PIPELINE_TASK",
+    "PinFMRecommendationPipeline",
+    "saved_custom_pipelines",
+    "validate_history",
+]
