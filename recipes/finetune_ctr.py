@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from accelerate.logging import get_logger
@@ -36,7 +35,7 @@ from pinfm_hf.data import (
     build_ctr_samples,
     collate_impression_groups,
     load_events_from_args,
-    load_movielens_users,
+    load_user_features_from_args,
     randomize_candidate_ids,
     sample_requests,
     split_ctr_samples,
@@ -182,24 +181,6 @@ def use_case_actions(data_args: DataArguments) -> tuple[list[str], list[str]]:
     return list(use_case.positive_actions), list(use_case.negative_actions)
 
 
-def load_user_features(data_args: DataArguments) -> Optional[pa.Table]:
-    if data_args.user_features == "none" or not data_args.side_features:
-        return None
-    if data_args.user_features == "auto":
-        return load_movielens_users(Path(data_args.data_dir) / "ml-1m") if data_args.dataset == "ml-1m" else None
-    path = Path(data_args.user_features)
-    if not path.is_file():
-        raise FileNotFoundError(f"--user_features {path} does not exist.")
-    if path.suffix in (".parquet", ".pq"):
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path)
-    import pyarrow.csv as pacsv
-
-    table = pacsv.read_csv(path)
-    return table.cast(pa.schema([(name, pa.string()) for name in table.column_names]))
-
-
 def main(args: Optional[list[str]] = None) -> dict:
     data_args, model_args, train_args, hub_args = parse_recipe_args(
         (DataArguments, ModelArguments, TrainArguments, HubArguments), args
@@ -224,7 +205,8 @@ def main(args: Optional[list[str]] = None) -> dict:
     events = load_events_from_args(data_args.dataset, data_args.data_dir, data_args.columns)
     sequences, samples = build_ctr_samples(
         events, positive_actions=positive_actions, negative_actions=negative_actions,
-        user_features=load_user_features(data_args),
+        user_features=load_user_features_from_args(data_args.user_features, data_args.dataset, data_args.data_dir)
+        if data_args.side_features else None,
     )
     cut = quantile_timestamp(events, data_args.cut_quantile)
     train_samples, test_samples = split_ctr_samples(samples, cut)

@@ -16,6 +16,7 @@ from pinfm_hf.data import (
     load_movielens_dat,
     load_movielens_users,
     load_taobao,
+    load_user_features_from_args,
 )
 
 
@@ -224,3 +225,18 @@ def test_load_events_from_args_columns_must_be_a_json_object(tmp_path):
         load_events_from_args(str(events), tmp_path, columns='["uid"]')
     mapping = '{"user_id": "uid", "item_id": "iid", "action": "act", "timestamp": "ts"}'
     assert len(load_events_from_args(str(events), tmp_path, columns=mapping)) == 2
+
+
+def test_user_features_from_args(tmp_path, shared_data_dir):
+    with pytest.raises(FileNotFoundError, match="User features file .*missing.csv does not exist"):
+        load_user_features_from_args(str(tmp_path / "missing.csv"), "x.csv", shared_data_dir)
+    path = tmp_path / "users.csv"
+    path.write_text("user_id,age\nu1,25\nu2,31\n")
+    table = load_user_features_from_args(str(path), "x.csv", shared_data_dir)
+    assert table.column_names == ["user_id", "age"] and table["age"].type == pa.string()
+    (tmp_path / "bad.csv").write_text("uid,age\nu1,25\n")
+    with pytest.raises(EventValidationError, match="bad.csv: user features need a 'user_id' column"):
+        load_user_features_from_args(str(tmp_path / "bad.csv"), "x.csv", shared_data_dir)
+    assert load_user_features_from_args("none", "ml-1m", shared_data_dir) is None
+    assert load_user_features_from_args("auto", "taobao", shared_data_dir) is None
+    assert load_user_features_from_args("auto", "ml-1m", shared_data_dir).num_rows == 6040

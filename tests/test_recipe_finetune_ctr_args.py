@@ -26,17 +26,6 @@ def test_use_case_actions():
         finetune_ctr.use_case_actions(finetune_ctr.DataArguments(use_case="custom", positive_actions="buy"))
 
 
-def test_user_features_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--user_features .*missing.csv does not exist"):
-        finetune_ctr.load_user_features(finetune_ctr.DataArguments(dataset="x.csv", user_features=str(tmp_path / "missing.csv")))
-    path = tmp_path / "users.csv"
-    path.write_text("user_id,age\nu1,25\nu2,31\n")
-    table = finetune_ctr.load_user_features(finetune_ctr.DataArguments(dataset="x.csv", user_features=str(path)))
-    assert table.column_names == ["user_id", "age"] and table["age"].type == pa.string()
-    none = finetune_ctr.DataArguments(dataset="ml-1m", user_features="auto", side_features=False)
-    assert finetune_ctr.load_user_features(none) is None
-
-
 def test_sample_requests_keeps_whole_requests():
     # Requests: rows (0, 1) share user, history and second; every other row is its own request.
     samples = pa.table({

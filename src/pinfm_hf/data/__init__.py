@@ -32,6 +32,7 @@ from .loaders import (
     load_movielens_dat,
     load_movielens_users,
     load_taobao,
+    load_user_features_from_args,
 )
 from .sequences import (
     build_user_sequences,
@@ -71,6 +72,7 @@ __all__ = [
     "load_movielens_users",
     "load_sequences",
     "load_taobao",
+    "load_user_features_from_args",
     "make_event_table",
     "quantile_timestamp",
     "save_sequences",

@@ -217,6 +217,24 @@ def load_movielens_users(path: PathLike) -> pa.Table:
     return raw.select(wanted)
 
 
+def load_user_features_from_args(user_features: str, dataset: str, data_dir: PathLike) -> Optional[pa.Table]:
+    """
+    The recipes' `--user_features`: `"auto"` (`ml-1m.user` for ML-1M, none otherwise), `"none"`, or a CSV/Parquet
+    file with `user_id` and one column per feature (read as strings).
+    """
+    if user_features == "none":
+        return None
+    if user_features == "auto":
+        return load_movielens_users(Path(data_dir) / "ml-1m") if dataset == "ml-1m" else None
+    path = Path(user_features)
+    if not path.is_file():
+        raise FileNotFoundError(f"User features file {path} does not exist (--user_features).")
+    table = pq.read_table(path) if path.suffix in (".parquet", ".pq") else pacsv.read_csv(path)
+    if "user_id" not in table.column_names:
+        raise EventValidationError(f"{path}: user features need a 'user_id' column, found {table.column_names}.")
+    return table.cast(pa.schema([(name, pa.string()) for name in table.column_names]))
+
+
 def load_taobao(path: PathLike) -> EventTable:
     """
     Load Taobao `UserBehavior.csv` (no header: user_id, item_id, category_id, behavior, timestamp).
