@@ -18,5 +18,7 @@ def loopback_hub(tmp_path, monkeypatch):
     """
     # Building request headers otherwise fetches an agent registry from huggingface.co (telemetry), once a day.
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
+    # The test suite runs with HF_HUB_OFFLINE=1 (no internet); the loopback hub is on this machine.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     with LoopbackHub(tmp_path / "loopback-hub") as hub:
         yield hub

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub import HfApi, ModelCard
+from huggingface_hub import HfApi, ModelCard, constants
 
 from hub_server import LoopbackHub
 from pinfm_hf import PinFMForCTR, PinFMForPretraining
@@ -31,7 +31,11 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
-    with LoopbackHub(tmp_path_factory.mktemp("hub")) as server:
+    # The suite runs with HF_HUB_OFFLINE=1 (no internet); the loopback hub is on this machine, and in-process
+    # `HfApi(endpoint=...)` calls must reach it.
+    with pytest.MonkeyPatch.context() as patch, LoopbackHub(tmp_path_factory.mktemp("hub")) as server:
+        patch.setattr(constants, "HF_HUB_OFFLINE", False)
+        patch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
         yield server
 
 
