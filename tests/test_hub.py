@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard, constants
+from transformers import pipeline
 
 from hub_server import LoopbackHub
 from pinfm_hf import PinFMForCTR, PinFMForPretraining
@@ -114,9 +115,9 @@ def test_pretrain_pushes_weights_code_tokenizer_card_and_metrics(pushed_base, hu
 
 
 LOAD_BASE = """
-import json, sys
+import json, os, sys
 import torch
-from transformers import AutoModel, AutoModelForPreTraining, AutoTokenizer
+from transformers import AutoModel, AutoModelForPreTraining, AutoTokenizer, pipeline
 
 revision = {revision!r}
 tokenizer = AutoTokenizer.from_pretrained("{repo}", revision=revision, trust_remote_code=True)
@@ -126,8 +127,12 @@ inputs = torch.load("inputs.pt")
 with torch.no_grad():
     torch.save({{"last_hidden_state": encoder(**inputs).last_hidden_state, "query": head(**inputs).query_embeddings}},
                "outputs.pt")
+recommend = pipeline(model="{repo}", revision=revision, trust_remote_code=True)
+history = [{{"item_id": "Heat (1995)", "action": "rating_4", "timestamp": 1}}]
+if os.path.exists("history.json"):
+    history = json.load(open("history.json"))
 print(json.dumps({{"pinfm_hf": any(m.startswith("pinfm_hf") for m in sys.modules), "class": type(head).__module__,
-                  "vocab": len(tokenizer)}}))
+                  "vocab": len(tokenizer), "recommendations": recommend(history, top_k=5)}}))
 """
 
 
@@ -137,10 +142,19 @@ def test_load_by_repo_id_in_a_fresh_process_gives_identical_outputs(pushed_base,
     torch.save(inputs, tmp_path / "inputs.pt")
     with torch.no_grad():
         expected = local(**inputs)
+    history = [{"item_id": "Toy Story (1995)", "action": "rating_5", "timestamp": 978300760},
+               {"item_id": "Aladdin (1992)", "action": "rating_4", "timestamp": 978302109}]
+    (tmp_path / "history.json").write_text(json.dumps(history))
     env = hub_env(hub, tmp_path / "home")
     report = run_child(LOAD_BASE.format(repo=BASE_REPO, revision=None), env, tmp_path, without_pinfm_hf=True)
     assert not report["pinfm_hf"] and report["class"].startswith("transformers_modules")
     assert report["vocab"] == local.config.item_vocab_size
+    # The recommendation pipeline comes with the repo too, and recommends what the local folder does.
+    expected_recommendations = pipeline("pinfm-recommendation", model=str(pushed_base["output_dir"] / "model"))(history, top_k=5)
+    assert len(report["recommendations"]) == 5
+    assert [r["item_id"] for r in report["recommendations"]] == [r["item_id"] for r in expected_recommendations]
+    torch.testing.assert_close(torch.tensor([r["score"] for r in report["recommendations"]]),
+                               torch.tensor([r["score"] for r in expected_recommendations]))
     outputs = torch.load(tmp_path / "outputs.pt")
     assert torch.equal(outputs["last_hidden_state"], expected.last_hidden_state)
     assert torch.equal(outputs["query"], expected.query_embeddings)
