@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 OUTPUT_DIR=${OUTPUT_DIR:-outputs/demo-ml1m}
-.venv/bin/python recipes/pretrain.py --config recipes/configs/ml1m_pinfm_small.yaml --num_train_epochs 4 --output_dir "$OUTPUT_DIR" "$@"
+.venv/bin/python recipes/pretrain.py --config recipes/configs/ml1m_pinfm_small.yaml --num_train_epochs 2 --output_dir "$OUTPUT_DIR" "$@"
 .venv/bin/python - "$OUTPUT_DIR" <<'PY'
 import json, sys
 from pathlib import Path
