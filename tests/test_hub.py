@@ -18,6 +18,7 @@ from transformers import pipeline
 
 from hub_server import LoopbackHub
 from pinfm_hf import PinFMForCTR, PinFMForPretraining
+from pinfm_hf.hub import cached_file_from
 from pinfm_hf.transfer import load_ctr_adapters, load_ctr_config
 from test_remote_code import WITHOUT_PINFM_HF
 
@@ -300,3 +301,13 @@ def test_adapter_life_cycle_fine_tune_from_repo_push_and_score(pushed_base, hub,
     assert torch.equal(torch.load(tmp_path / "peft_logits.pt"), expected)
     assert torch.equal(torch.load(tmp_path / "pinfm_logits.pt"), expected)
     assert report["feature_slots"] == config.ctr_feature_slots
+
+
+def test_cached_file_from_names_what_is_missing(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "a.json").write_text("{}")
+    assert cached_file_from(tmp_path / "model", "a.json") == tmp_path / "model" / "a.json"
+    with pytest.raises(FileNotFoundError, match="has no 'b.json'"):
+        cached_file_from(tmp_path / "model", "b.json")
+    with pytest.raises(FileNotFoundError, match="'a.json': .*nowhere' is neither a folder nor a hub repo id"):
+        cached_file_from(tmp_path / "nowhere", "a.json")

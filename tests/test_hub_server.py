@@ -188,3 +188,4 @@ def test_transformers_push_to_hub_then_from_pretrained(loopback_hub, tmp_path):
     # The push landed on this hub (not a cache): the files are in the repo's main branch.
     files = HfApi(endpoint=hub.endpoint, token=hub.token).list_repo_files(repo_id)
     assert {"config.json", "model.safetensors", "README.md"} <= set(files)
+

@@ -91,8 +91,11 @@ def cached_file_from(path_or_repo_id: Union[str, Path], filename: str, revision:
     Local path of `filename` from a folder or a hub repo (downloaded at `revision` into the hub cache), with an
     error that names the repo, revision and file when it is not there.
     """
+    name = str(path_or_repo_id)
+    if not is_local_folder(name) and (name.startswith(("/", ".", "~")) or name.count("/") != 1):
+        raise FileNotFoundError(f"Cannot read {filename!r}: {name!r} is neither a folder nor a hub repo id ('namespace/name').")
     try:
-        path = cached_file(str(path_or_repo_id), filename, revision=revision, _raise_exceptions_for_missing_entries=False)
+        path = cached_file(name, filename, revision=revision, _raise_exceptions_for_missing_entries=False)
     except OSError as e:
         raise OSError(f"Cannot read {filename!r} from {path_or_repo_id!r} (revision {revision or 'main'}): {e}") from e
     if path is None:
