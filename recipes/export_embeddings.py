@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from transformers import AutoModelForPreTraining, AutoTokenizer
 
-from pinfm_hf.data import build_user_sequences, load_events_from_args
+from pinfm_hf.data import EventSourceArguments, build_user_sequences
 from pinfm_hf.embedding_export import (
     export_item_embeddings,
     export_user_embeddings,
@@ -53,12 +53,7 @@ scores = users["embedding"] @ items["embedding"].T / {temperature:.6g}  # (num_u
 
 
 @dataclass
-class DataArguments:
-    dataset: str = field(default="ml-1m", metadata={"help": "'ml-1m', 'taobao', or a CSV/Parquet event file of your own."})
-    data_dir: str = field(default="../shared/data", metadata={"help": "Folder holding ml-1m/ and taobao-sample/."})
-    columns: Optional[str] = field(
-        default=None, metadata={"help": 'Own files: JSON map from canonical to file column, e.g. \'{"user_id": "uid"}\'.'}
-    )
+class DataArguments(EventSourceArguments):
     max_users: Optional[int] = field(default=None, metadata={"help": "Export the first N users only (smoke tests)."})
 
 
@@ -81,7 +76,7 @@ def main(args: Optional[list[str]] = None) -> dict:
     # ----- setup: model, tokenizer, each user's full history -----
     model = AutoModelForPreTraining.from_pretrained(export_args.model, revision=export_args.revision).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(export_args.model, revision=export_args.revision)
-    events = load_events_from_args(data_args.dataset, data_args.data_dir, data_args.columns)
+    events = data_args.load_events()
     sequences = build_user_sequences(events)
     if data_args.max_users is not None:
         sequences = sequences.select(range(min(data_args.max_users, len(sequences))))

@@ -34,7 +34,7 @@ from pinfm_hf.data import (
     PinFMDataCollator,
     build_ctr_samples,
     collate_impression_groups,
-    load_events_from_args,
+    EventSourceArguments,
     load_user_features_from_args,
     randomize_candidate_ids,
     sample_requests,
@@ -75,12 +75,7 @@ SAMPLE_COLUMNS = {"user_index", "history_length", "user_id", "item_id", "timesta
 
 
 @dataclass
-class DataArguments:
-    dataset: str = field(default="ml-1m", metadata={"help": "'ml-1m', 'taobao', or a CSV/Parquet event file of your own."})
-    data_dir: str = field(default="../shared/data", metadata={"help": "Folder holding ml-1m/ and taobao-sample/."})
-    columns: Optional[str] = field(
-        default=None, metadata={"help": 'Own files: JSON map from canonical to file column, e.g. \'{"user_id": "uid"}\'.'}
-    )
+class DataArguments(EventSourceArguments):
     use_case: str = field(
         default="like",
         metadata={"help": f"One of {sorted(CTR_USE_CASES)}, or 'custom' with --positive_actions/--negative_actions."},
@@ -202,7 +197,7 @@ def main(args: Optional[list[str]] = None) -> dict:
 
     # ----- data: events -> per-user sequences + impressions -> time split -> CTR samples -----
     positive_actions, negative_actions = use_case_actions(data_args)
-    events = load_events_from_args(data_args.dataset, data_args.data_dir, data_args.columns)
+    events = data_args.load_events()
     sequences, samples = build_ctr_samples(
         events, positive_actions=positive_actions, negative_actions=negative_actions,
         user_features=load_user_features_from_args(data_args.user_features, data_args.dataset, data_args.data_dir)

@@ -31,7 +31,7 @@ from pinfm_hf.data import (
     PinFMDataCollator,
     build_user_sequences,
     leave_last_out_split,
-    load_events_from_args,
+    EventSourceArguments,
     time_split,
 )
 from pinfm_hf.evaluation import evaluate_next_item
@@ -57,12 +57,7 @@ logger = get_logger("pretrain")
 
 
 @dataclass
-class DataArguments:
-    dataset: str = field(default="ml-1m", metadata={"help": "'ml-1m', 'taobao', or a CSV/Parquet event file of your own."})
-    data_dir: str = field(default="../shared/data", metadata={"help": "Folder holding ml-1m/ and taobao-sample/."})
-    columns: Optional[str] = field(
-        default=None, metadata={"help": 'Own files: JSON map from canonical to file column, e.g. \'{"user_id": "uid"}\'.'}
-    )
+class DataArguments(EventSourceArguments):
     max_length: int = field(default=200, metadata={"help": "Most recent events per user the model sees."})
     min_item_count: int = field(default=1, metadata={"help": "Items seen fewer times go to hash buckets."})
     max_vocab_size: Optional[int] = field(default=None, metadata={"help": "Keep only the most frequent items."})
@@ -167,7 +162,7 @@ def main(args: Optional[list[str]] = None) -> dict:
     start_time = time.time()
 
     # ----- data: events -> per-user sequences -> leave-last-out splits -> tokens -----
-    events = load_events_from_args(data_args.dataset, data_args.data_dir, data_args.columns)
+    events = data_args.load_events()
     if data_args.time_cut_quantile is not None:
         events, _, cut = time_split(events, quantile=data_args.time_cut_quantile)
         logger.info("Pretraining on events before %d (quantile %s) only.", cut, data_args.time_cut_quantile)

@@ -23,7 +23,7 @@ from pinfm_hf.data import (
     CTRFeatureEncoder,
     PinFMDataCollator,
     build_ctr_samples,
-    load_events_from_args,
+    EventSourceArguments,
     load_user_features_from_args,
     quantile_timestamp,
     split_ctr_samples,
@@ -39,8 +39,6 @@ class ScoreArguments:
     adapter: str = field(metadata={"help": "Use-case adapter from finetune_ctr.py --transfer lora: folder or hub repo id."})
     base_revision: Optional[str] = field(default=None, metadata={"help": "Branch, tag or commit of a hub --base."})
     adapter_revision: Optional[str] = field(default=None, metadata={"help": "Branch, tag or commit of a hub --adapter."})
-    dataset: str = field(default="ml-1m", metadata={"help": "'ml-1m' or 'taobao' (the use case's data set)."})
-    data_dir: str = field(default="../shared/data", metadata={"help": "Folder holding ml-1m/ and taobao-sample/."})
     use_case: str = field(default="like", metadata={"help": f"One of {sorted(CTR_USE_CASES)}."})
     user_features: str = field(default="auto", metadata={"help": "As in finetune_ctr.py: 'auto', 'none' or a file."})
     cut_quantile: float = field(default=0.9, metadata={"help": "The time cut the adapter was trained before."})
@@ -50,7 +48,7 @@ class ScoreArguments:
 
 
 def main(args: Optional[list[str]] = None) -> dict:
-    (args,) = parse_recipe_args((ScoreArguments,), args)
+    args, data_args = parse_recipe_args((ScoreArguments, EventSourceArguments), args)
     if args.use_case not in CTR_USE_CASES:
         raise ValueError(f"Unknown --use_case {args.use_case!r}; choose one of {sorted(CTR_USE_CASES)}.")
     use_case = CTR_USE_CASES[args.use_case]
@@ -66,8 +64,8 @@ def main(args: Optional[list[str]] = None) -> dict:
         features = CTRFeatureEncoder.load(args.adapter, revision=args.adapter_revision)
 
     # ----- data: the users' real impressions after the cut, with their histories before each -----
-    events = load_events_from_args(args.dataset, args.data_dir)
-    user_features = load_user_features_from_args(args.user_features, args.dataset, args.data_dir) if features else None
+    events = data_args.load_events()
+    user_features = load_user_features_from_args(args.user_features, data_args.dataset, data_args.data_dir) if features else None
     sequences, samples = build_ctr_samples(
         events, positive_actions=list(use_case.positive_actions), negative_actions=list(use_case.negative_actions),
         user_features=user_features,

@@ -25,6 +25,7 @@ from .events import (
 )
 from .loaders import (
     DEFAULT_POSITIVE_ACTIONS,
+    EventSourceArguments,
     load_dataset_by_name,
     load_events,
     load_events_from_args,
@@ -52,6 +53,7 @@ __all__ = [
     "CTR_USE_CASES",
     "DEFAULT_POSITIVE_ACTIONS",
     "EVENT_COLUMNS",
+    "EventSourceArguments",
     "EventTable",
     "EventValidationError",
     "FEATURES_FILE_NAME",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
@@ -343,3 +344,17 @@ def load_events_from_args(dataset: str, data_dir: PathLike, columns: Optional[st
         if not isinstance(mapping, dict):
             raise ValueError(f"--columns must be a JSON object mapping canonical to file column names, got {mapping!r}.")
     return load_events(dataset, columns=mapping)
+
+
+@dataclass
+class EventSourceArguments:
+    """The recipes' flags naming the events to read: a shared data set by name, or a CSV/Parquet file of one's own."""
+
+    dataset: str = field(default="ml-1m", metadata={"help": "'ml-1m', 'taobao', or a CSV/Parquet event file of your own."})
+    data_dir: str = field(default="../shared/data", metadata={"help": "Folder holding ml-1m/ and taobao-sample/."})
+    columns: Optional[str] = field(
+        default=None, metadata={"help": 'Own files: JSON map from canonical to file column, e.g. \'{"user_id": "uid"}\'.'}
+    )
+
+    def load_events(self) -> EventTable:
+        return load_events_from_args(self.dataset, self.data_dir, self.columns)
