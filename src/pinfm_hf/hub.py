@@ -14,8 +14,8 @@ from huggingface_hub.errors import HfHubHTTPError
 from transformers.utils import cached_file
 
 
-# Never pushed: resumable training state and half-written temp files (they stay with the run).
-IGNORED_NAMES = ("checkpoints", ".tmp-", "~")
+# Never pushed: resumable training state, half-written temp files and editor backups (they stay with the run).
+IGNORED_PREFIXES = ("checkpoints", ".tmp-")
 
 
 @dataclass
@@ -43,7 +43,7 @@ def is_local_folder(path_or_repo_id: Union[str, Path]) -> bool:
 def _files_to_push(folder: Path) -> list[Path]:
     return sorted(
         p for p in folder.rglob("*")
-        if p.is_file() and not any(part.startswith(IGNORED_NAMES) or part.endswith("~") for part in p.relative_to(folder).parts)
+        if p.is_file() and not any(part.startswith(IGNORED_PREFIXES) or part.endswith("~") for part in p.relative_to(folder).parts)
     )
 
 
