@@ -42,7 +42,7 @@ from pinfm_hf.data import (
 )
 from pinfm_hf.data.sequences import quantile_timestamp
 from pinfm_hf.evaluation import evaluate_ctr
-from pinfm_hf.hub import HubArguments, is_local_folder, push_folder
+from pinfm_hf.hub import HubArguments, is_local_folder
 from pinfm_hf.model_card import render_ctr_card
 from pinfm_hf.training_utils import (
     atomic_folder,
@@ -407,9 +407,7 @@ def main(args: Optional[list[str]] = None) -> dict:
             (folder / "README.md").write_text(card)
         logger.info("Saved %s to %s, curves to %s, results to %s.", save_dir.name, save_dir, plot, output_dir / "results.json")
         if hub_args.push_to_hub:
-            run_files = {f"training/{p.name}": p for p in (output_dir / "results.json", output_dir / "train_log.jsonl", plot) if p}
-            url = push_folder(save_dir, hub_args.hub_model_id, revision=hub_args.hub_revision,
-                              private=hub_args.hub_private, extra_files=run_files)
+            url = hub_args.push(save_dir, [output_dir / "results.json", output_dir / "train_log.jsonl", plot])
             logger.info("Pushed %s (%s, card, training metrics) to %s", save_dir, save_dir.name, url)
     finish(accelerator)
     return results

@@ -35,7 +35,7 @@ from pinfm_hf.data import (
     time_split,
 )
 from pinfm_hf.evaluation import evaluate_next_item
-from pinfm_hf.hub import HubArguments, push_folder
+from pinfm_hf.hub import HubArguments
 from pinfm_hf.model_card import render_pretrained_card
 from pinfm_hf.training_utils import (
     atomic_folder,
@@ -330,9 +330,7 @@ def main(args: Optional[list[str]] = None) -> dict:
             (folder / "README.md").write_text(card)
         logger.info("Saved model + tokenizer + card to %s, curves to %s, results to %s.", model_dir, plot, output_dir / "results.json")
         if hub_args.push_to_hub:
-            run_files = {f"training/{p.name}": p for p in (output_dir / "results.json", output_dir / "train_log.jsonl", plot) if p}
-            url = push_folder(model_dir, hub_args.hub_model_id, revision=hub_args.hub_revision,
-                              private=hub_args.hub_private, extra_files=run_files)
+            url = hub_args.push(model_dir, [output_dir / "results.json", output_dir / "train_log.jsonl", plot])
             logger.info("Pushed %s (model, tokenizer, code, card, training metrics) to %s", model_dir, url)
     finish(accelerator)
     return results

@@ -12,6 +12,7 @@ label, and the AUC over all printed impressions.
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
@@ -95,7 +96,7 @@ def main(args: Optional[list[str]] = None) -> dict:
         print("All these impressions have the same label: no AUC.")
         return {"num_samples": len(rows)}
     metrics = load_ctr_metric(keep_in_memory=True).compute(
-        predictions=probabilities.numpy(), references=labels.long().numpy(), user_ids=batch["input_ids"].new_zeros(len(rows)).numpy()
+        predictions=probabilities.numpy(), references=labels.long().numpy(), user_ids=np.zeros(len(rows), dtype=np.int64)  # one pool
     )
     print(f"AUC over these {len(rows)} impressions: {metrics['auc']:.4f}")
     return metrics

@@ -7,7 +7,7 @@ reads, logs or writes it. `HF_ENDPOINT` points everything at another hub (tests 
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.errors import HfHubHTTPError
@@ -34,6 +34,11 @@ class HubArguments:
             raise ValueError("--push_to_hub needs --hub_model_id (e.g. 'org/pinfm-ml1m').")
         if self.hub_model_id is not None and self.hub_model_id.count("/") != 1:
             raise ValueError(f"--hub_model_id must look like 'namespace/name', got {self.hub_model_id!r}.")
+
+    def push(self, folder: Union[str, Path], run_files: Sequence[Optional[Union[str, Path]]]) -> str:
+        """Push `folder` to `hub_model_id` with these flags, plus the run's files (metrics, log, plot) under training/."""
+        extra = {f"training/{Path(p).name}": p for p in run_files if p}
+        return push_folder(folder, self.hub_model_id, revision=self.hub_revision, private=self.hub_private, extra_files=extra)
 
 
 def is_local_folder(path_or_repo_id: Union[str, Path]) -> bool:
