@@ -61,16 +61,17 @@ class PinFMModelOutput(ModelOutput):
             Input embeddings and the output of every layer, each `(batch_size, sequence_length, hidden_size)`.
         attentions (`tuple(torch.FloatTensor)`, *optional*):
             Attention probabilities of every layer, each `(batch_size, num_heads, sequence_length, sequence_length)`.
-        past_key_values (`tuple(tuple(torch.FloatTensor))`, *optional*, returned with `return_key_values=True`):
+        key_values (`tuple(tuple(torch.FloatTensor))`, *optional*, returned with `return_key_values=True`):
             Each layer's rotated keys and values, each `(batch_size, num_heads, sequence_length, head_dim)`: the cache
-            that DCAT candidate tokens attend to.
+            that DCAT candidate tokens attend to. Not named `past_key_values`: transformers >= 5.24 renames that
+            keyword of every `ModelOutput` to `cache`.
     """
 
     last_hidden_state: Optional[torch.FloatTensor] = None
     user_embedding: Optional[torch.FloatTensor] = None
     hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
     attentions: Optional[tuple[torch.FloatTensor, ...]] = None
-    past_key_values: Optional[tuple[tuple[torch.FloatTensor, torch.FloatTensor], ...]] = None
+    key_values: Optional[tuple[tuple[torch.FloatTensor, torch.FloatTensor], ...]] = None
 
 
 @dataclass
@@ -528,7 +529,7 @@ class PinFMModel(PinFMPreTrainedModel):
                 Request time of each sequence, when it is later than its last event (DCAT encodes the history ahead
                 of candidates stamped with the request time).
             return_key_values (`bool`, *optional*, defaults to `False`):
-                Return each layer's keys and values (`past_key_values`) for [`PinFMModel.encode_candidates`].
+                Return each layer's keys and values (`key_values`) for [`PinFMModel.encode_candidates`].
             extra_embeddings (`torch.Tensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
                 Added to the event embeddings (e.g. a candidate's item side features, for cold start).
         """
@@ -571,25 +572,25 @@ class PinFMModel(PinFMPreTrainedModel):
             user_embedding=user_embedding,
             hidden_states=all_hidden_states,
             attentions=all_attentions,
-            past_key_values=key_values,
+            key_values=key_values,
         )
 
     def encode_candidates(
         self,
         candidate_embeddings: torch.Tensor,
         candidate_positions: torch.LongTensor,
-        past_key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...],
+        key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...],
         past_valid: torch.BoolTensor,
     ) -> torch.Tensor:
         """
         DCAT crossing pass: run `(U, C, hidden)` candidate tokens (from `embeddings.combine`) through every layer,
-        each attending to its user's cached `past_key_values` (valid where `past_valid` `(U, T)`) and itself, at
+        each attending to its user's cached `key_values` (valid where `past_valid` `(U, T)`) and itself, at
         rotary position `candidate_positions` `(U, C)` (the user's number of events). Returns the final-norm outputs.
         """
         cos, sin = rotary_cos_sin(candidate_positions, self.config.head_dim, self.config.rope_theta, candidate_embeddings.dtype)
         hidden_states = candidate_embeddings
-        for layer, past_key_value in zip(self.layers, past_key_values):
-            hidden_states = layer.cross_forward(hidden_states, cos, sin, past_key_value, past_valid)
+        for layer, layer_key_values in zip(self.layers, key_values):
+            hidden_states = layer.cross_forward(hidden_states, cos, sin, layer_key_values, past_valid)
         return self.norm(hidden_states)
 
 
@@ -643,7 +644,7 @@ class PinFMForPretraining(PinFMPreTrainedModel):
         all_items = item_ids is None
         if all_items:
             item_ids = torch.arange(self.config.item_vocab_size, device=query_embeddings.device)
-        scores = query_embeddings @ self.item_embeddings(item_ids).T / self.temperature
+        scores = (query_embeddings / self.temperature) @ self.item_embeddings(item_ids).T  # scale the smaller side
         if all_items:
             scores[..., : self.config.num_special_item_tokens] = float("-inf")
         return scores
@@ -1202,7 +1203,7 @@ class PinFMForCTR(PinFMForPretraining):
             grid_features[sorted_users, slots] = candidate_features[order].to(candidate_embeddings.dtype)
             candidate_embeddings = candidate_embeddings + grid_features
         positions = num_events.view(-1, 1).expand(num_users, width)
-        crossed = self.pinfm.encode_candidates(candidate_embeddings, positions, context.past_key_values, valid)
+        crossed = self.pinfm.encode_candidates(candidate_embeddings, positions, context.key_values, valid)
 
         candidate_hidden = torch.empty(order.numel(), crossed.shape[-1], dtype=crossed.dtype, device=device)
         candidate_hidden[order] = crossed[sorted_users, slots]
