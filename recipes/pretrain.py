@@ -126,6 +126,11 @@ class TrainArguments:
         default=None, metadata={"help": "Save a checkpoint and exit after N steps, as if interrupted (tests)."}
     )
     report_to: Optional[str] = field(default=None, metadata={"help": "An Accelerate tracker, e.g. 'tensorboard'."})
+    full_softmax_max_items: int = field(
+        default=100_000,
+        metadata={"help": "Refuse --full_softmax above this many item ids: it scores every id at every position "
+                  "(batch tokens x ids floats, several times over), which runs out of memory on large catalogues."},
+    )
 
 
 def positive_action_names(data_args: DataArguments, tokenizer: PinFMTokenizer) -> Optional[list[str]]:
@@ -190,6 +195,12 @@ def main(args: Optional[list[str]] = None) -> dict:
     test_loader = DataLoader(test_data, batch_size=train_args.per_device_eval_batch_size, collate_fn=eval_collator)
 
     # ----- model -----
+    if model_args.full_softmax and len(tokenizer) > train_args.full_softmax_max_items:
+        raise ValueError(
+            f"--full_softmax scores all {len(tokenizer):,} item ids at every position, more than "
+            f"--full_softmax_max_items ({train_args.full_softmax_max_items:,}): use sampled negatives "
+            "(--full_softmax false --num_negatives 1024) or raise the limit if memory allows."
+        )
     positives = positive_action_names(data_args, tokenizer)
     config = PinFMConfig(
         item_vocab_size=len(tokenizer),

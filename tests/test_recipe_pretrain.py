@@ -95,6 +95,17 @@ def test_unknown_config_key_is_a_clear_error(tmp_path):
     assert result.returncode != 0 and "unknown keys ['hidden_sise']" in result.stderr
 
 
+def test_full_softmax_over_a_large_vocabulary_is_refused(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "pretrain.py"), "--config", str(TINY), "--output_dir", str(tmp_path / "o"),
+         "--full_softmax", "true", "--full_softmax_max_items", "100"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0
+    assert "--full_softmax scores all" in result.stderr and "--full_softmax_max_items (100)" in result.stderr
+    assert not (tmp_path / "o" / "checkpoints").exists()
+
+
 def test_two_processes_sync_gradients_and_gather_metrics_once(tmp_path, shared_data_dir):
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
     output_dir = tmp_path / "ddp"
