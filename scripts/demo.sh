@@ -9,8 +9,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 OUTPUT_DIR=${OUTPUT_DIR:-outputs/demo-ml1m}
-# The published-comparison config, full softmax included (~0.8 s per step here), for 3 of its 30 epochs so that the
-# whole command fits the ~10 minutes (RESULTS.md has the longer runs).
+# The published-comparison config, full softmax included (~0.8 s per step here), for 3 of its 30 epochs, so that the
+# whole command takes about 7 minutes (RESULTS.md has the longer runs).
 .venv/bin/python recipes/pretrain.py --config recipes/configs/ml1m_pinfm_small.yaml --num_train_epochs 3 \
     --output_dir "$OUTPUT_DIR" "$@"
 .venv/bin/python - "$OUTPUT_DIR" <<'PY'
