@@ -117,6 +117,32 @@ class PinFMModelTest(unittest.TestCase):
         with pytest.raises(ValueError, match="timestamps"):
             with_time(input_ids=inputs["input_ids"], action_ids=inputs["action_ids"])
 
+    def test_time_features_are_causal(self):
+        # Position i may see the time of event i + 1 (its request time), never a later one.
+        config, inputs = self.tester.prepare_config_and_inputs()
+        model = PinFMModel(config).eval()
+        i = 2
+        later = inputs["timestamps"].clone()
+        later[:, i + 2 :] += 10_000_000 * inputs["attention_mask"][:, i + 2 :]
+        before = model(**inputs).last_hidden_state
+        after = model(**dict(inputs, timestamps=later)).last_hidden_state
+        torch.testing.assert_close(before[:, : i + 1], after[:, : i + 1])
+        assert not torch.allclose(before[0, i + 2 :], after[0, i + 2 :])
+        sooner_request = inputs["timestamps"].clone()
+        sooner_request[:, i + 1] = sooner_request[:, i]  # the request time of position i moves, so position i changes
+        assert not torch.allclose(before[0, i], model(**dict(inputs, timestamps=sooner_request)).last_hidden_state[0, i])
+
+    def test_request_time_moves_only_the_last_event(self):
+        config, inputs = self.tester.prepare_config_and_inputs()
+        model = PinFMModel(config).eval()
+        last = inputs["attention_mask"].sum(1) - 1
+        request = inputs["timestamps"].gather(1, last[:, None]).squeeze(1) + 86_400
+        before = model(**inputs).last_hidden_state
+        after = model(**inputs, end_timestamps=request).last_hidden_state
+        rows = torch.arange(len(last))
+        torch.testing.assert_close(before[0, :-1], after[0, :-1])
+        assert not torch.allclose(before[rows, last], after[rows, last])
+
     def test_actions_are_used(self):
         config, inputs = self.tester.prepare_config_and_inputs()
         model = PinFMModel(config).eval()
@@ -283,3 +309,23 @@ def test_log_q_correction_and_full_softmax():
     keep = (targets != -100) & (inputs["attention_mask"][:, :-1] == 1)
     expected = torch.nn.functional.cross_entropy(scores[keep], targets[keep])
     torch.testing.assert_close(out.loss, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_full_softmax_losses_match_cross_entropy_over_all_their_pairs():
+    # The full softmax scores each query once and shares it across losses; each loss must still equal the
+    # cross-entropy over every (query, target) pair it defines.
+    tester = PinFMModelTester(seq_length=12, hidden_dropout_prob=0.0, full_softmax=True, multi_token_loss_weight=0.5,
+                              future_token_loss_weight=0.25, multi_token_window=3, future_token_input_length=4)
+    model = PinFMForPretraining(tester.get_config()).eval()
+    inputs, labels = pretraining_batch(tester)
+    out = model(**inputs, labels=labels)
+    scores = model.score_items(out.query_embeddings).flatten(0, 1)  # (B*T, V)
+    valid, positive = inputs["attention_mask"].bool(), labels != -100
+    window_end = (torch.arange(12) + 1) % 4 == 0
+    for name, queries, offsets in (("next_token", valid, range(1, 2)), ("multi_token", valid, range(1, 4)),
+                                   ("future_token", valid & window_end, range(1, 4))):
+        query_index, target_index = model._offset_pairs(queries, positive, offsets=offsets)
+        expected = torch.nn.functional.cross_entropy(scores[query_index], labels.flatten()[target_index])
+        torch.testing.assert_close(getattr(out, f"{name}_loss"), expected, rtol=1e-4, atol=1e-5)
+    weighted = out.next_token_loss + 0.5 * out.multi_token_loss + 0.25 * out.future_token_loss
+    torch.testing.assert_close(out.loss, weighted)

@@ -122,3 +122,14 @@ def test_encode_sequences_honours_dataset_selection(tokenizer):
     data = datasets.Dataset.from_dict({"item_ids": [["b"], ["c"], ["b", "c"]], "actions": [["buy"], ["view"], ["buy", "view"]]})
     picked = data.select([2, 0])
     assert tokenizer.encode_sequences(picked).column("input_ids").to_pylist() == [[5, 6], [5]]
+
+
+def test_hold_out_last_gives_the_target_and_its_request_time(tokenizer):
+    sequences = pa.table({"item_ids": [["b", "c", "b"], ["x", "c"]], "actions": [["buy", "click", "view"], ["click", "buy"]],
+                          "timestamps": [[1, 2, 3], [5, 9]]})
+    rows = tokenizer.encode_sequences(sequences, max_length=1, hold_out_last=True).to_pylist()
+    assert [r["input_ids"] for r in rows] == [[6], [tokenizer.convert_tokens_to_ids("x")]]  # the most recent inputs
+    assert [r["timestamps"] for r in rows] == [[2], [5]]
+    assert [r["target_ids"] for r in rows] == [5, 6]
+    assert [r["target_timestamps"] for r in rows] == [3, 9]
+    assert [r["target_action_ids"] for r in rows] == tokenizer.convert_actions_to_ids(["view", "buy"])

@@ -48,7 +48,8 @@ class PinFMConfig(PretrainedConfig):
         use_action_embeddings (`bool`, *optional*, defaults to `True`):
             Add an action embedding to each event (PinFM); off gives a SASRec-like item-only input.
         use_time_features (`bool`, *optional*, defaults to `True`):
-            Add embeddings of the bucketed log time gap to the previous event and to the sequence end.
+            Add embeddings of the bucketed log time gap to the previous event and to the next one (the last event: to
+            the request time), which keeps them causal.
         num_time_buckets (`int`, *optional*, defaults to 64):
             Number of log-scaled time-gap buckets; bucket `b` covers gaps of about `2**(b / 2)` seconds.
         use_input_mlp (`bool`, *optional*, defaults to `True`):

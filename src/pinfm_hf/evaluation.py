@@ -30,7 +30,9 @@ def evaluate_next_item(
     Rank each example's `target_ids` among all known items, scored from the user's last position.
 
     Scored: item ids `[num_special_tokens, num_scored_ids)` (every item of the vocabulary); masked: special tokens and
-    hash buckets (ids from `num_scored_ids` on). Items already in the history are *not* masked (HSTU protocol).
+    hash buckets (ids from `num_scored_ids` on). Items already in the history are *not* masked (HSTU protocol). The
+    target's timestamp, when the batch has `target_timestamps`, is passed as the request time (`end_timestamps`), as
+    in training, where position `i` sees the time of event `i + 1`; the target's item and action are never seen.
     Returns `hr@k`, `ndcg@k` and `mrr`, averaged over all users of all processes, each counted once.
     """
     was_training = model.training
@@ -41,6 +43,10 @@ def evaluate_next_item(
     for batch in batches:
         targets = batch.pop("target_ids")
         batch.pop("labels", None)
+        batch.pop("target_action_ids", None)
+        request_times = batch.pop("target_timestamps", None)
+        if request_times is not None and getattr(unwrapped.config, "use_time_features", False):
+            batch["end_timestamps"] = request_times
         query = last_valid(model(**batch).query_embeddings, batch["attention_mask"])  # (B, P)
         scores = unwrapped.score_items(query)[:, :num_scored_ids]  # (B, V')
         ranks = rank_of_targets(scores, targets, invalid_ids=list(range(num_special_tokens)))

@@ -23,7 +23,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, logging
 
 from .configuration_pinfm import PinFMConfig
-from .losses import full_softmax_loss, sample_negatives, sampled_softmax_loss
+from .losses import full_softmax_logits, sample_negatives, sampled_softmax_loss
 from .quantization_pinfm import QUANTIZATION_TYPES, PinFMQuantizedEmbedding
 
 
@@ -357,7 +357,7 @@ class PinFMEventEmbedding(nn.Module):
         if config.use_time_features:
             # One extra bucket marks "no previous event" for the first event of a sequence.
             self.gap_to_previous_embeddings = nn.Embedding(config.num_time_buckets + 1, config.hidden_size)
-            self.gap_to_end_embeddings = nn.Embedding(config.num_time_buckets, config.hidden_size)
+            self.gap_to_next_embeddings = nn.Embedding(config.num_time_buckets, config.hidden_size)
         if config.use_input_mlp:
             self.input_norm = PinFMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
             self.input_mlp = PinFMMLP(config.hidden_size, 2 * config.hidden_size)
@@ -366,19 +366,28 @@ class PinFMEventEmbedding(nn.Module):
     def time_features(
         self, timestamps: torch.LongTensor, attention_mask: torch.Tensor, end_timestamps: Optional[torch.LongTensor] = None
     ) -> torch.Tensor:
+        """
+        Bucketed gaps of each event to the previous event and to the *next* one (for the last event: to the request
+        time, `end_timestamps`, or else gap 0). Both are causal: position `i` predicts event `i + 1` at the time
+        `t[i + 1]`, which is the request time of that prediction; every earlier gap is readable from the tokens. (A gap
+        to the sequence end would leak, to every position, how long the user stays after it.)
+        """
         valid = attention_mask.bool()
-        previous_valid = torch.zeros_like(valid)
+        previous_valid, next_valid = torch.zeros_like(valid), torch.zeros_like(valid)
         previous_valid[:, 1:] = valid[:, :-1]
+        next_valid[:, :-1] = valid[:, 1:]
         gap_prev = torch.zeros_like(timestamps)
         gap_prev[:, 1:] = timestamps[:, 1:] - timestamps[:, :-1]
         prev_bucket = log_time_buckets(gap_prev, self.config.num_time_buckets)
         prev_bucket = prev_bucket.masked_fill(~previous_valid, self.config.num_time_buckets)
-        # The sequence ends at its latest valid timestamp, wherever the padding is.
+        # The last event is followed by the request: the latest valid timestamp, wherever the padding is, or later.
         end = timestamps.masked_fill(~valid, torch.iinfo(timestamps.dtype).min).amax(dim=1, keepdim=True)  # (B, 1)
-        if end_timestamps is not None:  # the request time, when the sequence is encoded ahead of its candidates
+        if end_timestamps is not None:
             end = torch.maximum(end, end_timestamps.view(-1, 1))
-        end_bucket = log_time_buckets(end - timestamps, self.config.num_time_buckets)
-        return self.gap_to_previous_embeddings(prev_bucket) + self.gap_to_end_embeddings(end_bucket)
+        next_time = end.expand_as(timestamps).clone()
+        next_time[:, :-1] = torch.where(next_valid[:, :-1], timestamps[:, 1:], next_time[:, :-1])
+        next_bucket = log_time_buckets(next_time - timestamps, self.config.num_time_buckets)
+        return self.gap_to_previous_embeddings(prev_bucket) + self.gap_to_next_embeddings(next_bucket)
 
     def forward(
         self,
@@ -418,11 +427,11 @@ class PinFMEventEmbedding(nn.Module):
         return self.dropout(embeddings)
 
     def candidate_time_features(self, gap_to_previous: torch.LongTensor, has_previous: torch.BoolTensor) -> torch.Tensor:
-        """Time features of a candidate token: its gap to the user's last event; it is the sequence end itself."""
+        """Time features of a candidate token: its gap to the user's last event, and gap 0 to the request (its own time)."""
         prev_bucket = log_time_buckets(gap_to_previous, self.config.num_time_buckets)
         prev_bucket = prev_bucket.masked_fill(~has_previous, self.config.num_time_buckets)
-        end_bucket = torch.zeros_like(prev_bucket)
-        return self.gap_to_previous_embeddings(prev_bucket) + self.gap_to_end_embeddings(end_bucket)
+        next_bucket = torch.zeros_like(prev_bucket)
+        return self.gap_to_previous_embeddings(prev_bucket) + self.gap_to_next_embeddings(next_bucket)
 
 
 class PinFMPreTrainedModel(PreTrainedModel):
@@ -656,6 +665,7 @@ class PinFMForPretraining(PinFMPreTrainedModel):
         action_ids: Optional[torch.LongTensor] = None,
         surface_ids: Optional[torch.LongTensor] = None,
         timestamps: Optional[torch.LongTensor] = None,
+        end_timestamps: Optional[torch.LongTensor] = None,
         labels: Optional[torch.LongTensor] = None,
         output_hidden_states: Optional[bool] = None,
         output_attentions: Optional[bool] = None,
@@ -675,6 +685,7 @@ class PinFMForPretraining(PinFMPreTrainedModel):
             action_ids=action_ids,
             surface_ids=surface_ids,
             timestamps=timestamps,
+            end_timestamps=end_timestamps,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
         )
@@ -745,6 +756,8 @@ class PinFMForPretraining(PinFMPreTrainedModel):
 
         flat_query = query.reshape(B * T, -1)  # (B*T, P)
         flat_targets = targets.reshape(B * T)
+        if config.full_softmax:
+            return self._full_softmax_losses(flat_query, flat_targets, pairs)
         max_pairs = max(int(valid_query.sum()), 1)
         negatives = None
         losses = {}
@@ -753,32 +766,47 @@ class PinFMForPretraining(PinFMPreTrainedModel):
                 # Bound the multi-token work to one pair per real position on average (uniform subsample).
                 keep = torch.randperm(query_index.numel(), device=query.device)[:max_pairs]
                 query_index, target_index = query_index[keep], target_index[keep]
-            row_query = flat_query[query_index]  # (N, P)
-            row_target = flat_targets[target_index]  # (N,)
             if query_index.numel() == 0:
                 losses[name] = query.sum() * 0.0  # zero-safe: no positive in range, yet gradients still flow
                 continue
-            if config.full_softmax:
-                first = config.num_special_item_tokens
-                item_ids = torch.arange(first, config.item_vocab_size, device=query.device)
-                per_row = full_softmax_loss(
-                    row_query, self.item_embeddings(item_ids), row_target - first, temperature=self.temperature
-                )
-            else:
-                if negatives is None:
-                    negatives = self._negatives(flat_targets[positive.reshape(-1)])
-                neg_ids, neg_log_q = negatives
-                per_row = sampled_softmax_loss(
-                    row_query,
-                    self.item_embeddings(row_target),
-                    self.item_embeddings(neg_ids),
-                    temperature=self.temperature,
-                    pos_ids=row_target,
-                    neg_ids=neg_ids,
-                    pos_log_q=self._log_q(row_target) if config.use_log_q_correction else None,
-                    neg_log_q=neg_log_q if config.use_log_q_correction else None,
-                )
+            row_target = flat_targets[target_index]  # (N,)
+            if negatives is None:
+                negatives = self._negatives(flat_targets[positive.reshape(-1)])
+            neg_ids, neg_log_q = negatives
+            per_row = sampled_softmax_loss(
+                flat_query[query_index],
+                self.item_embeddings(row_target),
+                self.item_embeddings(neg_ids),
+                temperature=self.temperature,
+                pos_ids=row_target,
+                neg_ids=neg_ids,
+                pos_log_q=self._log_q(row_target) if config.use_log_q_correction else None,
+                neg_log_q=neg_log_q if config.use_log_q_correction else None,
+            )
             losses[name] = per_row.mean()
+        return losses
+
+    def _full_softmax_losses(
+        self, flat_query: torch.Tensor, flat_targets: torch.LongTensor, pairs: dict[str, tuple[torch.LongTensor, torch.LongTensor]]
+    ) -> dict[str, torch.Tensor]:
+        """
+        Cross-entropy over every item for each loss's `(query, target)` pairs. A query's logits do not depend on its
+        target, so each query position is scored once and its log-partition shared by all its pairs in all losses:
+        the multi-token and future-token losses then cost a gather, not another `(N, V)` softmax.
+        """
+        first = self.config.num_special_item_tokens
+        queries = torch.unique(torch.cat([query_index for query_index, _ in pairs.values()]))  # sorted
+        item_ids = torch.arange(first, self.config.item_vocab_size, device=flat_query.device)
+        logits = full_softmax_logits(flat_query[queries], self.item_embeddings(item_ids), temperature=self.temperature)
+        log_partition = torch.logsumexp(logits, dim=-1)  # (N,)
+        losses = {}
+        for name, (query_index, target_index) in pairs.items():
+            if query_index.numel() == 0:
+                losses[name] = flat_query.sum() * 0.0  # zero-safe: no positive in range, yet gradients still flow
+                continue
+            row = torch.searchsorted(queries, query_index)
+            target_logit = logits[row, flat_targets[target_index] - first]
+            losses[name] = (log_partition[row] - target_logit).mean()
         return losses
 
     @staticmethod

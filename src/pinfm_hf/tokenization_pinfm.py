@@ -306,7 +306,7 @@ class PinFMTokenizer(PreTrainedTokenizer):
         events; with `windows=True` (training) each sequence is instead cut into consecutive `max_length` chunks from
         its end, so every event is used, and chunks of a single event (nothing to predict) are dropped and counted.
         With `hold_out_last=True` (evaluation) each row's last event becomes its `target_ids` / `target_action_ids`
-        and the inputs are the events before it.
+        / `target_timestamps` (the request time of the prediction) and the inputs are the events before it.
         """
         _require_pyarrow()
 
@@ -341,6 +341,8 @@ class PinFMTokenizer(PreTrainedTokenizer):
         if "timestamps" in table.column_names:
             flat = table.column("timestamps").combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.int64)
             columns["timestamps"] = list_column(flat, pa.int64())
+            if hold_out_last:
+                columns["target_timestamps"] = pa.array(flat[ends], type=pa.int64())
         columns["attention_mask"] = list_column(np.ones(offsets[-1] - offsets[0], dtype=np.int8), pa.int8())
         if hold_out_last:
             last = ends  # the event right after each input window
