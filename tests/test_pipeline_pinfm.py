@@ -260,3 +260,29 @@ def test_remote_code_pipeline_without_package(tiny, recommend, tmp_path):
     for got, want in zip([report["single"], *report["batch"]], expected):
         assert [r["item_id"] for r in got] == [r["item_id"] for r in want]
         torch.testing.assert_close([r["score"] for r in got], [r["score"] for r in want], rtol=1e-5, atol=1e-5)
+
+
+def test_request_time_is_the_gap_after_the_last_event(tiny, recommend):
+    events = user_events(tiny.sequences, 6)
+    last = events[-1]["timestamp"]
+    assert recommend(events, top_k=5, request_time=last) == recommend(events, top_k=5)  # the default
+    week_later = recommend(events, top_k=20, request_time=last + 7 * 86_400)
+    assert [r["score"] for r in week_later] != [r["score"] for r in recommend(events, top_k=20)]
+    encoded = tiny.tokenizer.encode_events(
+        [e["item_id"] for e in events], actions=[e["action"] for e in events],
+        timestamps=[e["timestamp"] for e in events], return_tensors="pt",
+    )
+    with torch.no_grad():
+        query = tiny.model(**encoded, end_timestamps=torch.tensor([last + 7 * 86_400])).query_embeddings[:, -1]
+        scores = tiny.model.score_items(query)[0]
+    scores[tiny.tokenizer.first_bucket_id :] = float("-inf")
+    scores[tiny.tokenizer.convert_tokens_to_ids([e["item_id"] for e in events])] = float("-inf")
+    assert [r["item_id"] for r in week_later] == tiny.tokenizer.convert_ids_to_tokens(scores.topk(20).indices.tolist())
+    batch = recommend([events, events[:-1]], top_k=5, request_time=last + 60, batch_size=2)
+    single = recommend(events, top_k=5, request_time=last + 60)
+    assert [r["item_id"] for r in batch[0]] == [r["item_id"] for r in single]
+    torch.testing.assert_close([r["score"] for r in batch[0]], [r["score"] for r in single], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="`request_time`"):
+        recommend(events, request_time=last - 1)
+    with pytest.raises(ValueError, match="`request_time`"):
+        recommend(events, request_time="tomorrow")

@@ -29,7 +29,7 @@ EVENT_FIELDS = ("item_id", "action", "timestamp")
 SURFACE_FIELD = "surface"
 _INTEGER = re.compile(r"^[+-]?\d+$")
 # `__call__` keywords; anything else is a typo, not a parameter to ignore silently.
-_CALL_PARAMETERS = ("top_k", "exclude_history", "exclude_items", "batch_size", "num_workers")
+_CALL_PARAMETERS = ("top_k", "exclude_history", "exclude_items", "request_time", "batch_size", "num_workers")
 
 History = Union[Sequence[Mapping[str, Any]], Mapping[str, Sequence[Any]]]
 
@@ -150,6 +150,7 @@ class PinFMRecommendationPipeline(Pipeline):
     recommend = pipeline(model="outputs/pretrain/model", trust_remote_code=True)  # anywhere
     history = [{"item_id": "Toy Story (1995)", "action": "rating_5", "timestamp": 978300760}]
     recommend(history, top_k=3)  # [{"item_id": ..., "score": ...}, ...], best first
+    recommend(history, top_k=3, request_time=978904760)  # recommending a week after the last event
     recommend([history, history[:1]], top_k=3, exclude_items=["Heat (1995)"])  # a batch: one list per user
     ```
     """
@@ -185,6 +186,9 @@ class PinFMRecommendationPipeline(Pipeline):
                 Leave out items already in the history.
             exclude_items (`Iterable[str]`, *optional*):
                 Further raw item ids to leave out.
+            request_time (`int`, *optional*):
+                Unix seconds of the request, not before the last event. The model reads the gap from the last event
+                to it (a user back after a week is not a user mid-session); defaults to the last event's time.
             batch_size (`int`, *optional*, defaults to 1):
                 Histories encoded per forward pass for batch inputs.
 
@@ -204,8 +208,12 @@ class PinFMRecommendationPipeline(Pipeline):
             "Pass one user's history (a non-empty list of event dicts, or a dict of columns) or a list of histories."
         )
 
-    def _sanitize_parameters(self, top_k=None, exclude_history=None, exclude_items=None, **kwargs):
+    def _sanitize_parameters(self, top_k=None, exclude_history=None, exclude_items=None, request_time=None, **kwargs):
         preprocess, forward = {}, {}
+        if request_time is not None:
+            if isinstance(request_time, bool) or not isinstance(request_time, numbers.Integral):
+                raise ValueError(f"`request_time` must be an integer (unix seconds), got {request_time!r}.")
+            preprocess["request_time"] = int(request_time)
         if exclude_history is not None:
             preprocess["exclude_history"] = bool(exclude_history)
         if exclude_items is not None:
@@ -223,9 +231,19 @@ class PinFMRecommendationPipeline(Pipeline):
         return validate_history(history, known_actions)
 
     def preprocess(
-        self, history: History, exclude_history: bool = True, exclude_items: Optional[list[str]] = None
+        self,
+        history: History,
+        exclude_history: bool = True,
+        exclude_items: Optional[list[str]] = None,
+        request_time: Optional[int] = None,
     ) -> dict[str, torch.Tensor]:
         columns = self._columns(history)
+        if request_time is None:
+            request_time = columns["timestamp"][-1]
+        elif request_time < columns["timestamp"][-1]:
+            raise ValueError(
+                f"`request_time` ({request_time}) is before the history's last event ({columns['timestamp'][-1]})."
+            )
         tokenizer = self.tokenizer
         encoded = tokenizer.encode_events(
             columns["item_id"],
@@ -241,6 +259,7 @@ class PinFMRecommendationPipeline(Pipeline):
         # Id 0 (padding, never recommended anyway) keeps the tensor non-empty, so batches of histories pad it.
         model_inputs = {key: value.long() for key, value in encoded.items()}
         model_inputs["exclude_ids"] = torch.tensor([[0, *sorted(excluded_ids)]], dtype=torch.long)
+        model_inputs["end_timestamps"] = torch.tensor([request_time], dtype=torch.long)
         return model_inputs
 
     def _forward(self, model_inputs: dict[str, torch.Tensor], top_k: int = 10) -> dict[str, torch.Tensor]:
