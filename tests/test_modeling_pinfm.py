@@ -329,3 +329,8 @@ def test_full_softmax_losses_match_cross_entropy_over_all_their_pairs():
         torch.testing.assert_close(getattr(out, f"{name}_loss"), expected, rtol=1e-4, atol=1e-5)
     weighted = out.next_token_loss + 0.5 * out.multi_token_loss + 0.25 * out.future_token_loss
     torch.testing.assert_close(out.loss, weighted)
+    # One loss alone takes the fused cross-entropy path: the same next-token loss.
+    model.config.multi_token_loss_weight = model.config.future_token_loss_weight = 0.0
+    alone = model(**inputs, labels=labels)
+    assert alone.multi_token_loss is None and alone.future_token_loss is None
+    torch.testing.assert_close(alone.loss, out.next_token_loss)

@@ -44,9 +44,8 @@ def evaluate_next_item(
         targets = batch.pop("target_ids")
         batch.pop("labels", None)
         batch.pop("target_action_ids", None)
-        request_times = batch.pop("target_timestamps", None)
-        if request_times is not None and getattr(unwrapped.config, "use_time_features", False):
-            batch["end_timestamps"] = request_times
+        if "target_timestamps" in batch:
+            batch["end_timestamps"] = batch.pop("target_timestamps")
         query = last_valid(model(**batch).query_embeddings, batch["attention_mask"])  # (B, P)
         scores = unwrapped.score_items(query)[:, :num_scored_ids]  # (B, V')
         ranks = rank_of_targets(scores, targets, invalid_ids=list(range(num_special_tokens)))

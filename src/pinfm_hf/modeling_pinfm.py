@@ -23,7 +23,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, logging
 
 from .configuration_pinfm import PinFMConfig
-from .losses import full_softmax_logits, sample_negatives, sampled_softmax_loss
+from .losses import full_softmax_logits, full_softmax_loss, sample_negatives, sampled_softmax_loss
 from .quantization_pinfm import QUANTIZATION_TYPES, PinFMQuantizedEmbedding
 
 
@@ -794,19 +794,28 @@ class PinFMForPretraining(PinFMPreTrainedModel):
         target, so each query position is scored once and its log-partition shared by all its pairs in all losses:
         the multi-token and future-token losses then cost a gather, not another `(N, V)` softmax.
         """
+        # Zero-safe: a loss with no positive in range is 0, yet gradients still flow.
+        losses = {name: flat_query.sum() * 0.0 for name, (query_index, _) in pairs.items() if query_index.numel() == 0}
+        pairs = {name: pair for name, pair in pairs.items() if name not in losses}
+        if not pairs:
+            return losses
         first = self.config.num_special_item_tokens
+        item_emb = self.item_embeddings(torch.arange(first, self.config.item_vocab_size, device=flat_query.device))
+        if len(pairs) == 1:  # one loss (next-token only): the fused cross-entropy is the fastest (bench_pretraining_losses.py)
+            (name, (query_index, target_index)), = pairs.items()
+            per_row = full_softmax_loss(
+                flat_query[query_index], item_emb, flat_targets[target_index] - first, temperature=self.temperature
+            )
+            return {**losses, name: per_row.mean()}
         queries = torch.unique(torch.cat([query_index for query_index, _ in pairs.values()]))  # sorted
-        item_ids = torch.arange(first, self.config.item_vocab_size, device=flat_query.device)
-        logits = full_softmax_logits(flat_query[queries], self.item_embeddings(item_ids), temperature=self.temperature)
+        logits = full_softmax_logits(flat_query[queries], item_emb, temperature=self.temperature)
         log_partition = torch.logsumexp(logits, dim=-1)  # (N,)
-        losses = {}
         for name, (query_index, target_index) in pairs.items():
-            if query_index.numel() == 0:
-                losses[name] = flat_query.sum() * 0.0  # zero-safe: no positive in range, yet gradients still flow
-                continue
-            row = torch.searchsorted(queries, query_index)
-            target_logit = logits[row, flat_targets[target_index] - first]
-            losses[name] = (log_partition[row] - target_logit).mean()
+            # The target's logit as a dot product, not `logits[row, target]`: indexing the (N, V) logits would
+            # scatter its gradient into another dense (N, V) tensor in backward.
+            target_emb = item_emb[flat_targets[target_index] - first]  # (M, P)
+            target_logit = ((flat_query[query_index] / self.temperature) * target_emb).sum(-1).float()
+            losses[name] = (log_partition[torch.searchsorted(queries, query_index)] - target_logit).mean()
         return losses
 
     @staticmethod
