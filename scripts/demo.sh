@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set-up, then the main job end to end on real data: pretrain PinFM on MovieLens-1M from ../shared/data (about
-# 7 minutes on 2 CPU cores), evaluate full-ranking HR/NDCG, save a model that AutoModel loads, reload it, and print
+# 5 minutes on 2 CPU cores), evaluate full-ranking HR/NDCG, save a model that AutoModel loads, reload it, and print
 # where the model, card and plot are. Extra args go to recipes/pretrain.py, e.g.
 #   bash scripts/demo.sh --dataset taobao --data_dir /path/to/data            # the Taobao sample
 #   bash scripts/demo.sh --dataset my_events.csv --columns '{"user_id": "uid", "item_id": "iid", "action": "event", "timestamp": "ts"}'
@@ -9,8 +9,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 OUTPUT_DIR=${OUTPUT_DIR:-outputs/demo-ml1m}
-# The published-comparison config, full softmax included (~0.8 s per step here), for 3 of its 30 epochs, so that the
-# whole command takes about 7 minutes (RESULTS.md has the longer runs).
+# The published-comparison config, full softmax included (~0.5 s per step here), for 3 of its 30 epochs, so that the
+# whole command takes about 5 minutes (RESULTS.md has the longer runs).
 .venv/bin/python recipes/pretrain.py --config recipes/configs/ml1m_pinfm_small.yaml --num_train_epochs 3 \
     --output_dir "$OUTPUT_DIR" "$@"
 .venv/bin/python - "$OUTPUT_DIR" <<'PY'
