@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from pinfm_hf import PinFMConfig, PinFMForPretraining, PinFMTokenizer
 from pinfm_hf.data import (
     DEFAULT_POSITIVE_ACTIONS,
+    LengthGroupedEpochSampler,
     PinFMDataCollator,
     build_user_sequences,
     leave_last_out_split,
@@ -107,6 +108,9 @@ class TrainArguments:
     seed: int = 42
     per_device_train_batch_size: int = 128
     per_device_eval_batch_size: int = 256
+    group_by_length: bool = field(
+        default=False, metadata={"help": "Batch sequences of similar length together (less padding, faster)."}
+    )
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
     adam_beta2: float = 0.98
@@ -190,7 +194,14 @@ def main(args: Optional[list[str]] = None) -> dict:
 
     collator = PinFMDataCollator(pad_token_id=tokenizer.pad_token_id, max_length=data_args.max_length, return_labels=True)
     eval_collator = PinFMDataCollator(pad_token_id=tokenizer.pad_token_id, max_length=data_args.max_length)
-    train_loader = DataLoader(train_data, batch_size=train_args.per_device_train_batch_size, shuffle=True, collate_fn=collator)
+    sampler = None
+    if train_args.group_by_length:
+        lengths = pc.list_value_length(train_table.column("input_ids")).to_pylist()
+        sampler = LengthGroupedEpochSampler(lengths, train_args.per_device_train_batch_size, seed=train_args.seed)
+    train_loader = DataLoader(
+        train_data, batch_size=train_args.per_device_train_batch_size, shuffle=sampler is None, sampler=sampler,
+        collate_fn=collator,
+    )
     valid_loader = DataLoader(valid_data, batch_size=train_args.per_device_eval_batch_size, collate_fn=eval_collator)
     test_loader = DataLoader(test_data, batch_size=train_args.per_device_eval_batch_size, collate_fn=eval_collator)
 

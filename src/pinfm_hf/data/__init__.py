@@ -35,6 +35,7 @@ from .loaders import (
     load_taobao,
     load_user_features_from_args,
 )
+from .sampler import LengthGroupedEpochSampler
 from .sequences import (
     build_user_sequences,
     leave_last_out_split,
@@ -57,6 +58,7 @@ __all__ = [
     "EventTable",
     "EventValidationError",
     "FEATURES_FILE_NAME",
+    "LengthGroupedEpochSampler",
     "PinFMDataCollator",
     "build_ctr_samples",
     "collate_impression_groups",
