@@ -28,6 +28,8 @@ VARIANTS = {
     "sasrec_neg1024": (CONFIGS / "ml1m_sasrec_like.yaml", ["--num_negatives", "1024"]),
     "sasrec_full_softmax": (CONFIGS / "ml1m_sasrec_like.yaml", ["--full_softmax", "true"]),
     "sasrec_full_softmax_lr5e3": (CONFIGS / "ml1m_sasrec_like.yaml", ["--full_softmax", "true", "--learning_rate", "0.005"]),
+    # Learned absolute positions on top of RoPE, as SASRec has them.
+    "sasrec_abs_pos": (CONFIGS / "ml1m_sasrec_like.yaml", ["--use_absolute_position_embeddings", "true"]),
     # Batches of similar-length sequences (less padding): speed and quality against the random batches above.
     "sasrec_grouped": (CONFIGS / "ml1m_sasrec_like.yaml", ["--group_by_length", "true"]),
     "pinfm_grouped": (PINFM, ["--group_by_length", "true"]),

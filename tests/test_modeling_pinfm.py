@@ -117,6 +117,25 @@ class PinFMModelTest(unittest.TestCase):
         with pytest.raises(ValueError, match="timestamps"):
             with_time(input_ids=inputs["input_ids"], action_ids=inputs["action_ids"])
 
+    def test_absolute_position_embeddings_add_the_event_index(self):
+        config, inputs = self.tester.prepare_config_and_inputs()
+        rope_only = PinFMModel(config).eval()
+        with_positions = PinFMModel(PinFMConfig(**{**config.to_dict(), "use_absolute_position_embeddings": True})).eval()
+        with_positions.load_state_dict(rope_only.state_dict(), strict=False)
+        expected = rope_only(**inputs).last_hidden_state
+        assert not torch.allclose(with_positions(**inputs).last_hidden_state, expected)
+        with torch.no_grad():
+            with_positions.position_embeddings.weight.zero_()  # nothing else differs
+        torch.testing.assert_close(with_positions(**inputs).last_hidden_state, expected)
+        # Positions count real events, so left padding still agrees with right padding.
+        with torch.no_grad():
+            with_positions.position_embeddings.weight.normal_()
+        right, left_inputs = with_positions(**inputs), to_left_padding(inputs)
+        left = with_positions(**left_inputs)
+        torch.testing.assert_close(
+            right.last_hidden_state[inputs["attention_mask"].bool()], left.last_hidden_state[left_inputs["attention_mask"].bool()]
+        )
+
     def test_time_features_are_causal(self):
         # Position i may see the time of event i + 1 (its request time), never a later one.
         config, inputs = self.tester.prepare_config_and_inputs()

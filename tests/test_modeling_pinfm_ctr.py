@@ -180,9 +180,11 @@ def random_users(num_users: int = 5, length: int = 9, seed: int = 0, right_paddi
 
 @pytest.mark.parametrize("fusion", ["early", "late"])
 @pytest.mark.parametrize("right_padding", [False, True])
-def test_dcat_scores_equal_the_naive_path(fusion, right_padding):
+@pytest.mark.parametrize("absolute_positions", [False, True])
+def test_dcat_scores_equal_the_naive_path(fusion, right_padding, absolute_positions):
     torch.manual_seed(0)
-    model = PinFMForCTR(make_config(ctr_fusion=fusion, ctr_head="dcn")).eval()
+    config = make_config(ctr_fusion=fusion, ctr_head="dcn", use_absolute_position_embeddings=absolute_positions)
+    model = PinFMForCTR(config).eval()
     users = random_users(right_padding=right_padding)
     g = torch.Generator().manual_seed(1)
     request_ts = users["timestamps"].amax(dim=1) + torch.randint(0, 10**5, (5,), generator=g)

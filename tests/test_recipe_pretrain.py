@@ -112,6 +112,7 @@ def test_two_processes_sync_gradients_and_gather_metrics_once(tmp_path, shared_d
     run_recipe(
         output_dir,
         "--max_eval_users", "199",  # odd on purpose: gather_for_metrics must drop the padding duplicate
+        "--group_by_length", "true",  # every rank must draw the same length-grouped batches
         launcher=(accelerate, "launch", "--config_file", str(ROOT / "recipes/accelerate/cpu_2proc.yaml")),
         env={"ACCELERATE_USE_CPU": "1"},
     )

@@ -37,6 +37,9 @@ class PinFMConfig(PretrainedConfig):
             recent events by the tokenizer/collator.
         rope_theta (`float`, *optional*, defaults to 10000.0):
             Base of the rotary position embedding.
+        use_absolute_position_embeddings (`bool`, *optional*, defaults to `False`):
+            Also add a learned embedding of each event's index in the sequence (SASRec, HSTU's SASRec): rotary
+            attention sees only relative positions, so this tells a token how many events precede it.
         rms_norm_eps (`float`, *optional*, defaults to 1e-6):
             Epsilon of the RMSNorm layers.
         hidden_dropout_prob (`float`, *optional*, defaults to 0.1):
@@ -159,6 +162,7 @@ class PinFMConfig(PretrainedConfig):
         intermediate_size: Optional[int] = None,
         max_position_embeddings: int = 256,
         rope_theta: float = 10000.0,
+        use_absolute_position_embeddings: bool = False,
         rms_norm_eps: float = 1e-6,
         hidden_dropout_prob: float = 0.1,
         attention_dropout: float = 0.0,
@@ -269,6 +273,7 @@ class PinFMConfig(PretrainedConfig):
         self.intermediate_size = intermediate_size if intermediate_size is not None else 4 * hidden_size
         self.max_position_embeddings = max_position_embeddings
         self.rope_theta = rope_theta
+        self.use_absolute_position_embeddings = use_absolute_position_embeddings
         self.rms_norm_eps = rms_norm_eps
         self.hidden_dropout_prob = hidden_dropout_prob
         self.attention_dropout = attention_dropout

@@ -10,7 +10,8 @@ TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "model_cards"
 # Config fields worth showing on a card (the full config is in config.json).
 CARD_CONFIG_FIELDS = (
     "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_position_embeddings",
-    "item_vocab_size", "action_vocab_size", "use_action_embeddings", "use_time_features", "num_item_hash_tables",
+    "item_vocab_size", "action_vocab_size", "use_action_embeddings", "use_time_features", "use_absolute_position_embeddings",
+    "num_item_hash_tables",
     "next_token_loss_weight", "multi_token_loss_weight", "future_token_loss_weight", "num_negatives",
     "negative_sampling", "full_softmax",
 )

@@ -499,6 +499,8 @@ class PinFMModel(PinFMPreTrainedModel):
     def __init__(self, config: PinFMConfig):
         super().__init__(config)
         self.embeddings = PinFMEventEmbedding(config)
+        if config.use_absolute_position_embeddings:
+            self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.layers = nn.ModuleList(PinFMLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = PinFMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.gradient_checkpointing = False
@@ -555,6 +557,7 @@ class PinFMModel(PinFMPreTrainedModel):
         if extra_embeddings is not None:
             hidden_states = hidden_states + extra_embeddings
         position_ids = (valid.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T) real-event positions
+        hidden_states = self.add_position_embeddings(hidden_states, position_ids)
         cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, hidden_states.dtype)
         causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
         # Padded queries attend to themselves only, so no softmax row is empty (no NaN).
@@ -584,6 +587,12 @@ class PinFMModel(PinFMPreTrainedModel):
             key_values=key_values,
         )
 
+    def add_position_embeddings(self, hidden_states: torch.Tensor, position_ids: torch.LongTensor) -> torch.Tensor:
+        """Add the learned absolute position embeddings when configured (positions past the table share its last row)."""
+        if not self.config.use_absolute_position_embeddings:
+            return hidden_states
+        return hidden_states + self.position_embeddings(position_ids.clamp(max=self.config.max_position_embeddings - 1))
+
     def encode_candidates(
         self,
         candidate_embeddings: torch.Tensor,
@@ -597,7 +606,7 @@ class PinFMModel(PinFMPreTrainedModel):
         rotary position `candidate_positions` `(U, C)` (the user's number of events). Returns the final-norm outputs.
         """
         cos, sin = rotary_cos_sin(candidate_positions, self.config.head_dim, self.config.rope_theta, candidate_embeddings.dtype)
-        hidden_states = candidate_embeddings
+        hidden_states = self.add_position_embeddings(candidate_embeddings, candidate_positions)
         for layer, layer_key_values in zip(self.layers, key_values):
             hidden_states = layer.cross_forward(hidden_states, cos, sin, layer_key_values, past_valid)
         return self.norm(hidden_states)
