@@ -135,6 +135,12 @@ class PinFMModelTest(unittest.TestCase):
         torch.testing.assert_close(
             right.last_hidden_state[inputs["attention_mask"].bool()], left.last_hidden_state[left_inputs["attention_mask"].bool()]
         )
+        # Positions past the table share its last row (the collator truncates to `max_length` before that).
+        table = with_positions.position_embeddings.weight
+        hidden = torch.zeros(1, 6, table.shape[1])
+        with_positions.config.max_position_embeddings = 4
+        added = with_positions.add_position_embeddings(hidden, torch.arange(6)[None])
+        torch.testing.assert_close(added[0], table[[0, 1, 2, 3, 3, 3]])
 
     def test_time_features_are_causal(self):
         # Position i may see the time of event i + 1 (its request time), never a later one.
