@@ -73,6 +73,10 @@ class DataArguments(EventSourceArguments):
     )
     train_windows: bool = field(default=True, metadata={"help": "Train on every max_length chunk of long histories."})
     max_eval_users: Optional[int] = field(default=None, metadata={"help": "Evaluate on the first N users only."})
+    eval_exclude_history: bool = field(
+        default=False,
+        metadata={"help": "Do not rank the items of the user's input events (HSTU's protocol; data without repeats)."},
+    )
     max_train_users: Optional[int] = field(default=None, metadata={"help": "Train on the first N users only (tests)."})
 
 
@@ -257,7 +261,8 @@ def main(args: Optional[list[str]] = None) -> dict:
     # ----- loop -----
     def log_eval(name: str, loader) -> dict:
         metrics = evaluate_next_item(
-            model, loader, accelerator, num_special_tokens=config.num_special_item_tokens, num_scored_ids=tokenizer.first_bucket_id
+            model, loader, accelerator, num_special_tokens=config.num_special_item_tokens,
+            num_scored_ids=tokenizer.first_bucket_id, exclude_history=data_args.eval_exclude_history,
         )
         record = {"step": step, **{f"{name}/{k}": v for k, v in metrics.items()}}
         run_log.log(record)
@@ -338,6 +343,7 @@ def main(args: Optional[list[str]] = None) -> dict:
         "num_parameters": num_params,
         "num_processes": accelerator.num_processes,
         "parameter_checksums": parameter_checksums(model, accelerator),
+        "eval_exclude_history": data_args.eval_exclude_history,
         "test": test_metrics,
     }
     if accelerator.is_main_process:

@@ -28,7 +28,8 @@ test = results["test"]
 print("\n== pinfm-hf demo ==")
 print(f"reloaded {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters) and "
       f"{type(tokenizer).__name__} ({len(tokenizer):,} item tokens) through the Auto classes")
-print(f"test ({test['num_users']} users, full ranking): " + ", ".join(f"{k} {v:.4f}" for k, v in test.items() if k != "num_users"))
+protocol = "items of the history excluded, as HSTU" if results.get("eval_exclude_history") else "every item"
+print(f"test ({test['num_users']} users, full ranking, {protocol}): " + ", ".join(f"{k} {v:.4f}" for k, v in test.items() if k != "num_users"))
 print(f"trained {results['steps']} steps in {results['train_seconds']} s, {results['tokens_per_s']:,.0f} tokens/s, peak RSS {results['peak_rss_gib']} GiB")
 print(f"model + tokenizer: {out / 'model'}\nmodel card:        {out / 'model' / 'README.md'}\ncurves:            {out / 'training_curves.png'}\nlog:               {out / 'train_log.jsonl'}")
 PY

@@ -5,13 +5,12 @@ from torch.utils.data import DataLoader
 
 from pinfm_hf import PinFMConfig, PinFMForPretraining, PinFMTokenizer
 from pinfm_hf.data.collator import PinFMDataCollator
-from pinfm_hf.evaluation import evaluate_next_item
+from pinfm_hf.evaluation import evaluate_next_item, history_mask
 from pinfm_hf.metrics import rank_of_targets, retrieval_metrics, summarize
 
 
-def test_next_item_evaluation_ranks_from_the_request_time():
-    # The target's timestamp is the request time of the prediction (as in training, where position i sees the time
-    # of event i + 1); the evaluator must pass it to the model, and rank over items only.
+def tiny_model_and_loader():
+    """A random tiny model and a loader of 24 users' held-out last events (9 events each, items from 30)."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     users, length = 24, 9
@@ -25,19 +24,61 @@ def test_next_item_evaluation_ranks_from_the_request_time():
     loader = DataLoader(encoded, batch_size=5, collate_fn=PinFMDataCollator())
     config = PinFMConfig(item_vocab_size=len(tokenizer), action_vocab_size=len(tokenizer.action_tokens), hidden_size=16,
                          num_hidden_layers=1, num_attention_heads=2, hidden_dropout_prob=0.0)
-    model = PinFMForPretraining(config).eval()
+    return PinFMForPretraining(config).eval(), tokenizer, loader
 
-    metrics = evaluate_next_item(model, loader, Accelerator(cpu=True), num_special_tokens=config.num_special_item_tokens,
-                                 num_scored_ids=tokenizer.first_bucket_id, show_progress=False)
 
+def expected_metrics(model, tokenizer, loader, exclude_history: bool) -> dict[str, float]:
+    """The evaluator's figures computed by hand: the last position's scores over items, ranked per row."""
+    num_special, num_items = model.config.num_special_item_tokens, tokenizer.first_bucket_id
     ranks = []
     with torch.no_grad():
         for batch in loader:
             query = model(batch["input_ids"], batch["attention_mask"], batch["action_ids"], timestamps=batch["timestamps"],
                           end_timestamps=batch["target_timestamps"]).query_embeddings[:, -1]  # full rows: no padding
-            scores = model.score_items(query)[:, : tokenizer.first_bucket_id]
-            ranks.append(rank_of_targets(scores, batch["target_ids"], invalid_ids=list(range(config.num_special_item_tokens))))
-    expected = summarize(retrieval_metrics(torch.cat(ranks)))
-    assert metrics["num_users"] == users
+            scores = model.score_items(query)[:, :num_items]
+            exclude = torch.zeros_like(scores, dtype=torch.bool)
+            if exclude_history:
+                for row, history in enumerate(batch["input_ids"].tolist()):
+                    exclude[row, history] = True
+            ranks.append(rank_of_targets(scores, batch["target_ids"], exclude_mask=exclude, invalid_ids=list(range(num_special))))
+    return summarize(retrieval_metrics(torch.cat(ranks)))
+
+
+def test_next_item_evaluation_ranks_from_the_request_time():
+    # The target's timestamp is the request time of the prediction (as in training, where position i sees the time
+    # of event i + 1); the evaluator must pass it to the model, and rank over items only.
+    model, tokenizer, loader = tiny_model_and_loader()
+
+    metrics = evaluate_next_item(model, loader, Accelerator(cpu=True), num_special_tokens=model.config.num_special_item_tokens,
+                                 num_scored_ids=tokenizer.first_bucket_id, show_progress=False)
+
+    expected = expected_metrics(model, tokenizer, loader, exclude_history=False)
+    assert metrics["num_users"] == 24
     for name, value in expected.items():
         assert abs(metrics[name] - value) < 1e-6, name
+
+
+def test_next_item_evaluation_can_mask_the_history_as_hstu_does():
+    # HSTU's evaluation drops the items of the input events from the ranking (the target stays a candidate).
+    model, tokenizer, loader = tiny_model_and_loader()
+    kwargs = dict(num_special_tokens=model.config.num_special_item_tokens, num_scored_ids=tokenizer.first_bucket_id,
+                  show_progress=False)
+
+    masked = evaluate_next_item(model, loader, Accelerator(cpu=True), exclude_history=True, **kwargs)
+    unmasked = evaluate_next_item(model, loader, Accelerator(cpu=True), **kwargs)
+
+    expected = expected_metrics(model, tokenizer, loader, exclude_history=True)
+    for name, value in expected.items():
+        assert abs(masked[name] - value) < 1e-6, name
+    assert masked["mrr"] > unmasked["mrr"]  # fewer competitors for every target
+
+
+def test_history_mask_marks_the_real_input_items_only():
+    input_ids = torch.tensor([[5, 6, 0, 0], [7, 9, 12, 5]])
+    attention_mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+
+    mask = history_mask(input_ids, attention_mask, num_ids=10)
+
+    assert mask.shape == (2, 10)
+    assert mask[0].nonzero().flatten().tolist() == [5, 6]  # padding (id 0) is not history
+    assert mask[1].nonzero().flatten().tolist() == [5, 7, 9]  # id 12 (>= num_ids, e.g. a hash bucket) is dropped

@@ -39,7 +39,7 @@ def step_losses(output_dir: Path) -> list[tuple[int, float]]:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, shared_data_dir):
     output_dir = tmp_path_factory.mktemp("tiny_run")
-    run_recipe(output_dir)
+    run_recipe(output_dir, "--eval_exclude_history", "true")
     return output_dir
 
 
@@ -49,7 +49,7 @@ def test_end_to_end_outputs_load_through_auto_classes(tiny_run):
     assert [s for s, _ in losses] == list(range(1, 9))
     assert losses[-1][1] < losses[0][1]  # it learns
     results = json.loads((tiny_run / "results.json").read_text())
-    assert results["test"]["num_users"] == 200
+    assert results["test"]["num_users"] == 200 and results["eval_exclude_history"] is True
     assert 0 <= results["test"]["ndcg@10"] <= results["test"]["hr@10"] <= 1
     assert isinstance(AutoModel.from_pretrained(model_dir), PinFMModel)
     model = AutoModelForPreTraining.from_pretrained(model_dir)
@@ -61,6 +61,7 @@ def test_end_to_end_outputs_load_through_auto_classes(tiny_run):
     assert card.data.library_name == "transformers"
     assert card.data.eval_results and {r.metric_type for r in card.data.eval_results} >= {"ndcg@10", "hr@10"}
     assert f"{results['test']['ndcg@10']:.4f}" in card.text
+    assert "items of the history masked (HSTU's protocol)" in card.text
     assert len(list_checkpoints(tiny_run / "checkpoints")) == 2  # last K kept
 
 

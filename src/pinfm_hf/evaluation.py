@@ -8,6 +8,13 @@ from tqdm.auto import tqdm
 from .metrics import rank_of_targets, retrieval_metrics, summarize
 
 
+def history_mask(input_ids: torch.LongTensor, attention_mask: torch.Tensor, num_ids: int) -> torch.BoolTensor:
+    """`(B, num_ids)`: True at every id row b holds among its real input events (ids `>= num_ids` are ignored)."""
+    seen = input_ids.masked_fill(~attention_mask.bool() | (input_ids >= num_ids), num_ids)  # padding -> spare column
+    mask = torch.zeros(input_ids.shape[0], num_ids + 1, dtype=torch.bool, device=input_ids.device)
+    return mask.scatter_(1, seen, True)[:, :num_ids]
+
+
 def last_valid(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """`values[b, t_last(b)]` where `t_last` is row b's last real position, for either padding side."""
     T = attention_mask.shape[1]
@@ -24,13 +31,16 @@ def evaluate_next_item(
     num_special_tokens: int,
     num_scored_ids: int,
     ks: Sequence[int] = (10, 50, 200),
+    exclude_history: bool = False,
     show_progress: bool = True,
 ) -> dict[str, float]:
     """
     Rank each example's `target_ids` among all known items, scored from the user's last position.
 
     Scored: item ids `[num_special_tokens, num_scored_ids)` (every item of the vocabulary); masked: special tokens and
-    hash buckets (ids from `num_scored_ids` on). Items already in the history are *not* masked (HSTU protocol). The
+    hash buckets (ids from `num_scored_ids` on). With `exclude_history`, the items of the model's input events are masked
+    too, as HSTU's evaluation does (`filter_invalid_ids=True` drops the `past_ids` from its top-k); this suits data
+    without repeats, such as MovieLens, and the target itself always stays a candidate (see `rank_of_targets`). The
     target's timestamp, when the batch has `target_timestamps`, is passed as the request time (`end_timestamps`), as
     in training, where position `i` sees the time of event `i + 1`; the target's item and action are never seen.
     Returns `hr@k`, `ndcg@k` and `mrr`, averaged over all users of all processes, each counted once.
@@ -48,7 +58,8 @@ def evaluate_next_item(
             batch["end_timestamps"] = batch.pop("target_timestamps")
         query = last_valid(model(**batch).query_embeddings, batch["attention_mask"])  # (B, P)
         scores = unwrapped.score_items(query)[:, :num_scored_ids]  # (B, V')
-        ranks = rank_of_targets(scores, targets, invalid_ids=list(range(num_special_tokens)))
+        seen = history_mask(batch["input_ids"], batch["attention_mask"], num_scored_ids) if exclude_history else None
+        ranks = rank_of_targets(scores, targets, exclude_mask=seen, invalid_ids=list(range(num_special_tokens)))
         all_ranks.append(accelerator.gather_for_metrics(ranks))
     model.train(was_training)
     ranks = torch.cat(all_ranks)

@@ -74,6 +74,7 @@ def render_pretrained_card(
         config_rows=[(k, getattr(config, k)) for k in CARD_CONFIG_FIELDS],
         metric_rows=[(k, f"{v:.4f}") for k, v in test.items() if k != "num_users"],
         num_users=test.get("num_users"),
+        history_masking="masked (HSTU's protocol)" if data_args.get("eval_exclude_history") else "not masked",
         num_scored_items=events_summary.get("items", "?"),
         steps=results["steps"],
         train_seconds=results["train_seconds"],
