@@ -53,7 +53,7 @@ def main() -> None:
                 model, loader, accelerator, num_special_tokens=model.config.num_special_item_tokens,
                 num_scored_ids=tokenizer.first_bucket_id, exclude_history=exclude_history, show_progress=False,
             )
-        row["ratio"] = {m: row["history_masked"][m] / row["unmasked"][m] for m in METRICS}
+        row["ratio"] = {m: row["history_masked"][m] / row["unmasked"][m] if row["unmasked"][m] else float("nan") for m in METRICS}
         rows[str(folder)] = row
         print(f"{folder}: done", file=sys.stderr, flush=True)
 
