@@ -1,4 +1,5 @@
 import pyarrow as pa
+import pytest
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
@@ -82,3 +83,13 @@ def test_history_mask_marks_the_real_input_items_only():
     assert mask.shape == (2, 10)
     assert mask[0].nonzero().flatten().tolist() == [5, 6]  # padding (id 0) is not history
     assert mask[1].nonzero().flatten().tolist() == [5, 7, 9]  # id 12 (>= num_ids, e.g. a hash bucket) is dropped
+
+
+def test_a_model_with_nan_weights_is_refused_not_scored_as_perfect():
+    # `score > NaN` is never true: before the check, a NaN model ranked every target first (HR@10 = NDCG@10 = 1).
+    model, tokenizer, loader = tiny_model_and_loader()
+    with torch.no_grad():
+        model.query_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="24 of 24 evaluation users have non-finite .*no metric is reported"):
+        evaluate_next_item(model, loader, Accelerator(cpu=True), num_special_tokens=model.config.num_special_item_tokens,
+                           num_scored_ids=tokenizer.first_bucket_id, show_progress=False)

@@ -118,3 +118,13 @@ class TestRetrievalMetrics:
             retrieval_metrics(torch.tensor([0, 1]))
         with pytest.raises(ValueError, match="ks"):
             retrieval_metrics(torch.tensor([1, 2]), ks=(0,))
+
+
+def test_nan_scores_never_reward_the_target():
+    nan = float("nan")
+    scores = torch.tensor([[0.1, nan, 0.3, 0.2], [nan, nan, nan, nan], [0.5, 0.1, nan, 0.0], [0.5, 0.1, 0.2, 0.0]])
+    targets = torch.tensor([1, 2, 0, 0])
+    # A NaN target ranks last; a NaN rival ranks above the target; finite rows are unchanged.
+    assert rank_of_targets(scores, targets).tolist() == [4, 4, 2, 1]
+    assert rank_of_targets(scores, targets, ties="pessimistic").tolist() == [4, 4, 2, 1]
+    assert rank_of_targets(scores, targets, exclude_mask=torch.tensor([[0, 0, 1, 1]] * 4).bool()).tolist() == [2, 3, 1, 1]  # excluded NaNs do not count

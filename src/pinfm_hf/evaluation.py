@@ -15,6 +15,20 @@ def history_mask(input_ids: torch.LongTensor, attention_mask: torch.Tensor, num_
     return mask.scatter_(1, seen, True)[:, :num_ids]
 
 
+def check_finite_scores(num_bad: int, num_rows: int, accelerator, *, what: str) -> None:
+    """
+    Refuse to report metrics computed from NaN or infinite scores (a diverged or corrupted model), which would
+    otherwise rank as perfect or as garbage; all processes raise together, so none waits for the others.
+    """
+    counts = accelerator.reduce(torch.tensor([num_bad, num_rows], device=accelerator.device), reduction="sum")
+    num_bad, num_rows = (int(c) for c in counts.tolist())
+    if num_bad:
+        raise ValueError(
+            f"{num_bad} of {num_rows} {what} have non-finite (NaN or infinite) scores: the model's weights or inputs "
+            "are not finite, so no metric is reported. Check the checkpoint with a finite-weights load, or retrain."
+        )
+
+
 def last_valid(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """`values[b, t_last(b)]` where `t_last` is row b's last real position, for either padding side."""
     T = attention_mask.shape[1]
@@ -49,6 +63,7 @@ def evaluate_next_item(
     model.eval()
     unwrapped = accelerator.unwrap_model(model)
     all_ranks = []
+    num_bad = num_rows = 0
     batches = tqdm(dataloader, desc="evaluate", disable=not (show_progress and accelerator.is_main_process), leave=False)
     for batch in batches:
         targets = batch.pop("target_ids")
@@ -58,10 +73,13 @@ def evaluate_next_item(
             batch["end_timestamps"] = batch.pop("target_timestamps")
         query = last_valid(model(**batch).query_embeddings, batch["attention_mask"])  # (B, P)
         scores = unwrapped.score_items(query)[:, :num_scored_ids]  # (B, V')
+        num_bad += int((~torch.isfinite(scores[:, num_special_tokens:])).any(dim=1).sum())
+        num_rows += scores.shape[0]
         seen = history_mask(batch["input_ids"], batch["attention_mask"], num_scored_ids) if exclude_history else None
         ranks = rank_of_targets(scores, targets, exclude_mask=seen, invalid_ids=list(range(num_special_tokens)))
         all_ranks.append(accelerator.gather_for_metrics(ranks))
     model.train(was_training)
+    check_finite_scores(num_bad, num_rows, accelerator, what="evaluation users")
     ranks = torch.cat(all_ranks)
     metrics = summarize(retrieval_metrics(ranks, ks=ks))
     metrics["num_users"] = int(ranks.numel())
@@ -89,12 +107,15 @@ def evaluate_ctr(
     was_training = model.training
     model.eval()
     predictions, references, users, first_seen = [], [], [], []
+    num_bad = num_rows = 0
     batches = tqdm(dataloader, desc="evaluate", disable=not (show_progress and accelerator.is_main_process), leave=False)
     for batch in batches:
         labels = batch.pop("label")
         user_index = batch.pop("user_index")
         logits = model(**batch, deduplicate_histories=True).logits if deduplicate_histories else model(**batch).logits
         probs = torch.sigmoid(logits.float())
+        num_bad += int((~torch.isfinite(logits)).sum())
+        num_rows += logits.numel()
         if fresh_after is not None:
             if "candidate_age" not in batch:
                 raise ValueError("A fresh-item slice needs `candidate_age` in the batches (samples with item_first_seen).")
@@ -107,6 +128,7 @@ def evaluate_ctr(
         users.append(user_index.cpu())
         first_seen.append(item_first_seen.cpu())
     model.train(was_training)
+    check_finite_scores(num_bad, num_rows, accelerator, what="impressions")
     predictions, references, users = torch.cat(predictions), torch.cat(references).long(), torch.cat(users)
     metric = load_ctr_metric(keep_in_memory=True)
     results = metric.compute(predictions=predictions.numpy(), references=references.numpy(), user_ids=users.numpy())

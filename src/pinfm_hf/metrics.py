@@ -21,7 +21,8 @@ def rank_of_targets(
     1-based rank of each target among all candidate ids.
 
     Excluded and invalid ids (e.g. padding, special tokens, already-seen items) are scored `-inf` first; the target
-    itself is never excluded, even if `exclude_mask` or `invalid_ids` cover it.
+    itself is never excluded, even if `exclude_mask` or `invalid_ids` cover it. A NaN score never helps the target: a
+    NaN target ranks last among the candidates, and any other id with a NaN score ranks above it.
 
     Ties: with `ties="optimistic"` (default), `rank = 1 + #(score > target_score)`, so the target wins every tie. With
     `ties="pessimistic"`, `rank = #(score >= target_score)` over the other ids plus one, so the target loses every tie.
@@ -53,7 +54,9 @@ def rank_of_targets(
 
     target_ids = target_ids.to(scores.device).long().unsqueeze(1)  # [B, 1]
     target_scores = scores.gather(1, target_ids)  # [B, 1]
-    scores = scores.clone()
+    # `score > NaN` is never true, so a NaN target would rank first: it ranks last instead, behind every NaN rival.
+    target_scores = target_scores.nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    scores = scores.nan_to_num(nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))
     if exclude_mask is not None:
         if exclude_mask.shape != scores.shape:
             raise ValueError(f"`exclude_mask` must have shape {tuple(scores.shape)}, got {tuple(exclude_mask.shape)}.")
