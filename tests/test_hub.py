@@ -236,6 +236,18 @@ def test_pushing_without_a_token_is_refused_clearly(pushed_base, hub, tmp_path):
     assert result.returncode != 0 and "PermissionError" in result.stderr and "HF_TOKEN" in result.stderr
 
 
+@pytest.mark.parametrize("token", [None, "hf_not_the_right_token"], ids=["no_token", "rejected_token"])
+def test_a_push_that_cannot_succeed_fails_before_any_data_is_read(hub, tmp_path, token):
+    env = hub_env(hub, tmp_path / "home", token=False)
+    if token:
+        env["HF_TOKEN"] = token
+    result = run_recipe("pretrain.py", TINY_PRETRAIN, tmp_path / "run", env, "--push_to_hub", "true",
+                        "--hub_model_id", "pinfm-test/never", check=False)
+    assert result.returncode != 0 and "PermissionError" in result.stderr
+    assert ("needs a hub token" if token is None else "rejected the token (HTTP 401)") in result.stderr
+    assert "Events:" not in result.stderr and not (tmp_path / "run" / "train_log.jsonl").exists()  # no data was read
+
+
 def test_adapter_push_with_a_local_base_is_refused(pushed_base, hub, tmp_path):
     env = hub_env(hub, tmp_path / "home")
     result = run_recipe("finetune_ctr.py", TINY_CTR, tmp_path / "ctr", env, "--base", str(pushed_base["output_dir"] / "model"),

@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from huggingface_hub import CommitOperationAdd, HfApi
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub import CommitOperationAdd, HfApi, get_token
+from huggingface_hub.errors import HFValidationError, HfHubHTTPError
+from huggingface_hub.utils import validate_repo_id
 from transformers.utils import cached_file
 
 
@@ -32,8 +33,37 @@ class HubArguments:
     def __post_init__(self):
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id (e.g. 'org/pinfm-ml1m').")
-        if self.hub_model_id is not None and self.hub_model_id.count("/") != 1:
-            raise ValueError(f"--hub_model_id must look like 'namespace/name', got {self.hub_model_id!r}.")
+        if self.hub_model_id is not None:
+            if self.hub_model_id.count("/") != 1:
+                raise ValueError(f"--hub_model_id must look like 'namespace/name', got {self.hub_model_id!r}.")
+            try:
+                validate_repo_id(self.hub_model_id)
+            except HFValidationError as e:
+                raise ValueError(f"--hub_model_id {self.hub_model_id!r} is not a valid repo id: {e}") from None
+
+    def check_access(self) -> None:
+        """
+        With `--push_to_hub`, check at start-up, before any data is read, that there is a token and that the hub
+        accepts it for writing (`whoami`), so a run does not train for hours to fail at the push.
+        """
+        if not self.push_to_hub:
+            return
+        token = get_token()
+        if token is None:
+            raise PermissionError(
+                "--push_to_hub needs a hub token with write access: set HF_TOKEN or log in with `hf auth login`."
+            )
+        try:
+            who = HfApi().whoami(token=token)
+        except HfHubHTTPError as e:
+            status = e.response.status_code if e.response is not None else None
+            raise PermissionError(
+                f"The hub rejected the token (HTTP {status}) while checking --push_to_hub: set a valid write token in "
+                "HF_TOKEN or log in with `hf auth login`."
+            ) from e
+        role = ((who.get("auth") or {}).get("accessToken") or {}).get("role")
+        if role == "read":
+            raise PermissionError("The hub token is read-only: --push_to_hub needs a token with write access.")
 
     def push(self, folder: Union[str, Path], run_files: Sequence[Optional[Union[str, Path]]]) -> str:
         """Push `folder` to `hub_model_id` with these flags, plus the run's files (metrics, log, plot) under training/."""
