@@ -11,7 +11,6 @@ saves a shareable adapter folder (adapter + head + card), the others a full mode
 overridden on the command line; `--resume_from_checkpoint latest` continues an interrupted run exactly.
 """
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,22 +40,22 @@ from pinfm_hf.data import (
     split_ctr_samples,
 )
 from pinfm_hf.data.sequences import quantile_timestamp
+from pinfm_hf.checkpointing import LoopPosition, RunFolder, check_finite_step, fault_point
 from pinfm_hf.evaluation import evaluate_ctr
 from pinfm_hf.hub import HubArguments, is_local_folder
+from pinfm_hf.io_utils import atomic_folder, atomic_write_json
 from pinfm_hf.model_card import render_ctr_card
 from pinfm_hf.training_utils import (
-    atomic_folder,
-    cosine_schedule,
     JsonlLogger,
+    check_ranges,
+    cosine_schedule,
     finish,
     make_accelerator,
     parse_recipe_args,
-    peak_rss_gib,
     parameter_checksums,
+    peak_rss_gib,
     plot_training_curves,
     reduce_step_losses,
-    save_checkpoint,
-    start_or_resume,
 )
 from pinfm_hf.transfer import (
     TRANSFER_STRATEGIES,
@@ -93,6 +92,12 @@ class DataArguments(EventSourceArguments):
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Test on a seeded random subset of N samples."})
     max_slots_per_field: int = field(default=8, metadata={"help": "Most values kept per multi-valued side feature."})
 
+    def __post_init__(self):
+        check_ranges(
+            self, positive=("max_history", "max_train_samples", "max_eval_samples", "max_slots_per_field"),
+            quantiles=("cut_quantile",),
+        )
+
 
 @dataclass
 class ModelArguments:
@@ -125,10 +130,22 @@ class ModelArguments:
         default=False, metadata={"help": "Accept a base pretrained on events after the cut (its figures then leak)."}
     )
 
+    def __post_init__(self):
+        check_ranges(
+            self,
+            positive=("ctr_head_hidden_sizes", "ctr_num_cross_layers", "ctr_feature_embedding_size", "ctr_young_item_age_days",
+                      "lora_rank", "lora_alpha"),
+            non_negative=("ctr_aux_loss_weight",),
+            fractions=("ctr_dropout", "ctr_young_item_dropout", "lora_dropout"),
+        )
+
 
 @dataclass
 class TrainArguments:
     output_dir: str = field(default="outputs/finetune_ctr", metadata={"help": "Run folder: model/ or adapter/, checkpoints/, logs."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Delete the outputs another run left in --output_dir instead of refusing it."}
+    )
     seed: int = 42
     per_device_train_batch_size: int = 256
     per_device_eval_batch_size: int = 1024
@@ -157,6 +174,18 @@ class TrainArguments:
         metadata={"help": "DCAT: batch impressions of one request together and encode their shared history once "
                   "(same logits; fewer encoder passes). Batches then hold whole requests, about the same number of samples."},
     )
+
+    def __post_init__(self):
+        check_ranges(
+            self,
+            positive=("per_device_train_batch_size", "per_device_eval_batch_size", "learning_rate", "backbone_learning_rate",
+                      "num_train_epochs", "gradient_accumulation_steps", "logging_steps", "checkpointing_steps",
+                      "stop_after_steps"),
+            non_negative=("seed", "weight_decay", "warmup_steps", "max_grad_norm", "checkpoints_total_limit"),
+            fractions=("candidate_id_randomization",),
+        )
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"--max_steps must be -1 (the epochs decide) or >= 1, got {self.max_steps}.")
 
 
 def use_case_actions(data_args: DataArguments) -> tuple[list[str], list[str]]:
@@ -192,6 +221,10 @@ def main(args: Optional[list[str]] = None) -> dict:
         gradient_accumulation_steps=train_args.gradient_accumulation_steps,
         report_to=train_args.report_to,
     )
+    # Fail in a second, before any data is read: a busy or foreign run folder, a hub push that cannot succeed.
+    run = RunFolder(output_dir, is_main_process=accelerator.is_main_process)
+    run.claim(resume_from_checkpoint=train_args.resume_from_checkpoint, overwrite_output_dir=train_args.overwrite_output_dir)
+    hub_args.check_access()
     set_seed(train_args.seed)
     start_time = time.time()
 
@@ -293,29 +326,32 @@ def main(args: Optional[list[str]] = None) -> dict:
     )
 
     # ----- resume -----
-    checkpoint_dir = output_dir / "checkpoints"
     run_log = JsonlLogger(output_dir / "train_log.jsonl", enabled=accelerator.is_main_process)
-    position = start_or_resume(accelerator, train_args.resume_from_checkpoint, checkpoint_dir, run_log)
-    step, start_epoch, skip_batches, micro_step = (position[k] for k in ("step", "epoch", "batches_in_epoch", "micro_step"))
+    position = run.resume(accelerator, model, train_args.resume_from_checkpoint) or LoopPosition()
+    run_log.restart(position.step)
     if train_args.report_to:
         accelerator.init_trackers("pinfm-finetune-ctr", config={**asdict(data_args), **asdict(model_args), **asdict(train_args)})
 
+    def checkpoint() -> None:
+        run.save_checkpoint(accelerator, model, position, train_args.checkpoints_total_limit)
+
     # ----- loop -----
     model.train()
-    progress = tqdm(total=total_steps, initial=step, desc=f"finetune {model_args.transfer}", disable=not accelerator.is_main_process)
+    progress = tqdm(total=total_steps, initial=position.step, desc=f"finetune {model_args.transfer}", disable=not accelerator.is_main_process)
     samples_seen, window_start = 0, time.time()
-    done = step >= total_steps
-    for epoch in range(start_epoch, num_epochs):
+    done = position.step >= total_steps
+    for epoch in range(position.epoch, num_epochs):
         if done:
             break
         train_loader.set_epoch(epoch)
-        loader = accelerator.skip_first_batches(train_loader, skip_batches) if skip_batches else train_loader
-        batches_in_epoch, skip_batches = skip_batches, 0
+        skip = position.batches_in_epoch if epoch == position.epoch else 0
+        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+        position.epoch, position.batches_in_epoch = epoch, skip
         step_losses = []
         for batch in loader:
             # Dropout and sampled negatives are a function of the micro-step, so a resumed run repeats them exactly.
-            set_seed(train_args.seed + micro_step, device_specific=True)
-            micro_step += 1
+            set_seed(train_args.seed + position.micro_step, device_specific=True)
+            position.micro_step += 1
             labels = batch.pop("label")
             batch.pop("user_index")
             batch["input_ids"] = randomize_candidate_ids(
@@ -325,59 +361,66 @@ def main(args: Optional[list[str]] = None) -> dict:
             with accelerator.accumulate(model):
                 outputs = model(**batch, labels=labels, deduplicate_histories=train_args.deduplicate_histories)
                 accelerator.backward(outputs.loss)
-                if accelerator.sync_gradients and train_args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)
+                step_losses.append({k: v.detach() for k, v in outputs.items() if k.endswith("loss") and v is not None})
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm or float("inf"))
+                    record = {"step": position.step + 1, "epoch": epoch, **reduce_step_losses(step_losses, accelerator)}
+                    record["grad_norm"] = grad_norm.item()
+                    # fp16 overflows are the grad scaler's to skip; any other non-finite value stops the run.
+                    check_finite_step(
+                        position.step + 1, {k: v for k, v in record.items() if k.endswith("loss")},
+                        record["grad_norm"] if accelerator.mixed_precision != "fp16" else None, run.last_checkpoint,
+                    )
+                    fault_point("step", position.step + 1)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
-            batches_in_epoch += 1
+            position.batches_in_epoch += 1
             samples_seen += labels.numel() * accelerator.num_processes
-            step_losses.append({k: v.detach() for k, v in outputs.items() if k.endswith("loss") and v is not None})
             if not accelerator.sync_gradients:
                 continue
-            step += 1
-            record = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0]}
-            record.update(reduce_step_losses(step_losses, accelerator))
+            position.step += 1
             step_losses = []
+            record["lr"] = scheduler.get_last_lr()[0]
             record["samples_per_s"] = samples_seen / max(time.time() - window_start, 1e-9)
             run_log.log(record)
-            accelerator.log(record, step=step)
+            accelerator.log(record, step=position.step)
             progress.update(1)
-            if step % train_args.logging_steps == 0 or step == 1:
+            if position.step % train_args.logging_steps == 0 or position.step == 1:
                 progress.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.0f}")
-            state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch, "micro_step": micro_step}
-            interrupted = train_args.stop_after_steps is not None and step >= train_args.stop_after_steps
-            if step % train_args.checkpointing_steps == 0 or interrupted:
-                save_checkpoint(accelerator, checkpoint_dir, step, state, train_args.checkpoints_total_limit)
+            interrupted = train_args.stop_after_steps is not None and position.step >= train_args.stop_after_steps
+            if position.step % train_args.checkpointing_steps == 0 or interrupted:
+                checkpoint()
             if interrupted:
                 progress.close()
-                logger.info("Stopping after step %d as asked (--stop_after_steps); resume with --resume_from_checkpoint latest.", step)
+                logger.info("Stopping after step %d as asked (--stop_after_steps); resume with --resume_from_checkpoint latest.", position.step)
                 finish(accelerator)
-                return {"step": step, "interrupted": True}
-            if step >= total_steps:
+                run.release()
+                return {"step": position.step, "interrupted": True}
+            if position.step >= total_steps:
                 done = True
                 break
     progress.close()
     train_seconds = time.time() - window_start
-    if step % train_args.checkpointing_steps != 0:
-        final_state = {"step": step, "epoch": num_epochs, "batches_in_epoch": 0, "micro_step": micro_step}
-        save_checkpoint(accelerator, checkpoint_dir, step, final_state, train_args.checkpoints_total_limit)
+    if position.step % train_args.checkpointing_steps != 0:
+        position.epoch, position.batches_in_epoch = num_epochs, 0
+        checkpoint()  # also refuses non-finite weights, so nothing below is computed from them
 
     # ----- evaluation and save -----
     test_metrics = evaluate_ctr(
         model, test_loader, accelerator, deduplicate_histories=train_args.deduplicate_histories, fresh_after=cut
     )
-    run_log.log({"step": step, **{f"test/{k}": v for k, v in test_metrics.items()}})
-    logger.info("Test at step %d: %s", step, {k: round(v, 4) for k, v in test_metrics.items()})
+    run_log.log({"step": position.step, **{f"test/{k}": v for k, v in test_metrics.items()}})
+    logger.info("Test at step %d: %s", position.step, {k: round(v, 4) for k, v in test_metrics.items()})
     results = {
         "dataset": data_args.dataset,
         "base": model_args.base,
         "transfer": model_args.transfer,
         "data": data_summary,
-        "steps": step,
+        "steps": position.step,
         "epochs": num_epochs,
         "train_seconds": round(train_seconds, 1),
-        "seconds_per_epoch": round(train_seconds / max(step / steps_per_epoch, 1e-9), 1),
+        "seconds_per_epoch": round(train_seconds / max(position.step / steps_per_epoch, 1e-9), 1),
         "total_seconds": round(time.time() - start_time, 1),
         "trainable_parameters": trainable_params,
         "model_parameters": model_params,
@@ -390,7 +433,7 @@ def main(args: Optional[list[str]] = None) -> dict:
         unwrapped = accelerator.unwrap_model(model)
         is_adapter = model_args.transfer == "lora"
         save_dir = output_dir / ("adapter" if is_adapter else "model")
-        (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+        atomic_write_json(output_dir / "results.json", results)
         plot = plot_training_curves(output_dir / "train_log.jsonl", output_dir / "training_curves.png")
         with atomic_folder(save_dir) as folder:
             if is_adapter:
@@ -410,6 +453,7 @@ def main(args: Optional[list[str]] = None) -> dict:
             url = hub_args.push(save_dir, [output_dir / "results.json", output_dir / "train_log.jsonl", plot])
             logger.info("Pushed %s (%s, card, training metrics) to %s", save_dir, save_dir.name, url)
     finish(accelerator)
+    run.release()
     return results
 
 

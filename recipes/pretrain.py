@@ -11,7 +11,6 @@ with a model card, a JSONL log and a PNG of the training curves. `--resume_from_
 interrupted run exactly.
 """
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,22 +34,22 @@ from pinfm_hf.data import (
     EventSourceArguments,
     time_split,
 )
+from pinfm_hf.checkpointing import LoopPosition, RunFolder, check_finite_step, fault_point
 from pinfm_hf.evaluation import evaluate_next_item
 from pinfm_hf.hub import HubArguments
+from pinfm_hf.io_utils import atomic_folder, atomic_write_json
 from pinfm_hf.model_card import render_pretrained_card
 from pinfm_hf.training_utils import (
-    atomic_folder,
-    cosine_schedule,
     JsonlLogger,
+    check_ranges,
+    cosine_schedule,
     finish,
     make_accelerator,
     parse_recipe_args,
-    peak_rss_gib,
     parameter_checksums,
+    peak_rss_gib,
     plot_training_curves,
     reduce_step_losses,
-    save_checkpoint,
-    start_or_resume,
 )
 
 
@@ -72,12 +71,23 @@ class DataArguments(EventSourceArguments):
                   "period after it (finetune_ctr.py --cut_quantile, same value) never leaks into pretraining."},
     )
     train_windows: bool = field(default=True, metadata={"help": "Train on every max_length chunk of long histories."})
+    train_holdout: int = field(
+        default=1,
+        metadata={"help": "Events held out of training at the end of each sequence: 1 trains on the validation targets "
+                  "(HSTU's protocol, so periodic validation is in-sample); 2 keeps them out (out-of-sample validation)."},
+    )
     max_eval_users: Optional[int] = field(default=None, metadata={"help": "Evaluate on the first N users only."})
     eval_exclude_history: bool = field(
         default=False,
         metadata={"help": "Do not rank the items of the user's input events (HSTU's protocol; data without repeats)."},
     )
     max_train_users: Optional[int] = field(default=None, metadata={"help": "Train on the first N users only (tests)."})
+
+    def __post_init__(self):
+        check_ranges(
+            self, positive=("max_length", "min_item_count", "max_vocab_size", "train_holdout", "max_eval_users", "max_train_users"),
+            non_negative=("num_hash_buckets",), quantiles=("time_cut_quantile",),
+        )
 
 
 @dataclass
@@ -106,10 +116,22 @@ class ModelArguments:
     full_softmax: bool = False
     initial_temperature: float = 0.05
 
+    def __post_init__(self):
+        check_ranges(
+            self,
+            positive=("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "item_hash_table_size",
+                      "multi_token_window", "future_token_input_length", "num_negatives", "initial_temperature"),
+            non_negative=("num_item_hash_tables", "next_token_loss_weight", "multi_token_loss_weight", "future_token_loss_weight"),
+            fractions=("hidden_dropout_prob", "attention_dropout"),
+        )
+
 
 @dataclass
 class TrainArguments:
     output_dir: str = field(default="outputs/pretrain", metadata={"help": "Run folder: model/, checkpoints/, logs."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Delete the outputs another run left in --output_dir instead of refusing it."}
+    )
     seed: int = 42
     per_device_train_batch_size: int = 128
     per_device_eval_batch_size: int = 256
@@ -143,6 +165,19 @@ class TrainArguments:
                   "(batch tokens x ids floats, several times over), which runs out of memory on large catalogues."},
     )
 
+    def __post_init__(self):
+        check_ranges(
+            self,
+            positive=("per_device_train_batch_size", "per_device_eval_batch_size", "learning_rate", "num_train_epochs",
+                      "gradient_accumulation_steps", "logging_steps", "checkpointing_steps", "stop_after_steps",
+                      "full_softmax_max_items"),
+            non_negative=("seed", "weight_decay", "warmup_steps", "max_grad_norm", "eval_every_epochs",
+                          "checkpoints_total_limit"),
+            fractions=("adam_beta2",),
+        )
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"--max_steps must be -1 (the epochs decide) or >= 1, got {self.max_steps}.")
+
 
 def positive_action_names(data_args: DataArguments, tokenizer: PinFMTokenizer) -> Optional[list[str]]:
     if data_args.positive_actions == "all":
@@ -174,6 +209,10 @@ def main(args: Optional[list[str]] = None) -> dict:
         gradient_accumulation_steps=train_args.gradient_accumulation_steps,
         report_to=train_args.report_to,
     )
+    # Fail in a second, before any data is read: a busy or foreign run folder, a hub push that cannot succeed.
+    run = RunFolder(output_dir, is_main_process=accelerator.is_main_process)
+    run.claim(resume_from_checkpoint=train_args.resume_from_checkpoint, overwrite_output_dir=train_args.overwrite_output_dir)
+    hub_args.check_access()
     set_seed(train_args.seed)
     start_time = time.time()
 
@@ -183,7 +222,7 @@ def main(args: Optional[list[str]] = None) -> dict:
         events, _, cut = time_split(events, quantile=data_args.time_cut_quantile)
         logger.info("Pretraining on events before %d (quantile %s) only.", cut, data_args.time_cut_quantile)
     logger.info("Events: %s", events.describe())
-    splits = leave_last_out_split(build_user_sequences(events))
+    splits = leave_last_out_split(build_user_sequences(events), train_holdout=data_args.train_holdout)
     if data_args.max_train_users is not None:
         splits["train"] = splits["train"].select(range(min(data_args.max_train_users, len(splits["train"]))))
     tokenizer = PinFMTokenizer.from_events(
@@ -251,91 +290,106 @@ def main(args: Optional[list[str]] = None) -> dict:
     logger.info("Model: %.2fM parameters; %d steps (%d epochs of %d).", num_params / 1e6, total_steps, num_epochs, steps_per_epoch)
 
     # ----- resume -----
-    checkpoint_dir = output_dir / "checkpoints"
     run_log = JsonlLogger(output_dir / "train_log.jsonl", enabled=accelerator.is_main_process)
-    position = start_or_resume(accelerator, train_args.resume_from_checkpoint, checkpoint_dir, run_log)
-    step, start_epoch, skip_batches, micro_step = (position[k] for k in ("step", "epoch", "batches_in_epoch", "micro_step"))
+    position = run.resume(accelerator, model, train_args.resume_from_checkpoint) or LoopPosition()
+    run_log.restart(position.step)
     if train_args.report_to:
         accelerator.init_trackers("pinfm-pretrain", config={**asdict(data_args), **asdict(model_args), **asdict(train_args)})
 
     # ----- loop -----
+    # With train_holdout 1 the validation targets are training targets: say so wherever those figures appear.
+    valid_name = "valid" if data_args.train_holdout >= 2 else "valid_in_sample"
+    if train_args.eval_every_epochs and valid_name == "valid_in_sample":
+        logger.warning("--train_holdout 1 trains on the validation targets: periodic figures are logged as "
+                       "'valid_in_sample'; use --train_holdout 2 to validate out of sample.")
+
     def log_eval(name: str, loader) -> dict:
         metrics = evaluate_next_item(
             model, loader, accelerator, num_special_tokens=config.num_special_item_tokens,
             num_scored_ids=tokenizer.first_bucket_id, exclude_history=data_args.eval_exclude_history,
         )
-        record = {"step": step, **{f"{name}/{k}": v for k, v in metrics.items()}}
+        record = {"step": position.step, **{f"{name}/{k}": v for k, v in metrics.items()}}
         run_log.log(record)
-        accelerator.log(record, step=step)
-        logger.info("%s at step %d: %s", name, step, {k: round(v, 4) for k, v in metrics.items()})
+        accelerator.log(record, step=position.step)
+        logger.info("%s at step %d: %s", name, position.step, {k: round(v, 4) for k, v in metrics.items()})
         return metrics
 
+    def checkpoint() -> None:
+        run.save_checkpoint(accelerator, model, position, train_args.checkpoints_total_limit)
+
     model.train()
-    progress = tqdm(total=total_steps, initial=step, desc="pretrain", disable=not accelerator.is_main_process)
+    progress = tqdm(total=total_steps, initial=position.step, desc="pretrain", disable=not accelerator.is_main_process)
     tokens_seen, window_start = 0, time.time()
-    done = step >= total_steps
-    for epoch in range(start_epoch, num_epochs):
+    done = position.step >= total_steps
+    for epoch in range(position.epoch, num_epochs):
         if done:
             break
         train_loader.set_epoch(epoch)
-        loader = accelerator.skip_first_batches(train_loader, skip_batches) if skip_batches else train_loader
-        batches_in_epoch, skip_batches = skip_batches, 0
+        skip = position.batches_in_epoch if epoch == position.epoch else 0
+        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+        position.epoch, position.batches_in_epoch = epoch, skip
         step_losses = []
         for batch in loader:
             # Randomness (dropout, sampled negatives) is a function of the micro-step, so a resumed run repeats it
             # exactly whatever else drew from the generators in between (e.g. the DataLoader's own seed draw).
-            set_seed(train_args.seed + micro_step, device_specific=True)
-            micro_step += 1
+            set_seed(train_args.seed + position.micro_step, device_specific=True)
+            position.micro_step += 1
             with accelerator.accumulate(model):
                 outputs = model(**batch)
                 accelerator.backward(outputs.loss)
-                if accelerator.sync_gradients and train_args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)
+                step_losses.append({k: v.detach() for k, v in outputs.items() if k.endswith("loss") and v is not None})
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm or float("inf"))
+                    record = {"step": position.step + 1, "epoch": epoch, **reduce_step_losses(step_losses, accelerator)}
+                    record["grad_norm"] = grad_norm.item()
+                    # fp16 overflows are the grad scaler's to skip; any other non-finite value stops the run.
+                    check_finite_step(
+                        position.step + 1, {k: v for k, v in record.items() if k.endswith("loss")},
+                        record["grad_norm"] if accelerator.mixed_precision != "fp16" else None, run.last_checkpoint,
+                    )
+                    fault_point("step", position.step + 1)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
-            batches_in_epoch += 1
+            position.batches_in_epoch += 1
             tokens_seen += int(batch["attention_mask"].sum()) * accelerator.num_processes
-            step_losses.append({k: v.detach() for k, v in outputs.items() if k.endswith("loss") and v is not None})
             if not accelerator.sync_gradients:
                 continue
-            step += 1
-            record = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0]}
-            record.update(reduce_step_losses(step_losses, accelerator))
+            position.step += 1
             step_losses = []
+            record["lr"] = scheduler.get_last_lr()[0]
             record["temperature"] = accelerator.unwrap_model(model).temperature.item()
-            elapsed = time.time() - window_start
-            record["tokens_per_s"] = tokens_seen / max(elapsed, 1e-9)
+            record["tokens_per_s"] = tokens_seen / max(time.time() - window_start, 1e-9)
             run_log.log(record)
-            accelerator.log(record, step=step)
+            accelerator.log(record, step=position.step)
             progress.update(1)
-            if step % train_args.logging_steps == 0 or step == 1:
+            if position.step % train_args.logging_steps == 0 or position.step == 1:
                 progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch, "micro_step": micro_step}
-            interrupted = train_args.stop_after_steps is not None and step >= train_args.stop_after_steps
-            if step % train_args.checkpointing_steps == 0 or interrupted:
-                save_checkpoint(accelerator, checkpoint_dir, step, state, train_args.checkpoints_total_limit)
+            interrupted = train_args.stop_after_steps is not None and position.step >= train_args.stop_after_steps
+            if position.step % train_args.checkpointing_steps == 0 or interrupted:
+                checkpoint()
             if interrupted:
                 progress.close()
-                logger.info("Stopping after step %d as asked (--stop_after_steps); resume with --resume_from_checkpoint latest.", step)
+                logger.info("Stopping after step %d as asked (--stop_after_steps); resume with --resume_from_checkpoint latest.", position.step)
                 finish(accelerator)
-                return {"step": step, "interrupted": True}
-            if step >= total_steps:
+                run.release()
+                return {"step": position.step, "interrupted": True}
+            if position.step >= total_steps:
                 done = True
                 break
         if train_args.eval_every_epochs and (epoch + 1) % train_args.eval_every_epochs == 0:
-            log_eval("valid", valid_loader)
+            log_eval(valid_name, valid_loader)
     progress.close()
     train_seconds = time.time() - window_start
-    if step % train_args.checkpointing_steps != 0:
-        final_state = {"step": step, "epoch": num_epochs, "batches_in_epoch": 0, "micro_step": micro_step}
-        save_checkpoint(accelerator, checkpoint_dir, step, final_state, train_args.checkpoints_total_limit)
+    if position.step % train_args.checkpointing_steps != 0:
+        position.epoch, position.batches_in_epoch = num_epochs, 0
+        checkpoint()  # also refuses non-finite weights, so nothing below is computed from them
 
     # ----- final evaluation and save -----
     test_metrics = log_eval("test", test_loader)
     results = {
         "dataset": data_args.dataset,
-        "steps": step,
+        "steps": position.step,
         "train_seconds": round(train_seconds, 1),
         "total_seconds": round(time.time() - start_time, 1),
         "tokens_per_s": round(tokens_seen / max(train_seconds, 1e-9), 1),
@@ -343,13 +397,15 @@ def main(args: Optional[list[str]] = None) -> dict:
         "num_parameters": num_params,
         "num_processes": accelerator.num_processes,
         "parameter_checksums": parameter_checksums(model, accelerator),
+        "train_holdout": data_args.train_holdout,
+        "periodic_validation": valid_name if train_args.eval_every_epochs else None,
         "eval_exclude_history": data_args.eval_exclude_history,
         "test": test_metrics,
     }
     if accelerator.is_main_process:
         model_dir = output_dir / "model"
         unwrapped = accelerator.unwrap_model(model)
-        (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+        atomic_write_json(output_dir / "results.json", results)
         plot = plot_training_curves(output_dir / "train_log.jsonl", output_dir / "training_curves.png")
         with atomic_folder(model_dir) as folder:
             unwrapped.save_pretrained(folder)
@@ -364,6 +420,7 @@ def main(args: Optional[list[str]] = None) -> dict:
             url = hub_args.push(model_dir, [output_dir / "results.json", output_dir / "train_log.jsonl", plot])
             logger.info("Pushed %s (model, tokenizer, code, card, training metrics) to %s", model_dir, url)
     finish(accelerator)
+    run.release()
     return results
 
 

@@ -15,7 +15,8 @@ from transformers import AutoModelForSequenceClassification
 
 from pinfm_hf import PinFMForCTR
 from pinfm_hf.data import CTRFeatureEncoder
-from pinfm_hf.training_utils import list_checkpoints, read_jsonl
+from pinfm_hf.checkpointing import list_checkpoints
+from pinfm_hf.training_utils import read_jsonl
 from pinfm_hf.transfer import load_ctr_adapters
 
 

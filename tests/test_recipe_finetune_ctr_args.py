@@ -1,7 +1,9 @@
 """CTR recipe inputs: use cases, user-feature files, and sampling whole requests (fast: no training)."""
 
+import dataclasses
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pyarrow as pa
 import pytest
@@ -40,3 +42,13 @@ def test_sample_requests_keeps_whole_requests():
         rows = sample_requests(samples, 3, seed)["row"].to_pylist()
         assert rows == sorted(rows) and 3 <= len(rows) <= 4  # whole requests: at most one row over
         assert (0 in rows) == (1 in rows) and (6 in rows) == (7 in rows)
+
+
+def test_every_numeric_flag_is_range_checked():
+    # A new numeric field without a range check would accept -5 silently: this fails until it gets one.
+    for cls in (finetune_ctr.DataArguments, finetune_ctr.ModelArguments, finetune_ctr.TrainArguments):
+        for field in dataclasses.fields(cls):
+            if field.type in (int, float, Optional[int], Optional[float], list[int]):
+                value = [-5] if field.type == list[int] else -5
+                with pytest.raises(ValueError, match=f"--{field.name} must be"):
+                    cls(**{field.name: value})

@@ -14,7 +14,8 @@ from huggingface_hub import ModelCard
 from transformers import AutoModel, AutoModelForPreTraining, AutoTokenizer
 
 from pinfm_hf import PinFMForPretraining, PinFMModel, PinFMTokenizer
-from pinfm_hf.training_utils import list_checkpoints, read_jsonl
+from pinfm_hf.checkpointing import list_checkpoints
+from pinfm_hf.training_utils import read_jsonl
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,7 +3,8 @@ from dataclasses import dataclass
 import pytest
 import yaml
 
-from pinfm_hf.training_utils import JsonlLogger, list_checkpoints, parse_recipe_args, read_jsonl, resolve_checkpoint
+from pinfm_hf.checkpointing import list_checkpoints
+from pinfm_hf.training_utils import JsonlLogger, check_ranges, parse_recipe_args, read_jsonl
 
 
 @dataclass
@@ -30,22 +31,57 @@ def test_bad_arguments_are_clear_errors(tmp_path):
         parse_recipe_args((Args,), ["--config", str(tmp_path / "missing.yaml")])
 
 
+def test_repeated_config_is_refused(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"hidden_size": 32}))
+    for args in (["--config", str(config), "--config", str(config)], [f"--config={config}", "--config", str(config)]):
+        with pytest.raises(ValueError, match="`--config` is given 2 times"):
+            parse_recipe_args((Args,), args)
+
+
+@dataclass
+class Ranged:
+    steps: int = 1
+    rate: float = 0.1
+    dropout: float = 0.0
+    quantile: float = 0.5
+    sizes: tuple = (4, 2)
+    limit: int = None
+
+    def __post_init__(self):
+        check_ranges(self, positive=("steps", "sizes", "limit"), non_negative=("rate",), fractions=("dropout",), quantiles=("quantile",))
+
+
+@pytest.mark.parametrize(
+    "field, value, allowed",
+    [("steps", 0, "> 0"), ("limit", -3, "> 0"), ("sizes", (4, 0), "> 0"), ("rate", -1e-3, ">= 0"), ("rate", float("nan"), ">= 0"),
+     ("dropout", 1.0, r"in \[0, 1\)"), ("quantile", 1.0, "strictly between 0 and 1"), ("steps", True, "> 0")],
+)
+def test_out_of_range_arguments_name_the_flag(field, value, allowed):
+    with pytest.raises(ValueError, match=rf"--{field} must be {allowed}, got"):
+        Ranged(**{field: value})
+    Ranged(limit=None)  # an unset optional passes
+
+
 def test_checkpoint_listing_ignores_half_written_folders(tmp_path):
     for name in ("checkpoint-10", "checkpoint-2", ".tmp-checkpoint-20", "other"):
         (tmp_path / name).mkdir()
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-10"]
-    assert resolve_checkpoint("latest", tmp_path).name == "checkpoint-10"
-    assert resolve_checkpoint("latest", tmp_path / "none") is None
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
-        resolve_checkpoint(str(tmp_path / "checkpoint-2"), tmp_path)
+    assert list_checkpoints(tmp_path / "none") == []
 
 
-def test_log_is_truncated_to_the_resumed_step(tmp_path):
+def test_log_restarts_at_the_resumed_step_and_stays_strict_json(tmp_path):
     log = JsonlLogger(tmp_path / "log.jsonl")
     for step in range(1, 6):
-        log.log({"step": step, "loss": 1.0 / step})
-    log.truncate_after(3)
+        log.log({"step": step, "loss": 1.0 / step, "grad_norm": float("nan") if step == 5 else 1.0})
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')  # a line torn by kill -9
+    text = (tmp_path / "log.jsonl").read_text()
+    assert "NaN" not in text and '"grad_norm": null' in text
+    log.restart(3)
     assert [r["step"] for r in read_jsonl(tmp_path / "log.jsonl")] == [1, 2, 3]
+    log.restart(0)
+    assert not (tmp_path / "log.jsonl").exists()
 
 
 def test_plot_needs_a_series_of_two_points(tmp_path):

@@ -2,22 +2,19 @@
 
 import json
 import os
-import re
 import resource
-import shutil
 import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import yaml
 from transformers import HfArgumentParser
 from transformers.utils import logging
 
+from .io_utils import atomic_write, to_json
+
 
 logger = logging.get_logger(__name__)
-
-CHECKPOINT_PREFIX = "checkpoint-"
 
 
 def make_accelerator(
@@ -61,13 +58,17 @@ def parse_recipe_args(dataclass_types: Sequence[type], args: Optional[list[str]]
     parser = HfArgumentParser(dataclass_types)
     parser.add_argument("--config", type=str, default=None, help="YAML file of defaults; CLI flags override it.")
     config_path = None
-    if "--config" in args:
-        i = args.index("--config")
-        if i + 1 >= len(args):
+    given = [i for i, a in enumerate(args) if a == "--config" or a.startswith("--config=")]
+    if len(given) > 1:
+        raise ValueError(f"`--config` is given {len(given)} times; give one YAML file and override its fields with flags.")
+    if given:
+        i = given[0]
+        if args[i] != "--config":
+            config_path = args[i][len("--config=") :]
+        elif i + 1 >= len(args):
             raise ValueError("`--config` needs a YAML file path.")
-        config_path = args[i + 1]
-    elif any(a.startswith("--config=") for a in args):
-        config_path = next(a for a in args if a.startswith("--config="))[len("--config=") :]
+        else:
+            config_path = args[i + 1]
     if config_path:
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"Recipe config {config_path!r} does not exist.")
@@ -89,8 +90,41 @@ def parse_recipe_args(dataclass_types: Sequence[type], args: Optional[list[str]]
     return tuple(parsed[: len(dataclass_types)])
 
 
+def check_ranges(
+    args: Any,
+    *,
+    positive: Sequence[str] = (),
+    non_negative: Sequence[str] = (),
+    fractions: Sequence[str] = (),
+    quantiles: Sequence[str] = (),
+) -> None:
+    """
+    Refuse out-of-range numeric recipe arguments as they are parsed (call it from the dataclass's `__post_init__`),
+    before any data loads, with an error naming the flag and the allowed range: `positive` > 0, `non_negative` >= 0,
+    `fractions` in [0, 1), `quantiles` strictly between 0 and 1. `None` (an unset optional) passes; NaN never does;
+    a list (e.g. layer sizes) is checked element by element.
+    """
+    rules = (
+        (positive, "> 0", lambda v: v > 0),
+        (non_negative, ">= 0", lambda v: v >= 0),
+        (fractions, "in [0, 1)", lambda v: 0 <= v < 1),
+        (quantiles, "strictly between 0 and 1", lambda v: 0 < v < 1),
+    )
+    for names, allowed, ok in rules:
+        for name in names:
+            value = getattr(args, name)
+            if value is None:
+                continue
+            for item in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(item, bool) or not isinstance(item, (int, float)) or not ok(item):
+                    raise ValueError(f"--{name} must be {allowed}, got {value!r}.")
+
+
 class JsonlLogger:
-    """Appends one JSON object per line; each write is flushed so a killed run keeps its log."""
+    """
+    Appends one strict JSON object per line (non-finite floats become `null`); each write is flushed, so a killed run
+    keeps its log.
+    """
 
     def __init__(self, path: str | os.PathLike, enabled: bool = True):
         self.path = Path(path)
@@ -102,89 +136,33 @@ class JsonlLogger:
         if not self.enabled:
             return
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(to_json(record) + "\n")
 
-    def truncate_after(self, step: int) -> None:
-        """Drop records past `step` (a resumed run re-logs them), keeping the log one consistent history."""
+    def restart(self, step: int) -> None:
+        """
+        Keep the records up to `step` (0: none), for a run that starts or resumes there and logs the later steps again.
+        A line torn by a kill mid-write is dropped.
+        """
         if not self.enabled or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                logger.warning(f"{self.path}: dropping a torn line ({line[:60]!r}).")
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        if step == 0 and not kept:
+            self.path.unlink()
+            return
+        atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept), encoding="utf-8"))
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-def list_checkpoints(checkpoint_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints (`checkpoint-<step>`), oldest first; half-written temp folders are ignored."""
-    root = Path(checkpoint_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name)]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
-
-
-def resolve_checkpoint(resume_from_checkpoint: Optional[str], checkpoint_dir: str | os.PathLike) -> Optional[Path]:
-    """`"latest"` -> newest complete checkpoint (None when there is none yet); a path -> that path, checked."""
-    if not resume_from_checkpoint:
-        return None
-    if resume_from_checkpoint == "latest":
-        found = list_checkpoints(checkpoint_dir)
-        return found[-1] if found else None
-    path = Path(resume_from_checkpoint)
-    if not (path / "training_state.json").exists():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no training_state.json).")
-    return path
-
-
-def save_checkpoint(accelerator, checkpoint_dir: str | os.PathLike, step: int, state: dict[str, Any], keep_last: int) -> Path:
-    """
-    `accelerator.save_state` into a temp folder, then an atomic rename to `checkpoint-<step>`: a run killed while
-    saving never leaves a checkpoint that looks complete. Keeps the newest `keep_last` checkpoints.
-    """
-    root = Path(checkpoint_dir)
-    final = root / f"{CHECKPOINT_PREFIX}{step}"
-    tmp = root / f".tmp-{CHECKPOINT_PREFIX}{step}"
-    if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / "training_state.json").write_text(json.dumps(state))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-@contextmanager
-def atomic_folder(final: str | os.PathLike) -> Iterator[Path]:
-    """
-    Yield a temp folder to write into; on success it replaces `final` in one rename, so a run killed while saving
-    leaves either the previous folder or the new one, never a half-written one.
-    """
-    final = Path(final)
-    tmp, old = final.with_name(f".tmp-{final.name}"), final.with_name(f".old-{final.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    yield tmp
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def load_training_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
-    return json.loads((Path(checkpoint) / "training_state.json").read_text())
 
 
 def finish(accelerator) -> None:
@@ -259,24 +237,6 @@ def cosine_schedule(
         num_training_steps=total_steps * accelerator.num_processes,
     )
     return accelerator.prepare(scheduler), steps_per_epoch, total_steps, num_epochs
-
-
-def start_or_resume(accelerator, resume_from_checkpoint: Optional[str], checkpoint_dir: str | os.PathLike, run_log: JsonlLogger) -> dict[str, int]:
-    """
-    Restore model, optimizer, scheduler and RNG states from a checkpoint (`"latest"` or a folder) and cut the run
-    log back to it; a fresh run starts a fresh log. Returns the loop position: `step`, `epoch`, `batches_in_epoch`
-    (batches of that epoch already consumed) and `micro_step`.
-    """
-    checkpoint = resolve_checkpoint(resume_from_checkpoint, checkpoint_dir)
-    if checkpoint is None:
-        if accelerator.is_main_process and run_log.path.exists():
-            run_log.path.unlink()
-        return {"step": 0, "epoch": 0, "batches_in_epoch": 0, "micro_step": 0}
-    accelerator.load_state(str(checkpoint))
-    state = load_training_state(checkpoint)
-    run_log.truncate_after(state["step"])
-    logger.warning(f"Resumed from {checkpoint} at step {state['step']} (epoch {state['epoch']}, batch {state['batches_in_epoch']}).")
-    return {key: state[key] for key in ("step", "epoch", "batches_in_epoch", "micro_step")}
 
 
 def reduce_step_losses(step_losses: list[dict[str, Any]], accelerator) -> dict[str, float]:
