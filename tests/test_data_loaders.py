@@ -1,4 +1,6 @@
+import gzip
 import itertools
+import logging
 import time
 
 import pyarrow as pa
@@ -9,9 +11,11 @@ import pytest
 from pinfm_hf.data import (
     DEFAULT_POSITIVE_ACTIONS,
     EVENT_COLUMNS,
+    EventSourceArguments,
     EventValidationError,
     load_dataset_by_name,
     load_events,
+    load_events_from_args,
     load_movielens_atomic,
     load_movielens_dat,
     load_movielens_users,
@@ -240,3 +244,178 @@ def test_user_features_from_args(tmp_path, shared_data_dir):
     assert load_user_features_from_args("none", "ml-1m", shared_data_dir) is None
     assert load_user_features_from_args("auto", "taobao", shared_data_dir) is None
     assert load_user_features_from_args("auto", "ml-1m", shared_data_dir).num_rows == 6040
+
+
+# ----- reliability: bad or unusual inputs -----
+
+EVENTS_HEADER = "user_id,item_id,action,timestamp\n"
+
+
+def test_load_events_millisecond_timestamps(tmp_path, caplog):
+    path = write(tmp_path / "ms.csv", EVENTS_HEADER + "u1,a,view,978300760000\nu1,b,view,978300761500\n")
+    with caplog.at_level(logging.WARNING):
+        assert load_events(path).table["timestamp"].to_pylist() == [978300760, 978300761]
+    assert "are unix milliseconds; converted to seconds. Pass --timestamp_unit ms" in caplog.text
+    assert load_events(path, timestamp_unit="ms").table["timestamp"].to_pylist() == [978300760, 978300761]
+    with pytest.raises(EventValidationError, match=r"ms\.csv, line 2, column 'timestamp': .*--timestamp_unit s; .*ms"):
+        load_events(path, timestamp_unit="s")
+    write(path, EVENTS_HEADER + "u1,a,view,978300760\nu1,b,view,978300761500\n")
+    with pytest.raises(EventValidationError, match=r"ms\.csv, line 2, column 'timestamp': .*units are mixed; set --timestamp_unit"):
+        load_events(path)
+
+
+def test_timestamp_unit_flag(tmp_path):
+    path = write(tmp_path / "ms.csv", EVENTS_HEADER + "u1,a,view,978300760000\nu1,b,view,978300761500\n")
+    args = EventSourceArguments(dataset=str(path), timestamp_unit="ms")
+    assert args.load_events().table["timestamp"].to_pylist() == [978300760, 978300761]
+    with pytest.raises(EventValidationError, match="--timestamp_unit s"):
+        load_events_from_args(str(path), tmp_path, timestamp_unit="s")
+    with pytest.raises(ValueError, match=r"`timestamp_unit` \('seconds'\) must be one of .*\(--timestamp_unit\)"):
+        load_events_from_args("ml-1m", tmp_path, timestamp_unit="seconds")
+    help_text = EventSourceArguments.__dataclass_fields__["timestamp_unit"].metadata["help"]
+    assert "auto" in help_text and "ms" in help_text
+
+
+def test_parquet_timestamp_type(tmp_path):
+    table = pa.table({"user_id": ["u1", "u1"], "item_id": ["a", "b"], "action": ["v", "v"],
+                      "timestamp": pa.array([978300760000000, 978300761000000], pa.timestamp("us"))})
+    pq.write_table(table, tmp_path / "log.parquet")
+    assert load_events(tmp_path / "log.parquet").table["timestamp"].to_pylist() == [978300760, 978300761]
+
+
+@pytest.mark.parametrize(
+    "name, data",
+    [
+        ("bom.csv", b"\xef\xbb\xbf" + b"user_id,item_id,action,timestamp\nu1,a,view,1\nu1,\"b, c\",view,2\n"),
+        ("excel.csv", b'\xef\xbb\xbf"user_id","item_id","action","timestamp"\r\n"u1","a","view","1"\r\n"u1","b, c","view",2\r\n'),
+        ("r.csv", b'"","user_id","item_id","action","timestamp"\n"1","u1","a","view",1\n"2","u1","b, c","view",2\n'),
+        ("quoted.tsv", b'"user_id"\t"item_id"\t"action"\t"timestamp"\n"u1"\t"a"\t"view"\t1\n"u1"\t"b, c"\tview\t2\n'),
+        ("excel.tsv", b'\xef\xbb\xbf"user_id"\titem_id\taction\ttimestamp\r\nu1\ta\tview\t1\r\nu1\t"b, c"\tview\t2\r\n'),
+    ],
+)
+def test_bom_and_quoted_headers(tmp_path, name, data):
+    (tmp_path / name).write_bytes(data)
+    events = load_events(tmp_path / name)
+    assert events.table.to_pylist() == [
+        {"user_id": "u1", "item_id": "a", "action": "view", "timestamp": 1},
+        {"user_id": "u1", "item_id": "b, c", "action": "view", "timestamp": 2},
+    ]
+
+
+def test_compressed_csv(tmp_path):
+    (tmp_path / "log.csv.gz").write_bytes(gzip.compress((EVENTS_HEADER + "u1,a,view,1\nu1,b,view,2\n").encode()))
+    assert len(load_events(tmp_path / "log.csv.gz")) == 2
+    (tmp_path / "bad.csv.gz").write_bytes(gzip.compress((EVENTS_HEADER + "u1,a,view,1\nu1,b,view\n").encode()))
+    with pytest.raises(EventValidationError, match=r"bad\.csv\.gz, line 3: expected 4 fields separated by ',', got 3"):
+        load_events(tmp_path / "bad.csv.gz")
+    (tmp_path / "log.parquet.gz").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"log\.parquet\.gz: Parquet compresses inside the file"):
+        load_events(tmp_path / "log.parquet.gz")
+    with pytest.raises(ValueError, match=r"Cannot tell the format of .*log\.xlsx: expected CSV/TSV files"):
+        load_events(write(tmp_path / "log.xlsx", "x"))
+
+
+def test_generic_atomic_inter(tmp_path, caplog):
+    header = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+    path = write(tmp_path / "x.inter", header + 'u1\t"Q" (1999)\t5\t10\nu1\tb\t3.5\t11\n')
+    events = load_events(path)
+    assert events.table["action"].to_pylist() == ["rating_5", "rating_3.5"]
+    assert events.table["item_id"].to_pylist() == ['"Q" (1999)', "b"]  # no quoting in atomic files
+    write(path, "uid:token\tiid:token\tts:float\nu1\ta\t10\nu1\tb\t11\n")
+    events = load_events(path, columns={"user_id": "uid", "item_id": "iid", "timestamp": "ts"})
+    assert events.table["action"].to_pylist() == ["interact", "interact"]
+    write(path, "uid:token\tiid:token\tts:float\tkind:token\nu1\ta\t10\tclick\nu1\tb\t11\n")
+    with pytest.raises(EventValidationError, match=r"x\.inter, line 3: expected 4 fields separated by '\\t', got 3"):
+        load_events(path, columns={"user_id": "uid", "item_id": "iid", "timestamp": "ts", "action": "kind"})
+    assert len(load_events_from_args(str(write(tmp_path / "y.inter", header + "u1\ta\t4\t10\n")), tmp_path)) == 1
+
+
+def test_dataset_argument_messages(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"--dataset 'ml-100k' is neither a known data set nor an existing file; "
+                       r"accepted: the known data sets \(ml-1m, taobao, amazon-sports, sports\), CSV/TSV .*\.inter"):
+        load_events_from_args("ml-100k", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"is a folder holding no event file: name one file; accepted:"):
+        load_events_from_args(str(tmp_path), tmp_path)
+    write(tmp_path / "a.csv", EVENTS_HEADER + "u1,a,view,1\n")
+    write(tmp_path / "notes.md", "x")
+    assert len(load_events_from_args(str(tmp_path), tmp_path)) == 1  # the only event file of the folder
+    write(tmp_path / "b.tsv", "x")
+    with pytest.raises(FileNotFoundError, match=r"is a folder holding 2 event files \(a\.csv, b\.tsv\): name one file"):
+        load_events_from_args(str(tmp_path), tmp_path)
+    with pytest.raises(ValueError, match="--columns applies to event files of your own, not to the known data set 'taobao'"):
+        load_events_from_args("taobao", tmp_path, columns='{"user_id": "u"}')
+
+
+def test_amazon_sports_by_name(shared_data_dir):
+    events = load_events_from_args("sports", shared_data_dir)
+    assert events.summary()["users"] == 35_598 and events.summary()["actions"] == {"review": 296_337}
+    assert DEFAULT_POSITIVE_ACTIONS["amazon-sports"] == DEFAULT_POSITIVE_ACTIONS["sports"] == ("review",)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("", r"empty\.csv: the file is empty \(expected a header line naming the columns\)"),
+        ("\n", r"empty\.csv, line 1: empty header line"),
+        (EVENTS_HEADER, r"empty\.csv: no events \(zero rows\)"),
+    ],
+)
+def test_empty_files(tmp_path, text, expected):
+    with pytest.raises(EventValidationError, match=expected):
+        load_events(write(tmp_path / "empty.csv", text))
+
+
+def test_column_map_and_header_conflicts(tmp_path):
+    path = write(tmp_path / "log.csv", EVENTS_HEADER + "u1,a,view,1\n")
+    with pytest.raises(ValueError, match=r"log\.csv: 'user_id' and 'item_id' would both read column 'item_id'"):
+        load_events(path, columns={"user_id": "item_id"})
+    write(path, "user_id,item_id,action,timestamp,timestamp\nu1,a,view,1,2\n")
+    with pytest.raises(EventValidationError, match=r"log\.csv, line 1: column 'timestamp' appears 2 times in the header "
+                       r"\(fields 4, 5\)"):
+        load_events(path)
+    write(path, "user_id,item_id,action,timestamp,,\nu1,a,view,1,,\n")  # repeated empty names nobody reads
+    assert len(load_events(path)) == 1
+    with pytest.raises(EventValidationError, match=r"missing column\(s\) 'uid' \(for 'user_id'\)"):
+        load_events(path, columns={"user_id": "uid"})
+
+
+def test_delimiter_sniffing(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        events = load_events(write(tmp_path / "semi.csv", "user_id;item_id;action;timestamp\nu1;a,b;view;1\n"))
+    assert events.table["item_id"].to_pylist() == ["a,b"]
+    assert "the header has no ',' but has ';'" in caplog.text
+    assert len(load_events(write(tmp_path / "tabs.csv", "user_id\titem_id\taction\ttimestamp\nu1\ta\tview\t1\n"))) == 1
+
+
+def test_encodings(tmp_path):
+    (tmp_path / "latin1.csv").write_bytes((EVENTS_HEADER + "u1,a,view,1\nu1,caf\xe9,view,2\n").encode("latin-1"))
+    with pytest.raises(EventValidationError, match=r"latin1\.csv, line 3: byte 0xe9 at position 7 is not UTF-8"):
+        load_events(tmp_path / "latin1.csv")
+    (tmp_path / "latin1.inter").write_bytes((INTER_HEADER + "1m_1\tCaf\xe9 (1999)\t4\t1\n").encode("latin-1"))
+    with pytest.raises(EventValidationError, match=r"latin1\.inter, line 2: byte 0xe9 .* is not UTF-8"):
+        load_movielens_atomic(tmp_path / "latin1.inter", with_genres=False)
+    (tmp_path / "utf16.csv").write_bytes((EVENTS_HEADER + "u1,a,view,1\n").encode("utf-16"))
+    with pytest.raises(EventValidationError, match=r"utf16\.csv, line 1: the file looks UTF-16 encoded"):
+        load_events(tmp_path / "utf16.csv")
+    (tmp_path / "crlf.csv").write_bytes((EVENTS_HEADER + "u1,a,view,1\nu1,b,view,x\n").replace("\n", "\r\n").encode())
+    with pytest.raises(EventValidationError, match=r"crlf\.csv, line 3, column 'timestamp': value 'x' is not a number"):
+        load_events(tmp_path / "crlf.csv")
+
+
+def test_quoted_csv_wrong_field_count_names_the_line(tmp_path):
+    path = write(tmp_path / "log.csv", EVENTS_HEADER + 'u1,"a,b",view,1\nu1,b,view\n')
+    with pytest.raises(EventValidationError, match=r"log\.csv, line 3: expected 4 fields separated by ',', got 3"):
+        load_events(path)
+
+
+def test_float_and_nul_ids_in_csv(tmp_path):
+    events = load_events(write(tmp_path / "ids.csv", EVENTS_HEADER + "1,10,view,1\n1.0,10.0,view,2\n"))
+    assert events.summary()["users"] == 1 and events.summary()["items"] == 1
+    (tmp_path / "nul.csv").write_bytes((EVENTS_HEADER + "u1,a\x00b,view,1\n").encode())
+    with pytest.raises(EventValidationError, match=r"nul\.csv, line 2, column 'item_id': .* holds a NUL byte"):
+        load_events(tmp_path / "nul.csv")
+
+
+def test_date_strings_in_csv(tmp_path):
+    events = load_events(write(tmp_path / "d.csv", EVENTS_HEADER + "u1,a,view,2003-02-28 17:49:50\n"))
+    assert events.table["timestamp"].to_pylist() == [1046454590]

@@ -137,3 +137,26 @@ def test_ml1m_time_split(ml1m_events):
     before, after, cut = time_split(ml1m_events, quantile=0.9)
     assert len(before) + len(after) == len(ml1m_events)
     assert 0.85 < len(before) / len(ml1m_events) <= 0.9
+
+
+def test_split_refuses_a_log_where_no_user_has_two_events():
+    single = make_event_table(pa.table({"user_id": ["u1", "u2", "u3"], "item_id": ["a", "b", "a"],
+                                        "action": ["view"] * 3, "timestamp": [1, 2, 3]}), source="toy")
+    with pytest.raises(ValueError, match=r"^No user has 2 or more events, so leave-last-out leaves nothing to train on: "
+                       r"3 users, 3 events, at most 1 per user \(train_holdout=1\)"):
+        leave_last_out_split(build_user_sequences(single))
+
+
+def test_split_refuses_train_holdout_longer_than_every_history(events):
+    with pytest.raises(ValueError, match=r"No user has 5 or more events.* at most 4 per user \(train_holdout=4\)"):
+        leave_last_out_split(build_user_sequences(events), train_holdout=4)
+
+
+def test_time_split_quantile_on_tied_times():
+    tied = pa.table({"user_id": ["u1", "u1", "u2", "u2"], "item_id": ["a", "b", "a", "c"], "action": ["v"] * 4,
+                     "timestamp": pa.array([5, 5, 5, 6], pa.int64())})
+    with pytest.raises(ValueError, match=r"quantile 0\.5: no event is before the cut 5; 4 events are at or after it, "
+                       r"3 of them exactly at it"):
+        time_split(tied, quantile=0.5)
+    before, after, cut = time_split(tied, cut_timestamp=5)  # an explicit cut is the caller's choice
+    assert (before.num_rows, after.num_rows, cut) == (0, 4, 5)

@@ -17,6 +17,7 @@ from .ctr import (
 )
 from .events import (
     EVENT_COLUMNS,
+    TIMESTAMP_UNITS,
     EventTable,
     EventValidationError,
     drop_duplicate_events,
@@ -25,7 +26,9 @@ from .events import (
 )
 from .loaders import (
     DEFAULT_POSITIVE_ACTIONS,
+    KNOWN_DATASETS,
     EventSourceArguments,
+    load_amazon_sports,
     load_dataset_by_name,
     load_events,
     load_events_from_args,
@@ -58,8 +61,10 @@ __all__ = [
     "EventTable",
     "EventValidationError",
     "FEATURES_FILE_NAME",
+    "KNOWN_DATASETS",
     "LengthGroupedEpochSampler",
     "PinFMDataCollator",
+    "TIMESTAMP_UNITS",
     "build_ctr_samples",
     "collate_impression_groups",
     "randomize_candidate_ids",
@@ -68,6 +73,7 @@ __all__ = [
     "build_user_sequences",
     "drop_duplicate_events",
     "leave_last_out_split",
+    "load_amazon_sports",
     "load_dataset_by_name",
     "load_events",
     "load_events_from_args",

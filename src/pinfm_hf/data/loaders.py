@@ -1,11 +1,16 @@
-"""Readers of raw interaction files (MovieLens, Taobao UserBehavior, generic CSV/Parquet) into `EventTable`s.
+"""Readers of raw interaction files (MovieLens, Taobao UserBehavior, Amazon Sports, generic CSV/TSV/Parquet and
+RecBole atomic `.inter` files) into `EventTable`s.
 
 All readers use `pyarrow.csv` with every column typed as a string, then validate with `validate_events`, so a
-bad value is reported with its file, line and column instead of failing inside the CSV parser.
+bad value is reported with its file, line and column instead of failing inside the CSV parser. Text files may be
+compressed (`.gz`, `.bz2`, `.zst`, `.lz4`: pyarrow decompresses by extension) and may start with a UTF-8 BOM;
+header names may be quoted (Excel, R's `write.csv`).
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -21,10 +26,12 @@ from transformers.utils import logging
 from .events import (
     EVENT_COLUMNS,
     SURFACE_COLUMN,
+    TIMESTAMP_UNITS,
     EventTable,
     EventValidationError,
     _NUMBER_REGEX,
     check_mask,
+    check_timestamp_unit,
     first_true,
     make_event_table,
 )
@@ -34,9 +41,23 @@ logger = logging.get_logger(__name__)
 
 PathLike = Union[str, Path]
 
-DEFAULT_POSITIVE_ACTIONS = {"ml-1m": ("rating_4", "rating_5"), "taobao": ("cart", "fav", "buy")}
+KNOWN_DATASETS = ("ml-1m", "taobao", "amazon-sports")
+DATASET_ALIASES = {"sports": "amazon-sports"}
+DEFAULT_POSITIVE_ACTIONS = {
+    "ml-1m": ("rating_4", "rating_5"), "taobao": ("cart", "fav", "buy"), "amazon-sports": ("review",),
+    "sports": ("review",),
+}
 MOVIELENS_ACTIONS = tuple(f"rating_{r}" for r in range(1, 6))
 TAOBAO_ACTIONS = ("pv", "cart", "fav", "buy")
+# Action given to every event of a RecBole `.inter` file that has neither an `action` nor a `rating` column.
+DEFAULT_ACTION = "interact"
+# pyarrow decompresses text files by these extensions.
+COMPRESSION_SUFFIXES = (".gz", ".bz2", ".zst", ".lz4")
+_FORMAT_ALIASES = {"pq": "parquet", "txt": "csv", "atomic": "inter"}
+EVENT_FILE_KINDS = (
+    "CSV/TSV files with a header (.csv, .tsv, .txt; also compressed .gz/.bz2/.zst/.lz4), Parquet files "
+    "(.parquet, .pq) and RecBole atomic .inter files"
+)
 
 
 def _existing_file(path: PathLike) -> Path:
@@ -46,14 +67,41 @@ def _existing_file(path: PathLike) -> Path:
     return path
 
 
-def _first_bad_line(path: Path, *, delimiter: str, num_fields: int, encoding: str) -> Optional[str]:
-    # Only runs after pyarrow rejected the file, to point at the offending line.
-    with open(path, encoding=encoding, newline="") as f:
-        for number, line in enumerate(f, start=1):
-            line = line.rstrip("\r\n")
-            got = len(line.split(delimiter))
-            if got != num_fields:
-                return f"{path}, line {number}: expected {num_fields} fields separated by {delimiter!r}, got {got}"
+def _open_binary(path: Path) -> io.BufferedReader:
+    # pa.input_stream decompresses by extension, like pyarrow.csv.read_csv does.
+    return io.BufferedReader(pa.input_stream(str(path)))
+
+
+def _not_utf8(error: UnicodeDecodeError) -> str:
+    byte = error.object[error.start : error.start + 1].hex()
+    return (f"byte 0x{byte} at position {error.start + 1} is not UTF-8; save the file as UTF-8 "
+            "(it may be latin-1 or cp1252)")
+
+
+def _locate_parse_error(
+    path: Path, *, delimiter: str, num_fields: int, quote_char: Union[str, bool], skip_rows: int
+) -> Optional[str]:
+    """Point at the first line pyarrow could not read: bytes that are not UTF-8, or a wrong number of fields."""
+    # Only runs after pyarrow rejected the file. Blank lines are skipped: pyarrow reads them, the caller names them.
+    with _open_binary(path) as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                return f"{path}, line {number}: {_not_utf8(e)}"
+            if not quote_char and number > skip_rows and line:
+                got = len(line.split(delimiter))
+                if got != num_fields:
+                    return f"{path}, line {number}: expected {num_fields} fields separated by {delimiter!r}, got {got}"
+    if quote_char:
+        # Quoted fields may hold the delimiter: count them with the csv module (this error path only).
+        with _open_binary(path) as f:
+            reader = csv.reader(io.TextIOWrapper(f, encoding="utf-8-sig", newline=""), delimiter=delimiter,
+                                quotechar=quote_char)
+            for row in reader:
+                if reader.line_num > skip_rows and row and len(row) != num_fields:
+                    return (f"{path}, line {reader.line_num}: expected {num_fields} fields separated by {delimiter!r}, "
+                            f"got {len(row)}")
     return None
 
 
@@ -87,10 +135,8 @@ def _read_text_table(
         )
     except (pa.ArrowInvalid, UnicodeDecodeError) as e:
         separator, count = fields or (delimiter, len(column_names))
-        # With quoting on, a plain split cannot count fields, so only the parser's message is given.
-        located = None
-        if not quote_char:
-            located = _first_bad_line(path, delimiter=separator, num_fields=count, encoding=encoding)
+        located = _locate_parse_error(path, delimiter=separator, num_fields=count, quote_char=quote_char,
+                                      skip_rows=skip_rows)
         raise EventValidationError(located or f"{path}: cannot parse ({str(e).splitlines()[0]})") from e
     if table.num_columns > 1:
         # pyarrow reads a blank line as a row of empty strings; name it rather than its first empty column.
@@ -103,29 +149,102 @@ def _read_text_table(
     return table
 
 
-def _read_header(path: Path, *, delimiter: str) -> list[str]:
-    with open(path, encoding="utf8", newline="") as f:
-        header = f.readline().rstrip("\r\n")
-    if not header:
+def _read_header(
+    path: Path, *, delimiter: str, quote_char: Union[str, bool] = False, sniff: bool = False
+) -> tuple[list[str], str]:
+    """
+    The column names on line 1 as pyarrow parses them (UTF-8 BOM dropped, quotes removed), and the delimiter.
+
+    With `sniff`, a header holding no `delimiter` but tabs or semicolons (a TSV saved as `.csv`, a European
+    Excel export) switches to that delimiter, with a logged notice.
+    """
+    with _open_binary(path) as f:
+        line = f.readline()
+    if line.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in line:
+        raise EventValidationError(
+            f"{path}, line 1: the file looks UTF-16 encoded (Excel's 'Unicode Text'); save it as UTF-8 (CSV UTF-8)"
+        )
+    try:
+        text = line.decode("utf-8-sig").rstrip("\r\n")
+    except UnicodeDecodeError as e:
+        raise EventValidationError(f"{path}, line 1: {_not_utf8(e)}") from None
+    if not line:
+        raise EventValidationError(f"{path}: the file is empty (expected a header line naming the columns)")
+    if not text:
         raise EventValidationError(f"{path}, line 1: empty header line")
-    return header.split(delimiter)
+    if sniff and delimiter not in text:
+        found = next((d for d in ("\t", ";") if d in text), None)
+        if found:
+            logger.warning(
+                f"{path}: the header has no {delimiter!r} but has {found!r}: reading it as {found!r}-separated."
+            )
+            delimiter = found
+    try:
+        header = pacsv.read_csv(
+            io.BytesIO(line.rstrip(b"\r\n") + b"\n"),
+            parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char=quote_char),
+        )
+    except pa.ArrowInvalid as e:
+        raise EventValidationError(f"{path}, line 1: cannot parse the header ({str(e).splitlines()[0]})") from None
+    return header.column_names, delimiter
 
 
-def _read_atomic(path: Path) -> pa.Table:
-    """RecBole atomic file: tab-separated, header `name:type`; columns renamed to `name`."""
-    raw_names = _read_header(path, delimiter="\t")
-    table = _read_text_table(path, column_names=raw_names, delimiter="\t", skip_rows=1)
-    return table.rename_columns([name.split(":", 1)[0] for name in raw_names])
+def _field_positions(source: str, header: Sequence[str], wanted: dict[str, str]) -> dict[str, int]:
+    """Header position of each wanted column (canonical -> file name); missing or repeated names are errors."""
+    missing = [f"{name!r}" + (f" (for {canonical!r})" if name != canonical else "")
+               for canonical, name in wanted.items() if name not in header]
+    if missing:
+        raise EventValidationError(f"{source}: missing column(s) {', '.join(missing)}; found {list(header)}")
+    positions = {}
+    for canonical, name in wanted.items():
+        found = [i for i, h in enumerate(header) if h == name]
+        if len(found) > 1:
+            raise EventValidationError(
+                f"{source}, line 1: column {name!r} appears {len(found)} times in the header (fields "
+                f"{', '.join(str(i + 1) for i in found)}); rename the copies"
+            )
+        positions[canonical] = found[0]
+    return positions
 
 
-def _ratings_to_actions(ratings: pa.ChunkedArray, *, source: str, line_offset: int) -> pa.ChunkedArray:
-    """Ratings 1..5 (as text, "4" or "4.0") -> `rating_1` .. `rating_5`."""
+def _read_fields(
+    path: Path, *, header: Sequence[str], wanted: dict[str, str], delimiter: str, quote_char: Union[str, bool]
+) -> pa.Table:
+    """Read the `wanted` columns (canonical -> header name) of a file with a header, named by their canonical names."""
+    positions = _field_positions(str(path), header, wanted)
+    # Positional names: header names may be empty (R's row-name column) or repeated in columns nobody reads.
+    names = [f"f{i}" for i in range(len(header))]
+    table = _read_text_table(
+        path, column_names=names, delimiter=delimiter, skip_rows=1, quote_char=quote_char,
+        include_columns=sorted({names[i] for i in positions.values()}),
+    )
+    return pa.table({canonical: table[names[i]] for canonical, i in positions.items()})
+
+
+def _atomic_header(path: Path) -> list[str]:
+    """RecBole atomic header names without their `:type` suffix (`user_id:token` -> `user_id`)."""
+    header, _ = _read_header(path, delimiter="\t")
+    return [name.split(":", 1)[0] for name in header]
+
+
+def _read_atomic(path: Path, names: Sequence[str]) -> pa.Table:
+    """The `names` columns of a RecBole atomic file (tab-separated, no quoting, header `name:type`)."""
+    return _read_fields(path, header=_atomic_header(path), wanted={n: n for n in names}, delimiter="\t",
+                        quote_char=False)
+
+
+def _ratings_to_actions(
+    ratings: pa.ChunkedArray, *, source: str, line_offset: int, one_to_five: bool = True
+) -> pa.ChunkedArray:
+    """Ratings as text ("4", "4.0", "3.5") -> `rating_4`, `rating_3.5`; MovieLens (`one_to_five`) allows 1..5 only."""
     kw = {"source": source, "column": "rating", "line_offset": line_offset}
     check_mask(pc.invert(pc.match_substring_regex(ratings, _NUMBER_REGEX)), ratings, problem="is not a number", **kw)
     values = pc.cast(pc.utf8_trim_whitespace(ratings), pa.float64())
-    bad = pc.invert(pc.is_in(values, value_set=pa.array([1.0, 2.0, 3.0, 4.0, 5.0])))
-    check_mask(bad, ratings, problem="is not a rating in 1..5", **kw)
-    return pc.binary_join_element_wise("rating_", pc.cast(pc.cast(values, pa.int64()), pa.string()), "")
+    if one_to_five:
+        bad = pc.invert(pc.is_in(values, value_set=pa.array([1.0, 2.0, 3.0, 4.0, 5.0])))
+        check_mask(bad, ratings, problem="is not a rating in 1..5", **kw)
+    # A float cast to text drops a zero fraction: 4.0 -> "4", 3.5 -> "3.5".
+    return pc.binary_join_element_wise("rating_", pc.cast(values, pa.string()), "")
 
 
 def _lookup(keys: pa.ChunkedArray, table_keys: pa.Array, table_values: pa.Array) -> pa.ChunkedArray:
@@ -144,7 +263,7 @@ def _file_in(path: PathLike, suffix: str) -> Path:
     return _existing_file(path)
 
 
-def load_movielens_atomic(path: PathLike, *, with_genres: bool = True) -> EventTable:
+def load_movielens_atomic(path: PathLike, *, with_genres: bool = True, timestamp_unit: str = "auto") -> EventTable:
     """
     Load RecBole's atomic MovieLens (`ml-1m.inter`, plus `ml-1m.item` for genres).
 
@@ -152,32 +271,30 @@ def load_movielens_atomic(path: PathLike, *, with_genres: bool = True) -> EventT
         path (`str` or `Path`): the `.inter` file, or the folder holding it.
         with_genres (`bool`, *optional*, defaults to `True`): join the `genre` feature (space-separated genre
             names, kept as is) from the `.item` file next to it, when that file exists.
+        timestamp_unit (`str`, *optional*, defaults to `"auto"`): see `validate_events`; the public file is in
+            seconds.
 
     Returns:
         `EventTable` with actions `rating_1` .. `rating_5`.
     """
     path = _file_in(path, ".inter")
-    raw = _read_atomic(path)
+    raw = _read_atomic(path, ("user_id", "item_id", "rating", "timestamp"))
     source = str(path)
-    missing = [c for c in ("user_id", "item_id", "rating", "timestamp") if c not in raw.column_names]
-    if missing:
-        raise EventValidationError(f"{source}: missing column(s) {', '.join(map(repr, missing))}")
     actions = _ratings_to_actions(raw["rating"], source=source, line_offset=2)
     table = pa.table({"user_id": raw["user_id"], "item_id": raw["item_id"], "action": actions,
                       "timestamp": raw["timestamp"]})
     item_path = path.with_suffix(".item")
     if with_genres and item_path.is_file():
-        items = _read_atomic(item_path)
-        if "genre" not in items.column_names:
-            raise EventValidationError(f"{item_path}: missing column 'genre'")
-        items = items.combine_chunks()
+        items = _read_atomic(item_path, ("item_id", "genre")).combine_chunks()
         table = table.append_column("genre", _lookup(table["item_id"], items["item_id"], items["genre"]))
     elif with_genres:
         logger.warning(f"{item_path} not found: loading {path.name} without the `genre` feature.")
-    return make_event_table(table, source=source, allowed_actions=MOVIELENS_ACTIONS, line_offset=2)
+    return make_event_table(
+        table, source=source, allowed_actions=MOVIELENS_ACTIONS, line_offset=2, timestamp_unit=timestamp_unit
+    )
 
 
-def load_movielens_dat(path: PathLike) -> EventTable:
+def load_movielens_dat(path: PathLike, *, timestamp_unit: str = "auto") -> EventTable:
     """
     Load GroupLens `ratings.dat` (`UserID::MovieID::Rating::Timestamp`, no header).
 
@@ -204,18 +321,14 @@ def load_movielens_dat(path: PathLike) -> EventTable:
                 ids.append(fields[0])
                 genres.append(fields[2].replace("|", " "))
         table = table.append_column("genre", _lookup(table["item_id"], pa.array(ids), pa.array(genres)))
-    return make_event_table(table, source=source, allowed_actions=MOVIELENS_ACTIONS, line_offset=1)
+    return make_event_table(
+        table, source=source, allowed_actions=MOVIELENS_ACTIONS, line_offset=1, timestamp_unit=timestamp_unit
+    )
 
 
 def load_movielens_users(path: PathLike) -> pa.Table:
     """Load `ml-1m.user` (file or folder) as a table of strings: `user_id`, `age`, `gender`, `occupation`."""
-    path = _file_in(path, ".user")
-    raw = _read_atomic(path)
-    wanted = ["user_id", "age", "gender", "occupation"]
-    missing = [c for c in wanted if c not in raw.column_names]
-    if missing:
-        raise EventValidationError(f"{path}: missing column(s) {', '.join(map(repr, missing))}")
-    return raw.select(wanted)
+    return _read_atomic(_file_in(path, ".user"), ("user_id", "age", "gender", "occupation"))
 
 
 def load_user_features_from_args(user_features: str, dataset: str, data_dir: PathLike) -> Optional[pa.Table]:
@@ -236,7 +349,7 @@ def load_user_features_from_args(user_features: str, dataset: str, data_dir: Pat
     return table.cast(pa.schema([(name, pa.string()) for name in table.column_names]))
 
 
-def load_taobao(path: PathLike) -> EventTable:
+def load_taobao(path: PathLike, *, timestamp_unit: str = "auto") -> EventTable:
     """
     Load Taobao `UserBehavior.csv` (no header: user_id, item_id, category_id, behavior, timestamp).
 
@@ -248,8 +361,31 @@ def load_taobao(path: PathLike) -> EventTable:
     table = _read_text_table(path, column_names=names, delimiter=",")
     return make_event_table(
         table.select(["user_id", "item_id", "action", "timestamp", "category"]),
-        source=str(path), allowed_actions=TAOBAO_ACTIONS, line_offset=1,
+        source=str(path), allowed_actions=TAOBAO_ACTIONS, line_offset=1, timestamp_unit=timestamp_unit,
     )
+
+
+def load_amazon_sports(path: PathLike, *, timestamp_unit: str = "auto") -> EventTable:
+    """Load the Amazon "Sports and Outdoors" 5-core `sports.csv` (`user_id,item_id,action,timestamp`, header)."""
+    return load_events(_file_in(path, ".csv"), format="csv", timestamp_unit=timestamp_unit)
+
+
+def _file_format(path: Path, format: Optional[str]) -> str:
+    """`csv`, `tsv`, `parquet` or `inter`, from `format` or the extension (before any compression suffix)."""
+    suffixes = [suffix.lower() for suffix in path.suffixes]
+    compressed = bool(suffixes) and suffixes[-1] in COMPRESSION_SUFFIXES
+    if format is None:
+        extension = suffixes[-2] if compressed and len(suffixes) > 1 else (suffixes[-1] if suffixes else "")
+        format = "" if compressed and len(suffixes) == 1 else extension.lstrip(".")
+    fmt = _FORMAT_ALIASES.get(format.lower(), format.lower())
+    if fmt not in ("csv", "tsv", "parquet", "inter"):
+        raise ValueError(
+            f"Cannot tell the format of {path}: expected {EVENT_FILE_KINDS}; or pass `format=` ('csv', 'tsv', "
+            f"'parquet' or 'inter')."
+        )
+    if fmt == "parquet" and compressed:
+        raise ValueError(f"{path}: Parquet compresses inside the file; decompress the {suffixes[-1]} file first.")
+    return fmt
 
 
 def load_events(
@@ -259,25 +395,33 @@ def load_events(
     allowed_actions: Optional[Iterable[str]] = None,
     item_features: Sequence[str] = (),
     format: Optional[str] = None,
+    timestamp_unit: str = "auto",
 ) -> EventTable:
     """
-    Load a generic event file: CSV (with a header; `.tsv` is tab-separated) or Parquet.
+    Load a generic event file: CSV/TSV with a header, Parquet, or a RecBole atomic `.inter` file.
+
+    CSV and TSV files may be compressed (`.csv.gz`, ...), start with a UTF-8 BOM and quote their header names and
+    values (Excel, R's `write.csv`; R's unnamed row-name column is ignored). A `.csv` whose header holds tabs or
+    semicolons but no commas is read with that delimiter, with a notice. RecBole atomic files are tab-separated
+    without quoting; their `:type` header suffixes are dropped (`user_id:token` -> `user_id`) before `columns`
+    applies. When such a file has no `action` column, a `rating` column gives actions `rating_<r>` (`rating_4`,
+    `rating_3.5`), as for MovieLens, and otherwise every event gets the action `"interact"`.
 
     Args:
         path (`str` or `Path`): the file.
         columns (`dict[str, str]`, *optional*): canonical name -> column name in the file, for any of
             `user_id`, `item_id`, `action`, `timestamp`, `surface` and the `item_features`; unmapped names are
-            looked up as is.
+            looked up as is. Two canonical names may not read the same column.
         allowed_actions (`Iterable[str]`, *optional*): when given, any other action is an error.
         item_features (`Sequence[str]`, *optional*): canonical names of item feature columns to keep.
-        format (`str`, *optional*): `"csv"`, `"tsv"` or `"parquet"`; defaults to the file extension.
+        format (`str`, *optional*): `"csv"`, `"tsv"`, `"parquet"` or `"inter"`; defaults to the file extension.
+        timestamp_unit (`str`, *optional*, defaults to `"auto"`): unit of numeric timestamps, `"s"`, `"ms"`,
+            `"us"`, `"ns"`, or `"auto"` to tell it from their magnitude (see `validate_events`).
     """
+    check_timestamp_unit(timestamp_unit)
     path = _existing_file(path)
     source = str(path)
-    fmt = (format or path.suffix.lstrip(".")).lower()
-    fmt = {"pq": "parquet", "txt": "csv"}.get(fmt, fmt)
-    if fmt not in ("csv", "tsv", "parquet"):
-        raise ValueError(f"Cannot tell the format of {path}: pass `format='csv'`, `'tsv'` or `'parquet'`.")
+    fmt = _file_format(path, format)
     columns = dict(columns or {})
     unknown = set(columns) - set(EVENT_COLUMNS) - {SURFACE_COLUMN} - set(item_features)
     if unknown:
@@ -286,55 +430,123 @@ def load_events(
     if fmt == "parquet":
         try:
             file_columns = pq.read_schema(path).names
-        except pa.ArrowInvalid as e:
-            raise EventValidationError(f"{source}: not a readable Parquet file ({e})") from e
-        delimiter, line_offset = None, None
+        except (pa.ArrowInvalid, OSError) as e:
+            raise EventValidationError(f"{source}: not a readable Parquet file ({str(e).splitlines()[0]})") from e
+        delimiter, quote_char, line_offset = None, False, None
+    elif fmt == "inter":
+        file_columns, delimiter, quote_char, line_offset = _atomic_header(path), "\t", False, 2
     else:
-        delimiter = "\t" if fmt == "tsv" else ","
-        file_columns, line_offset = _read_header(path, delimiter=delimiter), 2
+        quote_char, line_offset = '"', 2
+        file_columns, delimiter = _read_header(
+            path, delimiter="\t" if fmt == "tsv" else ",", quote_char=quote_char, sniff=fmt == "csv"
+        )
 
     wanted = [*EVENT_COLUMNS, *item_features]
     surface_name = columns.get(SURFACE_COLUMN, SURFACE_COLUMN)
-    if surface_name in file_columns:
+    if surface_name in file_columns or SURFACE_COLUMN in columns:
         wanted.insert(len(EVENT_COLUMNS), SURFACE_COLUMN)
-    elif SURFACE_COLUMN in columns:
-        raise EventValidationError(f"{source}: missing column {surface_name!r} (mapped from 'surface')")
-    missing = [f"{columns.get(c, c)!r}" for c in wanted if columns.get(c, c) not in file_columns]
-    if missing:
-        raise EventValidationError(f"{source}: missing column(s) {', '.join(missing)}; found {file_columns}")
-    file_names = [columns.get(c, c) for c in wanted]
+    file_names = {c: columns.get(c, c) for c in wanted}
+    readers: dict[str, list[str]] = {}
+    for canonical, name in file_names.items():
+        readers.setdefault(name, []).append(canonical)
+    shared = {name: names for name, names in readers.items() if len(names) > 1}
+    if shared:
+        name, names = next(iter(shared.items()))
+        raise ValueError(
+            f"{source}: {' and '.join(map(repr, names))} would both read column {name!r}; map each to its own column "
+            f"(`columns`/--columns)."
+        )
+    default_action = None
+    if fmt == "inter" and "action" not in columns and "action" not in file_columns:
+        # RecBole interaction files rarely have an action column: derive one (documented above).
+        default_action = "rating" if "rating" in file_columns and "rating" not in readers else DEFAULT_ACTION
+        if default_action == "rating":
+            file_names["action"] = "rating"
+        else:
+            del file_names["action"]
+        derived = "'rating_<rating>'" if default_action == "rating" else repr(DEFAULT_ACTION)
+        logger.info(f"{source}: no 'action' column; actions are {derived}.")
 
     if fmt == "parquet":
-        table = pq.read_table(path, columns=file_names)
+        missing = [f"{n!r}" for n in file_names.values() if n not in file_columns]
+        if missing:
+            raise EventValidationError(f"{source}: missing column(s) {', '.join(missing)}; found {file_columns}")
+        table = pq.read_table(path, columns=list(dict.fromkeys(file_names.values())))
+        table = pa.table({canonical: table[name] for canonical, name in file_names.items()})
     else:
-        table = _read_text_table(
-            path, column_names=file_columns, delimiter=delimiter, skip_rows=1, include_columns=file_names,
-            quote_char='"',
+        table = _read_fields(path, header=file_columns, wanted=file_names, delimiter=delimiter, quote_char=quote_char)
+    if default_action == "rating":
+        table = table.set_column(
+            table.column_names.index("action"), "action",
+            _ratings_to_actions(table["action"], source=source, line_offset=2, one_to_five=False),
         )
-    table = table.select(file_names).rename_columns(wanted)
+    elif default_action is not None:
+        table = table.append_column("action", pa.repeat(pa.scalar(DEFAULT_ACTION), table.num_rows))
     return make_event_table(
         table, source=source, allowed_actions=allowed_actions, line_offset=line_offset,
-        item_features=list(item_features),
+        item_features=list(item_features), timestamp_unit=timestamp_unit,
     )
 
 
-def load_dataset_by_name(name: str, data_dir: PathLike) -> EventTable:
-    """`"ml-1m"` -> `data_dir/ml-1m` (atomic, with genres); `"taobao"` -> `data_dir/taobao-sample/UserBehavior.csv`."""
+def _known_names() -> str:
+    return ", ".join([*KNOWN_DATASETS, *DATASET_ALIASES])
+
+
+def load_dataset_by_name(name: str, data_dir: PathLike, *, timestamp_unit: str = "auto") -> EventTable:
+    """
+    A shared data set under `data_dir` by name: `"ml-1m"` -> `ml-1m/` (atomic, with genres), `"taobao"` ->
+    `taobao-sample/UserBehavior.csv`, `"amazon-sports"` (or `"sports"`) -> `amazon-sports/sports.csv`.
+    """
     data_dir = Path(data_dir)
+    name = DATASET_ALIASES.get(name, name)
     if name == "ml-1m":
-        return load_movielens_atomic(data_dir / "ml-1m")
+        return load_movielens_atomic(data_dir / "ml-1m", timestamp_unit=timestamp_unit)
     if name == "taobao":
-        return load_taobao(data_dir / "taobao-sample" / "UserBehavior.csv")
-    raise ValueError(f"Unknown data set {name!r}; known: 'ml-1m', 'taobao' (or use `load_events` on a file).")
+        return load_taobao(data_dir / "taobao-sample" / "UserBehavior.csv", timestamp_unit=timestamp_unit)
+    if name == "amazon-sports":
+        return load_amazon_sports(data_dir / "amazon-sports" / "sports.csv", timestamp_unit=timestamp_unit)
+    raise ValueError(f"Unknown data set {name!r}; known: {_known_names()} (or use `load_events` on a file).")
 
 
-def load_events_from_args(dataset: str, data_dir: PathLike, columns: Optional[str] = None) -> EventTable:
+def _is_event_file(path: Path) -> bool:
+    try:
+        _file_format(path, None)
+    except ValueError:
+        return False
+    return path.is_file() and not path.name.startswith(".")
+
+
+def _event_file_from_arg(dataset: str) -> Path:
+    """The event file `--dataset` names: a file, or a folder holding exactly one event file."""
+    path = Path(dataset)
+    accepted = f"accepted: the known data sets ({_known_names()}), {EVENT_FILE_KINDS}, or a folder holding one of them"
+    if path.is_dir():
+        found = sorted(p.name for p in path.iterdir() if _is_event_file(p))
+        if len(found) == 1:
+            logger.info(f"--dataset {dataset}: reading its only event file, {found[0]}.")
+            return path / found[0]
+        holds = "no event file"
+        if found:
+            holds = f"{len(found)} event files ({', '.join(found[:5])}{', ...' if len(found) > 5 else ''})"
+        raise FileNotFoundError(f"--dataset {dataset!r} is a folder holding {holds}: name one file; {accepted}.")
+    if not path.is_file():
+        raise FileNotFoundError(f"--dataset {dataset!r} is neither a known data set nor an existing file; {accepted}.")
+    return path
+
+
+def load_events_from_args(
+    dataset: str, data_dir: PathLike, columns: Optional[str] = None, timestamp_unit: str = "auto"
+) -> EventTable:
     """
-    The recipes' `--dataset`/`--data_dir`/`--columns`: a shared data set by name (`"ml-1m"`, `"taobao"`), or a
-    CSV/Parquet event file of the user's own, with `columns` a JSON object mapping canonical to file column names.
+    The recipes' `--dataset`/`--data_dir`/`--columns`/`--timestamp_unit`: a shared data set by name (see
+    `load_dataset_by_name`), or an event file of the user's own (see `load_events`; a folder holding exactly one
+    event file also works), with `columns` a JSON object mapping canonical to file column names.
     """
-    if dataset in ("ml-1m", "taobao"):
-        return load_dataset_by_name(dataset, data_dir)
+    check_timestamp_unit(timestamp_unit)
+    if DATASET_ALIASES.get(dataset, dataset) in KNOWN_DATASETS:
+        if columns:
+            raise ValueError(f"--columns applies to event files of your own, not to the known data set {dataset!r}.")
+        return load_dataset_by_name(dataset, data_dir, timestamp_unit=timestamp_unit)
     mapping = None
     if columns:
         try:
@@ -343,18 +555,29 @@ def load_events_from_args(dataset: str, data_dir: PathLike, columns: Optional[st
             raise ValueError(f"--columns must be a JSON object such as '{{\"user_id\": \"uid\"}}': {err}") from None
         if not isinstance(mapping, dict):
             raise ValueError(f"--columns must be a JSON object mapping canonical to file column names, got {mapping!r}.")
-    return load_events(dataset, columns=mapping)
+    return load_events(_event_file_from_arg(dataset), columns=mapping, timestamp_unit=timestamp_unit)
 
 
 @dataclass
 class EventSourceArguments:
-    """The recipes' flags naming the events to read: a shared data set by name, or a CSV/Parquet file of one's own."""
+    """The recipes' flags naming the events to read: a shared data set by name, or an event file of one's own."""
 
-    dataset: str = field(default="ml-1m", metadata={"help": "'ml-1m', 'taobao', or a CSV/Parquet event file of your own."})
-    data_dir: str = field(default="../shared/data", metadata={"help": "Folder holding ml-1m/ and taobao-sample/."})
+    dataset: str = field(
+        default="ml-1m",
+        metadata={"help": "'ml-1m', 'taobao', 'amazon-sports' (or 'sports'), or an event file of your own: CSV/TSV "
+                  "with a header (also .gz), Parquet, or a RecBole atomic .inter file (or a folder holding exactly one)."},
+    )
+    data_dir: str = field(
+        default="../shared/data", metadata={"help": "Folder holding ml-1m/, taobao-sample/ and amazon-sports/."}
+    )
     columns: Optional[str] = field(
         default=None, metadata={"help": 'Own files: JSON map from canonical to file column, e.g. \'{"user_id": "uid"}\'.'}
     )
+    timestamp_unit: str = field(
+        default="auto",
+        metadata={"help": f"Unit of numeric timestamps, one of {', '.join(TIMESTAMP_UNITS)}: 'auto' tells it from "
+                  "their magnitude and converts ms/us/ns to seconds with a notice; an explicit unit is checked."},
+    )
 
     def load_events(self) -> EventTable:
-        return load_events_from_args(self.dataset, self.data_dir, self.columns)
+        return load_events_from_args(self.dataset, self.data_dir, self.columns, self.timestamp_unit)

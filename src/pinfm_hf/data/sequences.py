@@ -108,12 +108,20 @@ def leave_last_out_split(
       default 1 trains on the validation targets; 2 gives a validation whose targets are never trained on.
 
     Users too short for a split are left out of it; the counts are logged and stored in the returned
-    `DatasetDict`'s `num_users_left_out` attribute (`{"train": ..., "valid": ..., "test": ...}`).
+    `DatasetDict`'s `num_users_left_out` attribute (`{"train": ..., "valid": ..., "test": ...}`). When no user is
+    long enough for `train`, a `ValueError` says so: an empty training split would only fail later, inside torch.
     """
     if train_holdout < 1:
         raise ValueError(f"`train_holdout` ({train_holdout}) must be at least 1.")
     table = _sequence_table(sequences)
     lengths = pc.list_value_length(table["item_ids"])
+    longest = pc.max(lengths).as_py() or 0
+    if longest < train_holdout + 1:
+        raise ValueError(
+            f"No user has {train_holdout + 1} or more events, so leave-last-out leaves nothing to train on: "
+            f"{table.num_rows:,} users, {pc.sum(lengths).as_py() or 0:,} events, at most {longest} per user "
+            f"(train_holdout={train_holdout}). Give a log with user histories, or check the user_id column."
+        )
     splits, left_out = {}, {}
     for split, drop, min_length in (("train", train_holdout, train_holdout + 1), ("valid", 1, 3), ("test", 0, 2)):
         long_enough = pc.greater_equal(lengths, min_length)
@@ -152,7 +160,8 @@ def time_split(
     Split events at one global time: `before` has `timestamp < cut`, `after` has `timestamp >= cut`.
 
     Give exactly one of `cut_timestamp` (unix seconds) or `quantile` (in (0, 1); the cut is the event
-    timestamp at that quantile, so about that fraction of events falls before it, fewer with ties).
+    timestamp at that quantile, so about that fraction of events falls before it, fewer with ties; a
+    `ValueError` when ties leave none before it).
 
     Returns:
         `(before, after, cut)`, with `before`/`after` of the same type as `events`.
@@ -163,6 +172,13 @@ def time_split(
     cut = quantile_timestamp(table, quantile) if quantile is not None else int(cut_timestamp)
     before_mask = pc.less(table["timestamp"], cut)
     parts = (table.filter(before_mask), table.filter(pc.invert(before_mask)))
+    if quantile is not None and parts[0].num_rows == 0:
+        # The quantile fell on the earliest time: every event shares it (e.g. a log with one timestamp, or
+        # dates without a time of day), and "before" would be silently empty.
+        raise ValueError(
+            f"Time split at quantile {quantile}: no event is before the cut {cut}; {parts[1].num_rows:,} events "
+            f"are at or after it, {pc.sum(pc.equal(table['timestamp'], cut)).as_py():,} of them exactly at it."
+        )
     logger.info(f"Time split at {cut}: {parts[0].num_rows:,} events before, {parts[1].num_rows:,} from then on.")
     if isinstance(events, EventTable):
         parts = tuple(
