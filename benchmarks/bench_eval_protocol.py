@@ -20,8 +20,7 @@ from accelerate import Accelerator
 from pinfm_hf import PinFMForPretraining, PinFMTokenizer
 from pinfm_hf.evaluation import evaluate_next_item
 
-from _report import emit
-from bench_quantization import next_item_loader  # the recipe's test split, built once for both protocols
+from _report import emit, next_item_loader  # the recipe's test split, built once for both protocols
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200", "ndcg@200", "mrr")
@@ -37,7 +36,6 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
-    args.time_cut_quantile = None  # next_item_loader: the events each model was pretrained on
     accelerator = Accelerator(cpu=True)
 
     rows = {}

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import datasets
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -32,18 +31,14 @@ from pinfm_hf.data import (
     CTRDataset,
     CTRFeatureEncoder,
     PinFMDataCollator,
-    build_ctr_samples,
-    build_user_sequences,
-    leave_last_out_split,
+    ctr_splits,
     load_events_from_args,
-    sample_requests,
-    split_ctr_samples,
-    time_split,
+    load_user_features_from_args,
+    use_case_actions,
 )
-from pinfm_hf.data.sequences import quantile_timestamp
 from pinfm_hf.evaluation import evaluate_ctr, evaluate_next_item
 
-from _report import emit  # benchmarks/ is on sys.path when a script runs
+from _report import emit, next_item_loader  # benchmarks/ is on sys.path when a script runs
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,47 +64,20 @@ def relative_change(value: float, reference: float) -> Optional[float]:
     return round((value - reference) / reference, 4) if reference else None
 
 
-def next_item_loader(args, tokenizer: PinFMTokenizer, pretraining_max_timestamp: Optional[int]) -> tuple[DataLoader, int]:
-    """
-    The leave-last-out test split, encoded as `recipes/pretrain.py` does (inputs = all but the last event), of the
-    events the model was pretrained on: those up to `config.pretraining_max_timestamp` (a base pretrained with
-    `--time_cut_quantile` saw only those, and its tokenizer knows no later item), or before `--time_cut_quantile`.
-    Returns the loader and the cut (None: all events).
-    """
-    events = load_events_from_args(args.dataset, args.data_dir)
-    cut = None
-    if args.time_cut_quantile is not None:
-        events, _, cut = time_split(events, quantile=args.time_cut_quantile)
-    elif pretraining_max_timestamp is not None:
-        events, _, cut = time_split(events, cut_timestamp=pretraining_max_timestamp + 1)
-    split = leave_last_out_split(build_user_sequences(events))["test"]
-    if args.max_eval_users is not None:
-        split = split.select(range(min(args.max_eval_users, len(split))))
-    max_length = args.max_length or tokenizer.model_max_length
-    data = datasets.Dataset(tokenizer.encode_sequences(split, max_length=max_length, hold_out_last=True))
-    collator = PinFMDataCollator(pad_token_id=tokenizer.pad_token_id, max_length=max_length)
-    return DataLoader(data, batch_size=args.batch_size, collate_fn=collator), cut
-
-
 def ctr_loader(args, folder: Path, tokenizer: PinFMTokenizer) -> tuple[DataLoader, int]:
-    """The CTR test split of `recipes/finetune_ctr.py`: same use case, time cut, seeded subset and side features."""
-    sys.path.insert(0, str(ROOT / "recipes"))  # the recipe's own split helpers, so the split is the same by construction
-    from finetune_ctr import DataArguments, load_user_features, use_case_actions
-
+    """The CTR test split of `recipes/finetune_ctr.py` (`ctr_splits`): same use case, time cut, seeded subset, side features."""
     has_features = (folder / FEATURES_FILE_NAME).is_file()
-    data_args = DataArguments(dataset=args.dataset, data_dir=args.data_dir, use_case=args.use_case, side_features=has_features)
-    positive_actions, negative_actions = use_case_actions(data_args)
+    positive_actions, negative_actions = use_case_actions(args.use_case, args.dataset)
     events = load_events_from_args(args.dataset, args.data_dir)
-    sequences, samples = build_ctr_samples(
-        events, positive_actions=positive_actions, negative_actions=negative_actions,
-        user_features=load_user_features(data_args),
+    data = ctr_splits(
+        events, positive_actions=positive_actions, negative_actions=negative_actions, cut_quantile=args.cut_quantile,
+        user_features=load_user_features_from_args("auto", args.dataset, args.data_dir) if has_features else None,
+        max_test_samples=args.max_eval_samples, seed=args.seed,
     )
-    _, test_samples = split_ctr_samples(samples, quantile_timestamp(events, args.cut_quantile))
-    test_samples = sample_requests(test_samples, args.max_eval_samples, args.seed + 1)  # the recipe's test seed
     encoder = CTRFeatureEncoder.load(folder) if has_features else None
-    data = CTRDataset(sequences, test_samples, tokenizer, max_history=args.max_history, feature_encoder=encoder)
+    dataset = CTRDataset(data.sequences, data.test, tokenizer, max_history=args.max_history, feature_encoder=encoder)
     collator = PinFMDataCollator(pad_token_id=tokenizer.pad_token_id, padding_side="left", max_length=args.max_history + 1)
-    return DataLoader(data, batch_size=args.ctr_batch_size, collate_fn=collator), test_samples.num_rows
+    return DataLoader(dataset, batch_size=args.ctr_batch_size, collate_fn=collator), data.test.num_rows
 
 
 def markdown(rows: dict[str, dict]) -> str:

@@ -10,7 +10,6 @@ full time-ordered history, and writes to `--output_dir`, each file atomically (t
 `score = dot(user_embedding, item_embedding) / temperature`.
 """
 
-import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,13 +19,9 @@ import torch
 from transformers import AutoModelForPreTraining, AutoTokenizer
 
 from pinfm_hf.data import EventSourceArguments, build_user_sequences
-from pinfm_hf.embedding_export import (
-    export_item_embeddings,
-    export_user_embeddings,
-    write_parquet_atomically,
-    write_text_atomically,
-)
-from pinfm_hf.training_utils import parse_recipe_args
+from pinfm_hf.embedding_export import export_item_embeddings, export_user_embeddings
+from pinfm_hf.io_utils import atomic_write, atomic_write_json, atomic_write_text
+from pinfm_hf.training_utils import configure_recipe_logging, parse_recipe_args
 
 
 logger = logging.getLogger("export_embeddings")
@@ -68,7 +63,7 @@ class ExportArguments:
 
 def main(args: Optional[list[str]] = None) -> dict:
     data_args, export_args = parse_recipe_args((DataArguments, ExportArguments), args)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    configure_recipe_logging()
     output_dir = Path(export_args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     device = export_args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -99,14 +94,14 @@ def main(args: Optional[list[str]] = None) -> dict:
         "revision": export_args.revision,
         **{f"data_{k}": v for k, v in asdict(data_args).items()},
     }
-    write_parquet_atomically(items, output_dir / "item_embeddings.parquet")
-    write_parquet_atomically(users, output_dir / "user_embeddings.parquet")
-    write_text_atomically(json.dumps(info, indent=2), output_dir / "embedding_info.json")
+    atomic_write(output_dir / "item_embeddings.parquet", items.to_parquet)
+    atomic_write(output_dir / "user_embeddings.parquet", users.to_parquet)
+    atomic_write_json(output_dir / "embedding_info.json", info)
     readme = README.format(
         model=export_args.model, revision=export_args.revision or "default", num_items=len(items), num_users=len(users),
         dim=info["dim"], temperature=info["temperature"],
     )
-    write_text_atomically(readme, output_dir / "README.md")
+    atomic_write_text(output_dir / "README.md", readme)
     logger.info("Wrote %d item and %d user embeddings to %s.", len(items), len(users), output_dir)
     return info
 

@@ -22,7 +22,6 @@ import torch
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from pinfm_hf import PinFMTokenizer
 from pinfm_hf.data import (
@@ -30,24 +29,25 @@ from pinfm_hf.data import (
     CTRDataset,
     CTRFeatureEncoder,
     CTRImpressionGroups,
-    PinFMDataCollator,
-    build_ctr_samples,
-    collate_impression_groups,
     EventSourceArguments,
+    PinFMDataCollator,
+    collate_impression_groups,
+    ctr_splits,
     load_user_features_from_args,
     randomize_candidate_ids,
-    sample_requests,
-    split_ctr_samples,
+    side_feature_fields,
+    use_case_actions,
 )
-from pinfm_hf.data.sequences import quantile_timestamp
-from pinfm_hf.checkpointing import LoopPosition, RunFolder, check_finite_step, fault_point
+from pinfm_hf.checkpointing import LoopPosition, RunFolder
 from pinfm_hf.evaluation import evaluate_ctr
 from pinfm_hf.hub import HubArguments, is_local_folder
 from pinfm_hf.io_utils import atomic_folder, atomic_write_json
 from pinfm_hf.model_card import render_ctr_card
+from pinfm_hf.training_loop import TrainingLoop
 from pinfm_hf.training_utils import (
     JsonlLogger,
     check_ranges,
+    configure_recipe_logging,
     cosine_schedule,
     finish,
     make_accelerator,
@@ -55,7 +55,6 @@ from pinfm_hf.training_utils import (
     parameter_checksums,
     peak_rss_gib,
     plot_training_curves,
-    reduce_step_losses,
 )
 from pinfm_hf.transfer import (
     TRANSFER_STRATEGIES,
@@ -68,10 +67,6 @@ from pinfm_hf.transfer import (
 
 
 logger = get_logger("finetune_ctr")
-
-# Columns of a CTR sample that are not side features.
-SAMPLE_COLUMNS = {"user_index", "history_length", "user_id", "item_id", "timestamp", "label", "item_first_seen", "surface"}
-
 
 @dataclass
 class DataArguments(EventSourceArguments):
@@ -188,21 +183,11 @@ class TrainArguments:
             raise ValueError(f"--max_steps must be -1 (the epochs decide) or >= 1, got {self.max_steps}.")
 
 
-def use_case_actions(data_args: DataArguments) -> tuple[list[str], list[str]]:
+def use_case_actions_from_args(data_args: DataArguments) -> tuple[list[str], list[str]]:
     def names(value: Optional[str]) -> list[str]:
         return [a.strip() for a in (value or "").split(",") if a.strip()]
 
-    if data_args.use_case == "custom":
-        positive, negative = names(data_args.positive_actions), names(data_args.negative_actions)
-        if not positive or not negative:
-            raise ValueError("--use_case custom needs both --positive_actions and --negative_actions.")
-        return positive, negative
-    if data_args.use_case not in CTR_USE_CASES:
-        raise ValueError(f"Unknown --use_case {data_args.use_case!r}; choose one of {sorted(CTR_USE_CASES)} or 'custom'.")
-    use_case = CTR_USE_CASES[data_args.use_case]
-    if data_args.dataset != use_case.dataset:
-        raise ValueError(f"--use_case {use_case.name!r} is defined on {use_case.dataset!r}, not {data_args.dataset!r}.")
-    return list(use_case.positive_actions), list(use_case.negative_actions)
+    return use_case_actions(data_args.use_case, data_args.dataset, names(data_args.positive_actions), names(data_args.negative_actions))
 
 
 def main(args: Optional[list[str]] = None) -> dict:
@@ -221,6 +206,7 @@ def main(args: Optional[list[str]] = None) -> dict:
         gradient_accumulation_steps=train_args.gradient_accumulation_steps,
         report_to=train_args.report_to,
     )
+    configure_recipe_logging(accelerator.is_main_process)
     # Fail in a second, before any data is read: a busy or foreign run folder, a hub push that cannot succeed.
     run = RunFolder(output_dir, is_main_process=accelerator.is_main_process)
     run.claim(resume_from_checkpoint=train_args.resume_from_checkpoint, overwrite_output_dir=train_args.overwrite_output_dir)
@@ -229,24 +215,22 @@ def main(args: Optional[list[str]] = None) -> dict:
     start_time = time.time()
 
     # ----- data: events -> per-user sequences + impressions -> time split -> CTR samples -----
-    positive_actions, negative_actions = use_case_actions(data_args)
+    positive_actions, negative_actions = use_case_actions_from_args(data_args)
     events = data_args.load_events()
-    sequences, samples = build_ctr_samples(
-        events, positive_actions=positive_actions, negative_actions=negative_actions,
+    data = ctr_splits(
+        events, positive_actions=positive_actions, negative_actions=negative_actions, cut_quantile=data_args.cut_quantile,
         user_features=load_user_features_from_args(data_args.user_features, data_args.dataset, data_args.data_dir)
         if data_args.side_features else None,
+        max_train_samples=data_args.max_train_samples, max_test_samples=data_args.max_eval_samples, seed=train_args.seed,
     )
-    cut = quantile_timestamp(events, data_args.cut_quantile)
-    train_samples, test_samples = split_ctr_samples(samples, cut)
-    train_samples = sample_requests(train_samples, data_args.max_train_samples, train_args.seed)
-    test_samples = sample_requests(test_samples, data_args.max_eval_samples, train_args.seed + 1)
+    cut, train_samples, test_samples = data.cut, data.train, data.test
     tokenizer = PinFMTokenizer.from_pretrained(model_args.base, revision=model_args.base_revision)
-    feature_fields = [c for c in samples.column_names if c not in SAMPLE_COLUMNS] if data_args.side_features else []
+    feature_fields = side_feature_fields(train_samples) if data_args.side_features else []
     encoder = None
     if feature_fields:
         encoder = CTRFeatureEncoder.fit(train_samples, feature_fields, max_slots_per_field=data_args.max_slots_per_field)
-    train_data = CTRDataset(sequences, train_samples, tokenizer, max_history=data_args.max_history, feature_encoder=encoder)
-    test_data = CTRDataset(sequences, test_samples, tokenizer, max_history=data_args.max_history, feature_encoder=encoder)
+    train_data = CTRDataset(data.sequences, train_samples, tokenizer, max_history=data_args.max_history, feature_encoder=encoder)
+    test_data = CTRDataset(data.sequences, test_samples, tokenizer, max_history=data_args.max_history, feature_encoder=encoder)
     data_summary = {
         "use_case": data_args.use_case,
         "positive_actions": positive_actions,
@@ -332,26 +316,16 @@ def main(args: Optional[list[str]] = None) -> dict:
     if train_args.report_to:
         accelerator.init_trackers("pinfm-finetune-ctr", config={**asdict(data_args), **asdict(model_args), **asdict(train_args)})
 
-    def checkpoint() -> None:
-        run.save_checkpoint(accelerator, model, position, train_args.checkpoints_total_limit)
-
     # ----- loop -----
+    loop = TrainingLoop(
+        accelerator, model, scheduler, run, position, total_steps=total_steps, num_epochs=num_epochs,
+        seed=train_args.seed, max_grad_norm=train_args.max_grad_norm, checkpointing_steps=train_args.checkpointing_steps,
+        checkpoints_total_limit=train_args.checkpoints_total_limit, stop_after_steps=train_args.stop_after_steps,
+        run_log=run_log, logging_steps=train_args.logging_steps, unit="samples", description=f"finetune {model_args.transfer}",
+    )
     model.train()
-    progress = tqdm(total=total_steps, initial=position.step, desc=f"finetune {model_args.transfer}", disable=not accelerator.is_main_process)
-    samples_seen, window_start = 0, time.time()
-    done = position.step >= total_steps
-    for epoch in range(position.epoch, num_epochs):
-        if done:
-            break
-        train_loader.set_epoch(epoch)
-        skip = position.batches_in_epoch if epoch == position.epoch else 0
-        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-        position.epoch, position.batches_in_epoch = epoch, skip
-        step_losses = []
-        for batch in loader:
-            # Dropout and sampled negatives are a function of the micro-step, so a resumed run repeats them exactly.
-            set_seed(train_args.seed + position.micro_step, device_specific=True)
-            position.micro_step += 1
+    for epoch in loop.epochs():
+        for batch in loop.batches(train_loader, epoch):
             labels = batch.pop("label")
             batch.pop("user_index")
             batch["input_ids"] = randomize_candidate_ids(
@@ -361,66 +335,34 @@ def main(args: Optional[list[str]] = None) -> dict:
             with accelerator.accumulate(model):
                 outputs = model(**batch, labels=labels, deduplicate_histories=train_args.deduplicate_histories)
                 accelerator.backward(outputs.loss)
-                step_losses.append({k: v.detach() for k, v in outputs.items() if k.endswith("loss") and v is not None})
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm or float("inf"))
-                    record = {"step": position.step + 1, "epoch": epoch, **reduce_step_losses(step_losses, accelerator)}
-                    record["grad_norm"] = grad_norm.item()
-                    # fp16 overflows are the grad scaler's to skip; any other non-finite value stops the run.
-                    check_finite_step(
-                        position.step + 1, {k: v for k, v in record.items() if k.endswith("loss")},
-                        record["grad_norm"] if accelerator.mixed_precision != "fp16" else None, run.last_checkpoint,
-                    )
-                    fault_point("step", position.step + 1)
+                record = loop.after_backward(outputs, units=labels.numel())
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
-            position.batches_in_epoch += 1
-            samples_seen += labels.numel() * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
-            position.step += 1
-            step_losses = []
-            record["lr"] = scheduler.get_last_lr()[0]
-            record["samples_per_s"] = samples_seen / max(time.time() - window_start, 1e-9)
-            run_log.log(record)
-            accelerator.log(record, step=position.step)
-            progress.update(1)
-            if position.step % train_args.logging_steps == 0 or position.step == 1:
-                progress.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.0f}")
-            interrupted = train_args.stop_after_steps is not None and position.step >= train_args.stop_after_steps
-            if position.step % train_args.checkpointing_steps == 0 or interrupted:
-                checkpoint()
-            if interrupted:
-                progress.close()
-                logger.info("Stopping after step %d as asked (--stop_after_steps); resume with --resume_from_checkpoint latest.", position.step)
-                finish(accelerator)
-                run.release()
-                return {"step": position.step, "interrupted": True}
-            if position.step >= total_steps:
-                done = True
-                break
-    progress.close()
-    train_seconds = time.time() - window_start
-    if position.step % train_args.checkpointing_steps != 0:
-        position.epoch, position.batches_in_epoch = num_epochs, 0
-        checkpoint()  # also refuses non-finite weights, so nothing below is computed from them
+            if record is not None:
+                loop.after_step(record)
+    train_seconds = loop.finish()
+    if loop.interrupted:
+        logger.info("Stopped after step %d as asked (--stop_after_steps); resume with --resume_from_checkpoint latest.", loop.step)
+        finish(accelerator)
+        run.release()
+        return {"step": loop.step, "interrupted": True}
 
     # ----- evaluation and save -----
     test_metrics = evaluate_ctr(
         model, test_loader, accelerator, deduplicate_histories=train_args.deduplicate_histories, fresh_after=cut
     )
-    run_log.log({"step": position.step, **{f"test/{k}": v for k, v in test_metrics.items()}})
-    logger.info("Test at step %d: %s", position.step, {k: round(v, 4) for k, v in test_metrics.items()})
+    run_log.log({"step": loop.step, **{f"test/{k}": v for k, v in test_metrics.items()}})
+    logger.info("Test at step %d: %s", loop.step, {k: round(v, 4) for k, v in test_metrics.items()})
     results = {
         "dataset": data_args.dataset,
         "base": model_args.base,
         "transfer": model_args.transfer,
         "data": data_summary,
-        "steps": position.step,
+        "steps": loop.step,
         "epochs": num_epochs,
         "train_seconds": round(train_seconds, 1),
-        "seconds_per_epoch": round(train_seconds / max(position.step / steps_per_epoch, 1e-9), 1),
+        "seconds_per_epoch": round(train_seconds / max(loop.step / steps_per_epoch, 1e-9), 1),
         "total_seconds": round(time.time() - start_time, 1),
         "trainable_parameters": trainable_params,
         "model_parameters": model_params,

@@ -22,7 +22,6 @@ import torch
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from pinfm_hf import PinFMConfig, PinFMForPretraining, PinFMTokenizer
 from pinfm_hf.data import (
@@ -31,17 +30,20 @@ from pinfm_hf.data import (
     PinFMDataCollator,
     build_user_sequences,
     leave_last_out_split,
+    next_item_eval_dataset,
     EventSourceArguments,
     time_split,
 )
-from pinfm_hf.checkpointing import LoopPosition, RunFolder, check_finite_step, fault_point
+from pinfm_hf.checkpointing import LoopPosition, RunFolder
 from pinfm_hf.evaluation import evaluate_next_item
 from pinfm_hf.hub import HubArguments
 from pinfm_hf.io_utils import atomic_folder, atomic_write_json
 from pinfm_hf.model_card import render_pretrained_card
+from pinfm_hf.training_loop import TrainingLoop
 from pinfm_hf.training_utils import (
     JsonlLogger,
     check_ranges,
+    configure_recipe_logging,
     cosine_schedule,
     finish,
     make_accelerator,
@@ -49,7 +51,6 @@ from pinfm_hf.training_utils import (
     parameter_checksums,
     peak_rss_gib,
     plot_training_curves,
-    reduce_step_losses,
 )
 
 
@@ -191,13 +192,6 @@ def positive_action_names(data_args: DataArguments, tokenizer: PinFMTokenizer) -
     return names
 
 
-def eval_dataset(split: datasets.Dataset, tokenizer: PinFMTokenizer, max_length: int, max_users: Optional[int]):
-    """Inputs = each sequence but its last event (most recent `max_length`), target = its last event."""
-    if max_users is not None:
-        split = split.select(range(min(max_users, len(split))))
-    return datasets.Dataset(tokenizer.encode_sequences(split, max_length=max_length, hold_out_last=True))
-
-
 def main(args: Optional[list[str]] = None) -> dict:
     data_args, model_args, train_args, hub_args = parse_recipe_args(
         (DataArguments, ModelArguments, TrainArguments, HubArguments), args
@@ -209,6 +203,7 @@ def main(args: Optional[list[str]] = None) -> dict:
         gradient_accumulation_steps=train_args.gradient_accumulation_steps,
         report_to=train_args.report_to,
     )
+    configure_recipe_logging(accelerator.is_main_process)
     # Fail in a second, before any data is read: a busy or foreign run folder, a hub push that cannot succeed.
     run = RunFolder(output_dir, is_main_process=accelerator.is_main_process)
     run.claim(resume_from_checkpoint=train_args.resume_from_checkpoint, overwrite_output_dir=train_args.overwrite_output_dir)
@@ -234,8 +229,8 @@ def main(args: Optional[list[str]] = None) -> dict:
     )
     train_table = tokenizer.encode_sequences(splits["train"], windows=data_args.train_windows)
     train_data = datasets.Dataset(train_table)
-    valid_data = eval_dataset(splits["valid"], tokenizer, data_args.max_length, data_args.max_eval_users)
-    test_data = eval_dataset(splits["test"], tokenizer, data_args.max_length, data_args.max_eval_users)
+    valid_data = next_item_eval_dataset(splits["valid"], tokenizer, max_length=data_args.max_length, max_users=data_args.max_eval_users)
+    test_data = next_item_eval_dataset(splits["test"], tokenizer, max_length=data_args.max_length, max_users=data_args.max_eval_users)
     logger.info("Train rows %d, valid users %d, test users %d.", len(train_data), len(valid_data), len(test_data))
 
     collator = PinFMDataCollator(pad_token_id=tokenizer.pad_token_id, max_length=data_args.max_length, return_labels=True)
@@ -308,91 +303,49 @@ def main(args: Optional[list[str]] = None) -> dict:
             model, loader, accelerator, num_special_tokens=config.num_special_item_tokens,
             num_scored_ids=tokenizer.first_bucket_id, exclude_history=data_args.eval_exclude_history,
         )
-        record = {"step": position.step, **{f"{name}/{k}": v for k, v in metrics.items()}}
+        record = {"step": loop.step, **{f"{name}/{k}": v for k, v in metrics.items()}}
         run_log.log(record)
-        accelerator.log(record, step=position.step)
-        logger.info("%s at step %d: %s", name, position.step, {k: round(v, 4) for k, v in metrics.items()})
+        accelerator.log(record, step=loop.step)
+        logger.info("%s at step %d: %s", name, loop.step, {k: round(v, 4) for k, v in metrics.items()})
         return metrics
 
-    def checkpoint() -> None:
-        run.save_checkpoint(accelerator, model, position, train_args.checkpoints_total_limit)
-
+    loop = TrainingLoop(
+        accelerator, model, scheduler, run, position, total_steps=total_steps, num_epochs=num_epochs,
+        seed=train_args.seed, max_grad_norm=train_args.max_grad_norm, checkpointing_steps=train_args.checkpointing_steps,
+        checkpoints_total_limit=train_args.checkpoints_total_limit, stop_after_steps=train_args.stop_after_steps,
+        run_log=run_log, logging_steps=train_args.logging_steps, unit="tokens", description="pretrain",
+    )
     model.train()
-    progress = tqdm(total=total_steps, initial=position.step, desc="pretrain", disable=not accelerator.is_main_process)
-    tokens_seen, window_start = 0, time.time()
-    done = position.step >= total_steps
-    for epoch in range(position.epoch, num_epochs):
-        if done:
-            break
-        train_loader.set_epoch(epoch)
-        skip = position.batches_in_epoch if epoch == position.epoch else 0
-        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-        position.epoch, position.batches_in_epoch = epoch, skip
-        step_losses = []
-        for batch in loader:
-            # Randomness (dropout, sampled negatives) is a function of the micro-step, so a resumed run repeats it
-            # exactly whatever else drew from the generators in between (e.g. the DataLoader's own seed draw).
-            set_seed(train_args.seed + position.micro_step, device_specific=True)
-            position.micro_step += 1
+    for epoch in loop.epochs():
+        for batch in loop.batches(train_loader, epoch):
             with accelerator.accumulate(model):
                 outputs = model(**batch)
                 accelerator.backward(outputs.loss)
-                step_losses.append({k: v.detach() for k, v in outputs.items() if k.endswith("loss") and v is not None})
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm or float("inf"))
-                    record = {"step": position.step + 1, "epoch": epoch, **reduce_step_losses(step_losses, accelerator)}
-                    record["grad_norm"] = grad_norm.item()
-                    # fp16 overflows are the grad scaler's to skip; any other non-finite value stops the run.
-                    check_finite_step(
-                        position.step + 1, {k: v for k, v in record.items() if k.endswith("loss")},
-                        record["grad_norm"] if accelerator.mixed_precision != "fp16" else None, run.last_checkpoint,
-                    )
-                    fault_point("step", position.step + 1)
+                record = loop.after_backward(outputs, units=int(batch["attention_mask"].sum()))
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
-            position.batches_in_epoch += 1
-            tokens_seen += int(batch["attention_mask"].sum()) * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
-            position.step += 1
-            step_losses = []
-            record["lr"] = scheduler.get_last_lr()[0]
-            record["temperature"] = accelerator.unwrap_model(model).temperature.item()
-            record["tokens_per_s"] = tokens_seen / max(time.time() - window_start, 1e-9)
-            run_log.log(record)
-            accelerator.log(record, step=position.step)
-            progress.update(1)
-            if position.step % train_args.logging_steps == 0 or position.step == 1:
-                progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            interrupted = train_args.stop_after_steps is not None and position.step >= train_args.stop_after_steps
-            if position.step % train_args.checkpointing_steps == 0 or interrupted:
-                checkpoint()
-            if interrupted:
-                progress.close()
-                logger.info("Stopping after step %d as asked (--stop_after_steps); resume with --resume_from_checkpoint latest.", position.step)
-                finish(accelerator)
-                run.release()
-                return {"step": position.step, "interrupted": True}
-            if position.step >= total_steps:
-                done = True
-                break
+            if record is not None:
+                loop.after_step(record, temperature=accelerator.unwrap_model(model).temperature.item())
+        if loop.interrupted:
+            break
         if train_args.eval_every_epochs and (epoch + 1) % train_args.eval_every_epochs == 0:
             log_eval(valid_name, valid_loader)
-    progress.close()
-    train_seconds = time.time() - window_start
-    if position.step % train_args.checkpointing_steps != 0:
-        position.epoch, position.batches_in_epoch = num_epochs, 0
-        checkpoint()  # also refuses non-finite weights, so nothing below is computed from them
+    train_seconds = loop.finish()
+    if loop.interrupted:
+        logger.info("Stopped after step %d as asked (--stop_after_steps); resume with --resume_from_checkpoint latest.", loop.step)
+        finish(accelerator)
+        run.release()
+        return {"step": loop.step, "interrupted": True}
 
     # ----- final evaluation and save -----
     test_metrics = log_eval("test", test_loader)
     results = {
         "dataset": data_args.dataset,
-        "steps": position.step,
+        "steps": loop.step,
         "train_seconds": round(train_seconds, 1),
         "total_seconds": round(time.time() - start_time, 1),
-        "tokens_per_s": round(tokens_seen / max(train_seconds, 1e-9), 1),
+        "tokens_per_s": round(loop.units_seen / max(train_seconds, 1e-9), 1),
         "peak_rss_gib": round(peak_rss_gib(), 3),
         "num_parameters": num_params,
         "num_processes": accelerator.num_processes,

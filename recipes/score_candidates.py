@@ -21,6 +21,7 @@ from pinfm_hf import PinFMTokenizer
 from pinfm_hf.data import (
     CTR_USE_CASES,
     CTRDataset,
+    FEATURES_FILE_NAME,
     CTRFeatureEncoder,
     PinFMDataCollator,
     build_ctr_samples,
@@ -30,6 +31,7 @@ from pinfm_hf.data import (
     split_ctr_samples,
 )
 from pinfm_hf.evaluate_metrics import load_ctr_metric
+from pinfm_hf.hub import cached_file_from
 from pinfm_hf.training_utils import parse_recipe_args
 from pinfm_hf.transfer import load_ctr_adapters
 
@@ -62,7 +64,7 @@ def main(args: Optional[list[str]] = None) -> dict:
     tokenizer = PinFMTokenizer.from_pretrained(args.base, revision=args.base_revision)
     features = None
     if model.get_base_model().config.ctr_feature_vocab_size:
-        features = CTRFeatureEncoder.load(args.adapter, revision=args.adapter_revision)
+        features = CTRFeatureEncoder.load(cached_file_from(args.adapter, FEATURES_FILE_NAME, revision=args.adapter_revision))
 
     # ----- data: the users' real impressions after the cut, with their histories before each -----
     events = data_args.load_events()

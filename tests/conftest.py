@@ -1,5 +1,6 @@
 """Shared fixtures: the real data sets under ../shared/data (tests skip when it is absent)."""
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,9 @@ from hub_fixtures import loopback_hub  # noqa: F401  (a loopback model hub for p
 
 
 SHARED_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+# The benchmark scripts import their sibling `_report.py`, as running a script from benchmarks/ allows; tests import them
+# the same way (tests/test_benchmarks.py). The only path entry the suite adds.
+sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
 @pytest.fixture(scope="session")

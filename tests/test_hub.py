@@ -275,13 +275,14 @@ print(json.dumps({{"active": model.active_adapter}}))
 ADAPTERS_WITH_PINFM_HF = """
 import json
 import torch
-from pinfm_hf.data import CTRFeatureEncoder
+from pinfm_hf.data import FEATURES_FILE_NAME, CTRFeatureEncoder
+from pinfm_hf.hub import cached_file_from
 from pinfm_hf.transfer import load_ctr_adapters
 
 model = load_ctr_adapters("{base}", {{"like": "{adapter}"}})
 with torch.no_grad():
     torch.save(model(**torch.load("ctr_inputs.pt")).logits, "pinfm_logits.pt")
-print(json.dumps({{"feature_slots": CTRFeatureEncoder.load("{adapter}").slots}}))
+print(json.dumps({{"feature_slots": CTRFeatureEncoder.load(cached_file_from("{adapter}", FEATURES_FILE_NAME)).slots}}))
 """
 
 

@@ -8,10 +8,7 @@ index ranks items the same with or without it.
 
 from __future__ import annotations
 
-import os
-import uuid
-from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Union
 
 import datasets
 import numpy as np
@@ -114,27 +111,4 @@ def export_user_embeddings(
     return _embedding_table("user_id", table.column("user_id"), embeddings)
 
 
-def _replace_atomically(path: Union[str, os.PathLike], write: Callable[[str], Any]) -> Path:
-    """Run `write(tmp)` on a temporary sibling of `path`, then `os.replace` it into place: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def write_parquet_atomically(dataset: datasets.Dataset, path: Union[str, os.PathLike]) -> Path:
-    """`dataset.to_parquet(path)`, atomically."""
-    return _replace_atomically(path, dataset.to_parquet)
-
-
-def write_text_atomically(text: str, path: Union[str, os.PathLike]) -> Path:
-    """Write `text` (UTF-8) to `path`, atomically."""
-    return _replace_atomically(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
-__all__ = ["export_item_embeddings", "export_user_embeddings", "write_parquet_atomically", "write_text_atomically"]
+__all__ = ["export_item_embeddings", "export_user_embeddings"]

@@ -1,4 +1,4 @@
-"""Model cards rendered from real run outputs (`model_cards/*.md` Jinja templates + `huggingface_hub` card data)."""
+"""Model cards rendered from real run outputs (Jinja templates shipped in `model_card_templates/` + `huggingface_hub` card data)."""
 
 from pathlib import Path
 from typing import Any, Optional
@@ -6,7 +6,7 @@ from typing import Any, Optional
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "model_cards"
+TEMPLATE_DIR = Path(__file__).resolve().parent / "model_card_templates"  # package data: installed wheels have it
 # Config fields worth showing on a card (the full config is in config.json).
 CARD_CONFIG_FIELDS = (
     "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_position_embeddings",

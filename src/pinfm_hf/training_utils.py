@@ -22,31 +22,37 @@ def make_accelerator(
     report_to: Optional[str] = None,
 ):
     """
-    The recipes' `Accelerator` (bf16 on a GPU that has it when `mixed_precision="auto"`, seedable sampler so the data
-    order is a function of the seed and epoch) and their log format; only the main process logs at INFO.
+    The recipes' `Accelerator`: bf16 on a GPU that has it when `mixed_precision="auto"`, and a seedable sampler, so
+    the data order is a function of the seed and the epoch (exact resume).
     """
-    import logging as std_logging
-
     import torch
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
     if mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    accelerator = Accelerator(
+    return Accelerator(
         gradient_accumulation_steps=gradient_accumulation_steps,
         mixed_precision=mixed_precision,
         log_with=report_to,
         project_dir=str(output_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+
+
+def configure_recipe_logging(is_main_process: bool = True) -> None:
+    """
+    The recipes' log format (time, level, logger) at INFO on the main process, ERROR on the others. Only scripts call
+    this: the library itself never configures logging.
+    """
+    import logging as std_logging
+
     std_logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=std_logging.INFO
     )
-    std_logging.getLogger("pinfm_hf").setLevel(std_logging.INFO if accelerator.is_main_process else std_logging.ERROR)
+    std_logging.getLogger("pinfm_hf").setLevel(std_logging.INFO if is_main_process else std_logging.ERROR)
     std_logging.getLogger("accelerate").setLevel(std_logging.WARNING)
     logging.set_verbosity_warning()
-    return accelerator
 
 
 def parse_recipe_args(dataclass_types: Sequence[type], args: Optional[list[str]] = None) -> tuple:
@@ -208,11 +214,8 @@ def plot_training_curves(log_path: str | os.PathLike, png_path: str | os.PathLik
     for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
     fig.tight_layout()
-    png_path = Path(png_path)
-    tmp = png_path.with_name(".tmp-" + png_path.name)
-    fig.savefig(tmp, dpi=110, format="png")
+    png_path = atomic_write(png_path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-    os.replace(tmp, png_path)
     return png_path
 
 

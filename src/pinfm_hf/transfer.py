@@ -8,20 +8,20 @@ own learning rate.
 """
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
+from transformers.utils import logging
 
 from .configuration_pinfm import PinFMConfig
 from .hub import cached_file_from
 from .modeling_pinfm import PINFM_LORA_TARGET_MODULES, PinFMForCTR
 
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 TRANSFER_STRATEGIES = {
     "none": "no transfer: the same architecture, randomly initialised (the baseline)",

@@ -12,7 +12,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import datasets
 import numpy as np
@@ -21,17 +21,22 @@ import pyarrow.compute as pc
 import torch
 from transformers.utils import logging
 
-from ..hub import cached_file_from
-from ..tokenization_pinfm import PinFMTokenizer, _atomic_write_json
+from ..io_utils import atomic_write_json
 from .events import EVENT_COLUMNS, SURFACE_COLUMN, EventTable, EventValidationError
-from .sequences import _sequence_table, build_user_sequences
+from .sequences import build_user_sequences, quantile_timestamp, sequence_table
+
+
+if TYPE_CHECKING:  # the tokenizer is passed in; the data layer never imports the model side
+    from ..tokenization_pinfm import PinFMTokenizer
 
 
 logger = logging.get_logger(__name__)
 
 FEATURES_FILE_NAME = "ctr_features.json"
 # Columns of `samples` that are not side features.
-SAMPLE_COLUMNS = ("user_index", "history_length", "user_id", "item_id", "timestamp", "label")
+SAMPLE_COLUMNS = (
+    "user_index", "history_length", "user_id", "item_id", "timestamp", "label", "item_first_seen", SURFACE_COLUMN
+)
 PAD_FEATURE_ID, UNK_FEATURE_ID = 0, 1
 
 
@@ -143,7 +148,7 @@ def build_ctr_samples(
     _check_actions(table, positive_actions, negative_actions)
     item_features = _item_feature_names(events)
     sequences = build_user_sequences(events)
-    seq = _sequence_table(sequences)
+    seq = sequence_table(sequences)
 
     # Flatten the sequences: samples then follow their order by construction, whatever order the sort produced.
     offsets = seq["item_ids"].combine_chunks().offsets.to_numpy().astype(np.int64)
@@ -215,6 +220,75 @@ def split_ctr_samples(samples: pa.Table, cut_timestamp: int) -> tuple[pa.Table, 
         if part.num_rows == 0:
             logger.warning(f"CTR split at {cut}: the {name} split is empty.")
     return train, test
+
+
+def use_case_actions(
+    use_case: str,
+    dataset: str,
+    positive_actions: Optional[Sequence[str]] = None,
+    negative_actions: Optional[Sequence[str]] = None,
+) -> tuple[list[str], list[str]]:
+    """
+    The positive and negative actions of a use case: one of `CTR_USE_CASES` (which must be defined on `dataset`), or
+    `"custom"` with both lists given.
+    """
+    if use_case == "custom":
+        if not positive_actions or not negative_actions:
+            raise ValueError("--use_case custom needs both --positive_actions and --negative_actions.")
+        return list(positive_actions), list(negative_actions)
+    if use_case not in CTR_USE_CASES:
+        raise ValueError(f"Unknown --use_case {use_case!r}; choose one of {sorted(CTR_USE_CASES)} or 'custom'.")
+    case = CTR_USE_CASES[use_case]
+    if dataset != case.dataset:
+        raise ValueError(f"--use_case {case.name!r} is defined on {case.dataset!r}, not {dataset!r}.")
+    return list(case.positive_actions), list(case.negative_actions)
+
+
+def side_feature_fields(samples: pa.Table) -> list[str]:
+    """The side-feature columns of CTR samples (item and user features): every column that is not a sample column."""
+    return [c for c in samples.column_names if c not in SAMPLE_COLUMNS]
+
+
+@dataclass
+class CTRSplits:
+    """
+    What [`ctr_splits`] returns: the per-user `sequences`, the `train` impressions (before `cut`) and the `test` ones
+    (from `cut` on), each a seeded subset of whole requests when asked.
+    """
+
+    sequences: datasets.Dataset
+    train: pa.Table
+    test: pa.Table
+    cut: int
+
+
+def ctr_splits(
+    events: Union[EventTable, pa.Table],
+    *,
+    positive_actions: Sequence[str],
+    negative_actions: Sequence[str],
+    cut_quantile: float,
+    user_features: Optional[pa.Table] = None,
+    max_train_samples: Optional[int] = None,
+    max_test_samples: Optional[int] = None,
+    seed: int = 0,
+) -> CTRSplits:
+    """
+    The CTR data of a use case, as fine-tuning, scoring and benchmarks all build it: impressions with their histories
+    (`build_ctr_samples`), split at the event-time quantile `cut_quantile` (`split_ctr_samples`), then seeded subsets of
+    whole requests (`sample_requests`; train with `seed`, test with `seed + 1`).
+    """
+    sequences, samples = build_ctr_samples(
+        events, positive_actions=positive_actions, negative_actions=negative_actions, user_features=user_features
+    )
+    cut = quantile_timestamp(events, cut_quantile)
+    train, test = split_ctr_samples(samples, cut)
+    return CTRSplits(
+        sequences=sequences,
+        train=sample_requests(train, max_train_samples, seed),
+        test=sample_requests(test, max_test_samples, seed + 1),
+        cut=cut,
+    )
 
 
 def _values_per_row(samples: pa.Table, field: str) -> pa.ListArray:
@@ -359,13 +433,20 @@ class CTRFeatureEncoder:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / FEATURES_FILE_NAME
-        _atomic_write_json({"fields": self._fields, "slots": self._slots, "vocab": self._vocab}, str(path))
+        atomic_write_json(path, {"fields": self._fields, "slots": self._slots, "vocab": self._vocab}, indent=None)
         return path
 
     @classmethod
-    def load(cls, directory: Union[str, os.PathLike], revision: Optional[str] = None) -> "CTRFeatureEncoder":
-        """Read what `save` wrote, from a folder or a hub repo id (at `revision`)."""
-        path = cached_file_from(directory, FEATURES_FILE_NAME, revision=revision)
+    def load(cls, path: Union[str, os.PathLike]) -> "CTRFeatureEncoder":
+        """
+        Read what `save` wrote: the `ctr_features.json` file, or the folder holding it. (From a hub repo id:
+        `CTRFeatureEncoder.load(pinfm_hf.hub.cached_file_from(repo_id, FEATURES_FILE_NAME, revision))`.)
+        """
+        path = Path(path)
+        if path.is_dir():
+            path = path / FEATURES_FILE_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"No CTR feature vocabulary at {path} (written by `CTRFeatureEncoder.save`).")
         try:
             with open(path, encoding="utf-8") as f:
                 state = json.load(f)
@@ -403,7 +484,7 @@ class CTRDataset(torch.utils.data.Dataset):
         self,
         sequences: datasets.Dataset,
         samples: pa.Table,
-        tokenizer: PinFMTokenizer,
+        tokenizer: "PinFMTokenizer",
         *,
         max_history: int,
         feature_encoder: Optional[CTRFeatureEncoder] = None,
@@ -415,7 +496,7 @@ class CTRDataset(torch.utils.data.Dataset):
         if missing:
             raise ValueError(f"`samples` is missing column(s) {missing}; build it with `build_ctr_samples`.")
         self.max_history = max_history
-        seq = _sequence_table(sequences)
+        seq = sequence_table(sequences)
         lengths = pc.list_value_length(seq["item_ids"]).to_numpy(zero_copy_only=False).astype(np.int64)
         # One row per user with every event: max_length = the longest sequence.
         encoded = tokenizer.encode_sequences(seq, max_length=max(int(lengths.max()), 1))

@@ -6,12 +6,9 @@ which would split users across batch boundaries. Splits follow the HSTU leave-la
 
 from __future__ import annotations
 
-import os
-import shutil
-import uuid
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import datasets
 from datasets.fingerprint import generate_random_fingerprint
@@ -20,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from transformers.utils import logging
 
+from ..io_utils import atomic_folder
 from .events import SURFACE_COLUMN, EventTable
 
 
@@ -68,7 +66,8 @@ def build_user_sequences(events: Union[EventTable, pa.Table]) -> datasets.Datase
     return datasets.Dataset(pa.table(columns), fingerprint=generate_random_fingerprint())
 
 
-def _sequence_table(sequences: Union[datasets.Dataset, pa.Table]) -> pa.Table:
+def sequence_table(sequences: Union[datasets.Dataset, pa.Table]) -> pa.Table:
+    """A `pyarrow.Table` of per-user sequences, from a table or a `datasets.Dataset` (honouring `select`/`shuffle`)."""
     if isinstance(sequences, pa.Table):
         return sequences
     # The arrow formatter honours any indices mapping left by `select`/`shuffle`.
@@ -113,7 +112,7 @@ def leave_last_out_split(
     """
     if train_holdout < 1:
         raise ValueError(f"`train_holdout` ({train_holdout}) must be at least 1.")
-    table = _sequence_table(sequences)
+    table = sequence_table(sequences)
     lengths = pc.list_value_length(table["item_ids"])
     longest = pc.max(lengths).as_py() or 0
     if longest < train_holdout + 1:
@@ -137,6 +136,19 @@ def leave_last_out_split(
     result.num_users_left_out = left_out
     logger.info(f"Leave-last-out split: {', '.join(f'{k} {len(v):,} users' for k, v in result.items())}.")
     return result
+
+
+def next_item_eval_dataset(
+    split: Union[datasets.Dataset, pa.Table], tokenizer: Any, *, max_length: int, max_users: Optional[int] = None
+) -> datasets.Dataset:
+    """
+    A `valid`/`test` split of `leave_last_out_split`, encoded for next-item evaluation: each user's last event is the
+    target (`target_ids`, its time `target_timestamps`), the `max_length` events before it are the input. `tokenizer`
+    is the model's `PinFMTokenizer`; `max_users` keeps the first N users.
+    """
+    if max_users is not None:
+        split = split.select(range(min(max_users, len(split)))) if isinstance(split, datasets.Dataset) else split.slice(0, max_users)
+    return datasets.Dataset(tokenizer.encode_sequences(split, max_length=max_length, hold_out_last=True))
 
 
 def quantile_timestamp(events: Union[EventTable, pa.Table], quantile: float) -> int:
@@ -190,23 +202,9 @@ def time_split(
 
 
 def save_sequences(dataset: Union[datasets.Dataset, datasets.DatasetDict], path: Union[str, Path]) -> None:
-    """
-    `save_to_disk` atomically: write a temporary sibling folder, then `os.replace` it into place, so a crash
-    never leaves a half-written folder at `path`. An existing folder at `path` is replaced.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex}")
-    try:
+    """`save_to_disk`, atomically: a crash never leaves a half-written folder at `path`; an existing one is replaced."""
+    with atomic_folder(path) as tmp:
         dataset.save_to_disk(str(tmp))
-        if path.exists():
-            # os.replace cannot overwrite a non-empty folder: move the old one aside first.
-            os.replace(path, old)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_sequences(path: Union[str, Path]) -> Union[datasets.Dataset, datasets.DatasetDict]:
