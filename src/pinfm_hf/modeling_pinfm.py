@@ -198,7 +198,8 @@ def check_ids_in_range(ids: torch.Tensor, size: int, name: str, field: str) -> N
         return
     low, high = torch.stack(torch.aminmax(ids)).tolist()
     if low < 0 or high >= size:
-        raise ValueError(f"{name} hold id {low if low < 0 else high}, outside the model's table [0, {size}) (`config.{field}`).")
+        bad = low if low < 0 else high
+        raise ValueError(f"{name} hold id {bad}, outside the model's table [0, {size}) (`config.{field}`).")
 
 
 class PinFMAttention(nn.Module):
@@ -491,7 +492,9 @@ def check_event_inputs(
         raise ValueError(f"`input_ids` must be 2-D (batch_size, sequence_length), got shape {tuple(input_ids.shape)}.")
     B, T = input_ids.shape
     if B == 0 or T == 0:
-        raise ValueError(f"`input_ids` has shape {(B, T)}: a batch needs at least one row and one event (an empty history).")
+        raise ValueError(
+            f"`input_ids` has shape {(B, T)}: a batch needs at least one row and one event (an empty history)."
+        )
     for name, value in (("attention_mask", attention_mask), ("action_ids", action_ids), ("surface_ids", surface_ids),
                         ("timestamps", timestamps)):
         if value is not None and value.shape != input_ids.shape:
@@ -546,7 +549,7 @@ class PinFMPreTrainedModel(PreTrainedModel):
         return loaded
 
     @torch.no_grad()
-    def check_finite_weights(self, source: str = "the model") -> None:
+    def check_finite_weights(self, source: str = "The model") -> None:
         """Raise `ValueError` naming `source` and how many float parameters/buffers hold a NaN or an infinity."""
         bad = [
             name
@@ -1308,13 +1311,17 @@ class PinFMForCTR(PinFMForPretraining):
         elif candidate_user_index.numel() and _checking_inputs():
             low, high = torch.stack(torch.aminmax(candidate_user_index)).tolist()
             if low < 0 or high >= num_users:  # a negative index would silently score another user's candidates
-                raise ValueError(f"`candidate_user_index` holds {low if low < 0 else high}, not a user row in [0, {num_users}).")
+                bad = low if low < 0 else high
+                raise ValueError(f"`candidate_user_index` holds {bad}, not a user row in [0, {num_users}).")
         if candidate_ids.numel() == 0:
             raise ValueError("`candidate_ids` is empty: nothing to score.")
         check_ids_in_range(candidate_ids, self.config.item_vocab_size, "`candidate_ids`", "item_vocab_size")
         if request_timestamps is not None and request_timestamps.numel() != num_users:
             raise ValueError(f"`request_timestamps` has {request_timestamps.numel()} values for {num_users} users.")
-        for name, value in (("candidate_surface_ids", candidate_surface_ids), ("candidate_side_feature_ids", candidate_side_feature_ids)):
+        per_candidate = {
+            "candidate_surface_ids": candidate_surface_ids, "candidate_side_feature_ids": candidate_side_feature_ids
+        }
+        for name, value in per_candidate.items():
             if value is not None and value.shape[: candidate_ids.dim()] != shape:
                 raise ValueError(f"`{name}` has shape {tuple(value.shape)}, but `candidate_ids` has {tuple(shape)}.")
         flat = candidate_ids.reshape(-1)

@@ -65,7 +65,8 @@ def _read_vocab_file(vocab_file: str) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"Vocabulary file {vocab_file} is not valid JSON (truncated or corrupt?): {e}.") from None
     if not isinstance(vocab, dict):
-        raise ValueError(f"Vocabulary file {vocab_file} holds a {type(vocab).__name__}, not a dict with {list(_VOCAB_FILE_KEYS)}.")
+        kind = type(vocab).__name__
+        raise ValueError(f"Vocabulary file {vocab_file} holds a {kind}, not a dict with {list(_VOCAB_FILE_KEYS)}.")
     missing = [key for key in _VOCAB_FILE_KEYS if key not in vocab]
     if missing:
         raise ValueError(f"Vocabulary file {vocab_file} has no `{missing[0]}` entry; it needs {list(_VOCAB_FILE_KEYS)}.")
@@ -524,4 +525,10 @@ class PinFMTokenizer(PreTrainedTokenizer):
         return np.bincount(flat, minlength=self.vocab_size)
 
 
-__all__ = ["PinFMTokenizer", "check_tokenizer_matches_model", "stable_bucket", "CANDIDATE_ACTION_ID", "CANDIDATE_ITEM_ID"]
+__all__ = [
+    "PinFMTokenizer",
+    "check_tokenizer_matches_model",
+    "stable_bucket",
+    "CANDIDATE_ACTION_ID",
+    "CANDIDATE_ITEM_ID",
+]
