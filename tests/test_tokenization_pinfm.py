@@ -232,3 +232,8 @@ def test_check_tokenizer_matches_model(tokenizer):
     config.item_vocab_size, config.action_vocab_size = len(tokenizer), 3
     with pytest.raises(ValueError, match="5 action tokens but the model's action table has 3"):
         check_tokenizer_matches_model(tokenizer, config)
+
+
+def test_unknown_surface_maps_to_unk():
+    tok = PinFMTokenizer(items=["a"], actions=["x"], surfaces=["home"], num_hash_buckets=2)
+    assert tok.encode_events(["a", "a"], surfaces=["home", "nowhere"])["surface_ids"] == [2, 1]  # <unk>, not an error
