@@ -359,3 +359,165 @@ def test_full_softmax_losses_match_cross_entropy_over_all_their_pairs():
     alone = model(**inputs, labels=labels)
     assert alone.multi_token_loss is None and alone.future_token_loss is None
     torch.testing.assert_close(alone.loss, out.next_token_loss)
+
+
+# ----- bad inputs: empty rows, misshapen batches, ids outside the vocabulary, unsorted time, corrupt weights -----
+
+
+def with_row(inputs: dict, row: dict, at: int) -> dict:
+    """`inputs` with one more row inserted at index `at`."""
+    return {k: torch.cat([v[:at], row[k].unsqueeze(0), v[at:]]) for k, v in inputs.items()}
+
+
+@pytest.mark.parametrize("left_padding", [False, True])
+def test_all_padding_row_is_zero_user_embedding_and_leaves_other_rows_alone(left_padding):
+    torch.manual_seed(0)
+    tester = PinFMModelTester(hidden_dropout_prob=0.0, full_softmax=True)
+    config, inputs = tester.prepare_config_and_inputs()
+    inputs = to_left_padding(inputs) if left_padding else inputs
+    empty = {k: torch.zeros(tester.seq_length, dtype=torch.long) for k in inputs}
+    batch = with_row(inputs, empty, at=3)
+    others = [i for i in range(tester.batch_size + 1) if i != 3]
+    model = PinFMForPretraining(config).eval()
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        alone = model(**inputs, labels=labels)
+        got = model(**batch, labels=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100))
+    for name in ("query_embeddings", "user_embedding", "last_hidden_state"):
+        assert torch.isfinite(getattr(got, name)).all(), name
+        torch.testing.assert_close(getattr(got, name)[others], getattr(alone, name), rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.user_embedding[3], torch.zeros(config.hidden_size))  # documented: zeros, not position 0
+    torch.testing.assert_close(got.loss, alone.loss)  # the empty row adds no loss term
+    encoder_out = model.pinfm(**batch)
+    assert torch.equal(encoder_out.user_embedding[3], torch.zeros(config.hidden_size))
+
+
+@pytest.mark.parametrize("fusion", ["early", "late"])
+def test_ctr_row_without_history_and_row_without_any_token(fusion):
+    from pinfm_hf import PinFMForCTR
+
+    torch.manual_seed(0)
+    tester = PinFMModelTester(batch_size=4, ctr_fusion=fusion, ctr_dropout=0.0, hidden_dropout_prob=0.0)
+    config, inputs = tester.prepare_config_and_inputs()
+    inputs = to_left_padding(inputs)  # each row's last real token is its candidate
+    inputs["action_ids"][:, -1] = config.candidate_action_id
+    model = PinFMForCTR(config).eval()
+    T = tester.seq_length
+    only_candidate = {k: torch.zeros(T, dtype=torch.long) for k in inputs}
+    only_candidate.update(input_ids=torch.tensor([0] * (T - 1) + [9]), attention_mask=torch.tensor([0] * (T - 1) + [1]),
+                          action_ids=torch.tensor([0] * (T - 1) + [1]), timestamps=torch.tensor([0] * (T - 1) + [10**9]))
+    with torch.no_grad():
+        alone = model(**inputs).logits
+        got = model(**with_row(inputs, only_candidate, at=1))
+    assert torch.isfinite(got.logits).all() and torch.equal(got.user_embedding[1], torch.zeros(config.hidden_size))
+    torch.testing.assert_close(got.logits[[0, 2, 3, 4]], alone, rtol=1e-5, atol=1e-5)
+    no_token = {k: torch.zeros(T, dtype=torch.long) for k in inputs}
+    with pytest.raises(ValueError, match="Row 2 has no real token"):
+        model(**with_row(inputs, no_token, at=2))
+    # DCAT: a user without history among others; the others' scores are those without it.
+    users = {k: v[:, :-1] for k, v in inputs.items()}
+    candidates = torch.tensor([[5, 6], [7, 8], [9, 10], [11, 12]])
+    no_history = {k: torch.zeros(T - 1, dtype=torch.long) for k in users}
+    with torch.no_grad():
+        expected = model.score_candidates(candidate_ids=candidates, **users)
+        scores = model.score_candidates(candidate_ids=torch.cat([candidates, candidates[:1]]),
+                                        **{k: torch.cat([v, no_history[k][None]]) for k, v in users.items()})
+    assert torch.isfinite(scores).all()
+    torch.testing.assert_close(scores[:4], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_empty_and_misshapen_inputs_are_clear_errors():
+    tester = PinFMModelTester(batch_size=2, seq_length=3)
+    config, inputs = tester.prepare_config_and_inputs()
+    model = PinFMForPretraining(config).eval()
+    empty = {k: v[:, :0] for k, v in inputs.items()}
+    with pytest.raises(ValueError, match=r"`input_ids` has shape \(2, 0\): .*an empty history"):
+        model(**empty)
+    with pytest.raises(ValueError, match=r"`input_ids` has shape \(0, 3\)"):
+        model(**{k: v[:0] for k, v in inputs.items()})
+    with pytest.raises(ValueError, match=r"`input_ids` must be 2-D"):
+        model(**{k: v[0] for k, v in inputs.items()})
+    with pytest.raises(ValueError, match=r"`attention_mask` has shape \(2, 2\), but `input_ids` has \(2, 3\)"):
+        model(**dict(inputs, attention_mask=inputs["attention_mask"][:, :2]))
+    with pytest.raises(ValueError, match=r"`labels` has shape \(2, 2\)"):
+        model(**inputs, labels=inputs["input_ids"][:, :2])
+    with pytest.raises(ValueError, match=r"`end_timestamps` has 3 values for a batch of 2 rows"):
+        model(**inputs, end_timestamps=torch.tensor([1, 2, 3]))
+
+
+@pytest.mark.parametrize("tables", ["float", "hashed", "int8"])
+def test_ids_outside_the_vocabulary_are_clear_errors(tables):
+    overrides = {"hashed": dict(num_item_hash_tables=2, item_hash_table_size=101)}.get(tables, {})
+    tester = PinFMModelTester(batch_size=2, seq_length=4, surface_vocab_size=3, **overrides)
+    config, inputs = tester.prepare_config_and_inputs()
+    model = PinFMForPretraining(config).eval()
+    if tables == "int8":
+        model.quantize_item_embeddings("int8")  # an id past a packed table would read other memory
+    for bad in (config.item_vocab_size, -1):
+        ids = inputs["input_ids"].clone()
+        ids[1, 0] = bad
+        with pytest.raises(ValueError, match=rf"Item ids hold id {bad}, outside .*\[0, 50\) \(`config.item_vocab_size`\)"):
+            model(**dict(inputs, input_ids=ids))
+    actions = inputs["action_ids"].clone()
+    actions[0, 0] = config.action_vocab_size
+    with pytest.raises(ValueError, match=r"`action_ids` hold id 6, .*`config.action_vocab_size`"):
+        model(**dict(inputs, action_ids=actions))
+    with pytest.raises(ValueError, match=r"`surface_ids` hold id 3, .*`config.surface_vocab_size`"):
+        model(**inputs, surface_ids=torch.full_like(inputs["input_ids"], 3))
+    with pytest.raises(ValueError, match="Item ids hold id 50"):
+        model.score_items(torch.randn(2, config.projection_size), torch.tensor([4, 50]))
+    labels = inputs["input_ids"].clone()
+    labels[0, 2] = 50
+    with pytest.raises(ValueError, match="Item ids hold id 50"):  # a label past the table, in the loss
+        model(**inputs, labels=labels)
+
+
+def test_timestamps_that_decrease_within_a_row_are_refused():
+    tester = PinFMModelTester(batch_size=3, seq_length=5)
+    config, inputs = tester.prepare_config_and_inputs()
+    model = PinFMModel(config).eval()
+    model(**inputs)  # right padding holds 0 after later events: padding is not checked
+    model(**to_left_padding(inputs))
+    model(**dict(inputs, timestamps=inputs["timestamps"][:, :1].expand(-1, 5) * inputs["attention_mask"]))  # ties
+    swapped = inputs["timestamps"].clone()
+    swapped[0, [1, 2]] = swapped[0, [2, 1]]
+    with pytest.raises(ValueError, match=r"`timestamps` must not decrease within a row .*row 0 goes from \d+ to \d+ at position 2"):
+        model(**dict(inputs, timestamps=swapped))
+
+
+def test_score_candidates_bad_inputs():
+    from pinfm_hf import PinFMForCTR
+
+    tester = PinFMModelTester(batch_size=2, seq_length=3, ctr_fusion="late")
+    config, users = tester.prepare_config_and_inputs()
+    model = PinFMForCTR(config).eval()
+    flat = torch.tensor([5, 6])
+    with pytest.raises(ValueError, match=r"`candidate_user_index` holds -1, not a user row in \[0, 2\)"):
+        model.score_candidates(candidate_ids=flat, candidate_user_index=torch.tensor([0, -1]), **users)
+    with pytest.raises(ValueError, match=r"`candidate_user_index` holds 2"):
+        model.score_candidates(candidate_ids=flat, candidate_user_index=torch.tensor([0, 2]), deduplicate=False, **users)
+    with pytest.raises(ValueError, match=r"`candidate_ids` hold id 50, .*`config.item_vocab_size`"):
+        model.score_candidates(candidate_ids=torch.tensor([[5], [50]]), **users)
+    with pytest.raises(TypeError, match="`candidate_ids` must be an integer tensor"):
+        model.score_candidates(candidate_ids=torch.tensor([[5.0], [6.0]]), **users)
+    with pytest.raises(ValueError, match="`request_timestamps` has 3 values for 2 users"):
+        model.score_candidates(candidate_ids=torch.tensor([[5], [6]]), request_timestamps=torch.tensor([1, 2, 3]), **users)
+    with pytest.raises(ValueError, match=r"`candidate_surface_ids` has shape \(3,\), but `candidate_ids` has \(2, 1\)"):
+        model.score_candidates(candidate_ids=torch.tensor([[5], [6]]), candidate_surface_ids=torch.tensor([1, 1, 1]), **users)
+
+
+def test_from_pretrained_refuses_non_finite_weights(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    config, inputs = PinFMModelTester().prepare_config_and_inputs()
+    model = PinFMForPretraining(config).eval()
+    model.save_pretrained(tmp_path)
+    loaded, info = PinFMForPretraining.from_pretrained(tmp_path, output_loading_info=True)  # healthy: loads as before
+    assert isinstance(loaded, PinFMForPretraining) and not info["missing_keys"]
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["pinfm.norm.weight"][0] = float("nan")
+    weights["pinfm.layers.1.mlp.up_proj.weight"][2, 3] = float("-inf")
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    for load in (PinFMForPretraining.from_pretrained, AutoModelForPreTraining.from_pretrained, AutoModel.from_pretrained):
+        with pytest.raises(ValueError, match=rf"{tmp_path / 'model.safetensors'} holds 2 non-finite \(NaN/inf\) tensor"):
+            load(tmp_path)

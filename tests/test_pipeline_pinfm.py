@@ -1,7 +1,9 @@
 """The `pinfm-recommendation` pipeline on a tiny model trained on real ML-1M users, installed and as remote code."""
 
+import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -286,3 +288,75 @@ def test_request_time_is_the_gap_after_the_last_event(tiny, recommend):
         recommend(events, request_time=last - 1)
     with pytest.raises(ValueError, match="`request_time`"):
         recommend(events, request_time="tomorrow")
+
+
+# ----- bad inputs: mismatched or corrupt model folders, and call arguments -----
+
+
+def copy_folder(tiny: TinyModel, tmp_path: Path) -> Path:
+    folder = tmp_path / "copy"
+    shutil.copytree(tiny.folder, folder)
+    return folder
+
+
+def test_folder_without_vocabulary_is_refused_at_load(tiny, tmp_path):
+    folder = copy_folder(tiny, tmp_path)
+    (folder / "pinfm_vocab.json").unlink()  # formerly: an empty tokenizer, then "this model knows []" at the call
+    with pytest.raises(ValueError, match=r"has no `pinfm_vocab.json`"):
+        pipeline(PINFM_PIPELINE_TASK, model=str(folder), device="cpu")
+
+
+def test_non_finite_weights_are_refused(tiny, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = copy_folder(tiny, tmp_path)
+    weights = load_file(folder / "model.safetensors")
+    weights["pinfm.norm.weight"][0] = float("nan")
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model.safetensors holds 1 non-finite \(NaN/inf\) tensor"):
+        pipeline(PINFM_PIPELINE_TASK, model=str(folder), device="cpu")  # formerly: [] for every history
+    broken = copy.deepcopy(tiny.model)
+    with torch.no_grad():
+        broken.query_proj.weight[0, 0] = float("inf")
+    recommend = pipeline(PINFM_PIPELINE_TASK, model=broken, tokenizer=tiny.tokenizer, device="cpu")
+    with pytest.raises(ValueError, match="non-finite scores"):
+        recommend(user_events(tiny.sequences, 0))
+
+
+def test_tokenizer_of_another_model_is_refused(tiny):
+    tokenizer = tiny.tokenizer
+    known = tokenizer.item_tokens[tiny.model.config.num_special_item_tokens : tokenizer.first_bucket_id]
+    other = PinFMTokenizer(items=known[:-1], actions=tokenizer.action_tokens[2:], num_hash_buckets=16)
+    with pytest.raises(ValueError, match=rf"{len(tokenizer) - 1} item tokens but the model's item table has {len(tokenizer)}"):
+        pipeline(PINFM_PIPELINE_TASK, model=tiny.model, tokenizer=other, device="cpu")
+    more_actions = PinFMTokenizer(items=known, actions=tokenizer.action_tokens[2:] + ["share"], num_hash_buckets=16)
+    with pytest.raises(ValueError, match="action tokens but the model's action table has"):
+        pipeline(PINFM_PIPELINE_TASK, model=tiny.model, tokenizer=more_actions, device="cpu")
+
+
+def test_histories_are_cut_to_the_model_length(tiny):
+    long_tokenizer = copy.deepcopy(tiny.tokenizer)
+    long_tokenizer.model_max_length = 200  # longer than the model's max_position_embeddings (51)
+    recommend = pipeline(PINFM_PIPELINE_TASK, model=tiny.model, tokenizer=long_tokenizer, device="cpu")
+    row = next(i for i in range(len(tiny.sequences)) if len(tiny.sequences[i]["item_ids"]) > 80)
+    events = user_events(tiny.sequences, row)
+    as_long = TinyModel(tiny.model, long_tokenizer, tiny.sequences, tiny.folder)
+    ids, scores = direct_top_k(as_long, events[-51:], 10, excluded=tuple(e["item_id"] for e in events))
+    result = recommend(events, top_k=10)
+    assert [r["item_id"] for r in result] == ids
+    torch.testing.assert_close(torch.tensor([r["score"] for r in result]), scores, rtol=1e-5, atol=1e-5)
+    assert recommend.max_events == tiny.model.config.max_position_embeddings == 51
+
+
+def test_call_arguments_and_histories_already_handled(recommend, tiny):
+    events = user_events(tiny.sequences, 8)
+    history = {e["item_id"] for e in events}
+    with pytest.raises(TypeError, match="`exclude_history` must be a bool, got 'no'"):
+        recommend(events, exclude_history="no")  # formerly bool("no"): the history was excluded
+    real_items = len(tiny.tokenizer.item_tokens[4 : tiny.tokenizer.first_bucket_id])
+    assert len(recommend(events, top_k=10**6)) == real_items - len(history)  # top_k past the catalogue: all items
+    assert recommend(events, top_k=5, exclude_items=["never-seen", 2268318]) == recommend(events, top_k=5)
+    repeated = recommend(events + events[-3:], top_k=5)  # duplicate events: repeated interactions, no error
+    assert len(repeated) == 5 and not history & {r["item_id"] for r in repeated}
+    with pytest.raises(ValueError, match="`request_time`"):
+        recommend(events, request_time=events[-1]["timestamp"] - 1)

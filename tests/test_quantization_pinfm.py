@@ -178,3 +178,29 @@ def test_trust_remote_code_load_without_package(tmp_path):
     assert report["head_class"] == "PinFMForPretraining" and not report["pinfm_hf_imported"]
     torch.testing.assert_close(child["last_hidden_state"], expected.last_hidden_state)
     torch.testing.assert_close(child["query_embeddings"], expected.query_embeddings)
+
+
+def test_refused_train_leaves_every_module_as_it_was():
+    model = PinFMForPretraining(make_config()).quantize_item_embeddings("int8")
+    model.pinfm.layers[0].dropout.train()  # a mixed tree: the refusal must keep it exactly, not just eval() it
+    before = {name: module.training for name, module in model.named_modules()}
+    with pytest.raises(RuntimeError, match="cannot be trained"):
+        model.train()
+    assert {name: module.training for name, module in model.named_modules()} == before
+    assert model.train(False) is model and not model.training  # eval mode is still allowed
+
+
+def test_quantizing_one_model_leaves_a_shared_config_alone(tmp_path):
+    torch.manual_seed(0)
+    config = make_config()
+    float_model, quantized = PinFMForPretraining(config).eval(), PinFMForPretraining(config)
+    quantized.quantize_item_embeddings("int8")
+    assert quantized.config.item_embedding_quantization == "int8"
+    assert quantized.pinfm.config is quantized.config and quantized.pinfm.embeddings.config is quantized.config
+    assert config.item_embedding_quantization is None and float_model.pinfm.config.item_embedding_quantization is None
+    # The float model still saves as float: a folder claiming int8 would load all-zero packed tables.
+    float_model.save_pretrained(tmp_path)
+    inputs = make_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(PinFMForPretraining.from_pretrained(tmp_path)(**inputs).query_embeddings,
+                                   float_model(**inputs).query_embeddings)

@@ -124,3 +124,48 @@ def test_trust_remote_code_load_without_package(tmp_path):
     assert not report["pinfm_hf_imported"]
     torch.testing.assert_close(child["last_hidden_state"], expected.last_hidden_state)
     torch.testing.assert_close(child["query_embeddings"], expected.query_embeddings)
+
+
+REFUSALS_CHILD = WITHOUT_PINFM_HF + textwrap.dedent(
+    """
+    import json
+    from transformers import AutoModelForPreTraining, AutoTokenizer
+
+    errors = {}
+    for name, load in (("weights", AutoModelForPreTraining), ("tokenizer", AutoTokenizer)):
+        try:
+            load.from_pretrained(sys.argv[1], trust_remote_code=True)
+            errors[name] = None
+        except ValueError as e:
+            errors[name] = str(e)
+    print(json.dumps(errors))
+    """
+)
+
+
+def test_remote_code_refuses_non_finite_weights_and_a_missing_vocabulary(tmp_path):
+    """The load-time checks live in the copied files, so a child without pinfm_hf refuses the same corrupt folder."""
+    from safetensors.torch import load_file, save_file
+
+    tokenizer = toy_tokenizer()
+    config = PinFMConfig(item_vocab_size=len(tokenizer), action_vocab_size=tokenizer.action_vocab_size, hidden_size=32,
+                         num_attention_heads=2, num_hidden_layers=1)
+    PinFMForPretraining(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "pinfm_vocab.json").unlink()
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["pinfm.norm.weight"][0] = float("nan")
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_MODULES_CACHE=str(tmp_path / "modules_cache"), HF_HUB_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, "-c", REFUSALS_CHILD, str(tmp_path)], capture_output=True, text=True, env=env, cwd=tmp_path,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    errors = json.loads(result.stdout.strip().splitlines()[-1])
+    assert errors["weights"] == (
+        f"{tmp_path / 'model.safetensors'} holds 1 non-finite (NaN/inf) tensor(s), e.g. `pinfm.norm.weight`: "
+        "the checkpoint is corrupt."
+    )
+    assert errors["tokenizer"] is not None and "has no `pinfm_vocab.json`" in errors["tokenizer"]

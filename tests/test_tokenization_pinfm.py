@@ -3,6 +3,7 @@ import sys
 
 import pyarrow as pa
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from pinfm_hf import PinFMTokenizer
@@ -133,3 +134,106 @@ def test_hold_out_last_gives_the_target_and_its_request_time(tokenizer):
     assert [r["target_ids"] for r in rows] == [5, 6]
     assert [r["target_timestamps"] for r in rows] == [3, 9]
     assert [r["target_action_ids"] for r in rows] == tokenizer.convert_actions_to_ids(["view", "buy"])
+
+
+# ----- bad inputs: loading, encoding, padding -----
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, r"has no `pinfm_vocab.json`"),
+        ('{"items": ["a"', r"pinfm_vocab.json is not valid JSON"),
+        ('{"items": ["a"]}', r"pinfm_vocab.json has no `actions` entry"),
+        ('["a", "b"]', r"pinfm_vocab.json holds a list"),
+        ('{"items": [1, 2], "actions": [], "surfaces": [], "num_hash_buckets": 4}', r"`items` must be a list of strings"),
+        ('{"items": [], "actions": [], "surfaces": [], "num_hash_buckets": "4"}', r"`num_hash_buckets` must be an integer"),
+    ],
+)
+def test_from_pretrained_refuses_a_missing_or_corrupt_vocabulary(tokenizer, tmp_path, content, message):
+    tokenizer.save_pretrained(tmp_path)
+    vocab = tmp_path / "pinfm_vocab.json"
+    if content is None:
+        vocab.unlink()
+    else:
+        vocab.write_text(content)
+    for load in (PinFMTokenizer.from_pretrained, AutoTokenizer.from_pretrained):
+        with pytest.raises(ValueError, match=message) as error:
+            load(tmp_path)
+        assert str(tmp_path) in str(error.value) and "\n" not in str(error.value)
+    assert len(PinFMTokenizer()) == 4 + 1024  # building one directly without a vocabulary stays allowed
+
+
+def test_encode_events_accepts_integer_item_ids_like_the_pipeline(tokenizer):
+    import numpy as np
+
+    expected = tokenizer.encode_events(["2268318", "b"])["input_ids"]
+    assert tokenizer.encode_events([2268318, "b"])["input_ids"] == expected
+    assert tokenizer.encode_events(np.array([2268318]))["input_ids"] == expected[:1]
+    for bad in (True, None, 3.0):
+        with pytest.raises(TypeError, match=r"`item_ids\[1\]` must be a string or an integer"):
+            tokenizer.encode_events(["b", bad])
+    with pytest.raises(TypeError, match="list of item ids"):
+        tokenizer.encode_events("bc")  # one string is not a history of characters
+
+
+def test_encode_events_empty_history_and_max_length(tokenizer):
+    assert tokenizer.encode_events([], actions=[], timestamps=[])["input_ids"] == []  # lists: a CTR row appends its candidate
+    with pytest.raises(ValueError, match="`item_ids` is empty"):
+        tokenizer.encode_events([], actions=[], timestamps=[], return_tensors="pt")
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="`max_length` must be a positive integer"):
+            tokenizer.encode_events(["b", "c"], max_length=bad)
+
+
+def test_encode_events_timestamps_are_integers_in_order(tokenizer):
+    assert tokenizer.encode_events(["b", "c"], timestamps=["3", -1 + 5])["timestamps"] == [3, 4]
+    for bad in (1.7, "abc", None, True):
+        with pytest.raises(TypeError, match=r"`timestamps\[1\]` must be an integer"):
+            tokenizer.encode_events(["b", "c"], timestamps=[1, bad])
+    with pytest.raises(ValueError, match=r"`timestamps\[2\]` \(4\) is before `timestamps\[1\]` \(9\)"):
+        tokenizer.encode_events(["b", "c", "b"], timestamps=[1, 9, 4])
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_pad_pads_every_per_event_key_like_the_collator(tokenizer, padding_side):
+    from pinfm_hf.data import PinFMDataCollator
+
+    examples = [
+        tokenizer.encode_events(["b", "c", "Toy Story (1995)"], actions=["buy", "click", "view"], timestamps=[1, 2, 3]),
+        tokenizer.encode_events(["c"], actions=["view"], timestamps=[7]),
+    ]
+    collator = PinFMDataCollator(pad_token_id=tokenizer.pad_token_id, padding_side=padding_side)
+    expected = collator([dict(e) for e in examples])
+    padded = tokenizer.pad(examples, padding_side=padding_side, return_tensors="pt")
+    assert set(padded) == set(expected)
+    for key in expected:
+        assert torch.equal(padded[key], expected[key]), key
+    # `max_length` keeps the most recent events, as the collator does.
+    truncating = PinFMDataCollator(pad_token_id=tokenizer.pad_token_id, padding_side=padding_side, max_length=2)
+    padded = tokenizer.pad(examples, padding="max_length", max_length=2, padding_side=padding_side, return_tensors="pt")
+    for key, value in truncating([dict(e) for e in examples]).items():
+        assert torch.equal(padded[key], value), key
+    wider = tokenizer.pad(examples, padding="max_length", max_length=5, padding_side=padding_side)
+    assert all(len(row) == 5 for key in wider for row in wider[key])
+    with pytest.raises(ValueError, match="`timestamps` has 1 values but `input_ids` has 3"):
+        tokenizer.pad([{**examples[0], "timestamps": [1]}, examples[1]])
+
+
+def test_check_tokenizer_matches_model(tokenizer):
+    from pinfm_hf import PinFMConfig
+    from pinfm_hf.tokenization_pinfm import check_tokenizer_matches_model
+
+    config = PinFMConfig(item_vocab_size=len(tokenizer), action_vocab_size=tokenizer.action_vocab_size)
+    check_tokenizer_matches_model(tokenizer, config)
+    config.item_vocab_size = len(tokenizer) + 1
+    with pytest.raises(ValueError, match=rf"{len(tokenizer)} item tokens but the model's item table has {len(tokenizer) + 1}"):
+        check_tokenizer_matches_model(tokenizer, config)
+    config.item_vocab_size, config.action_vocab_size = len(tokenizer), 3
+    with pytest.raises(ValueError, match="5 action tokens but the model's action table has 3"):
+        check_tokenizer_matches_model(tokenizer, config)
+
+
+def test_unknown_surface_maps_to_unk():
+    tok = PinFMTokenizer(items=["a"], actions=["x"], surfaces=["home"], num_hash_buckets=2)
+    assert tok.encode_events(["a", "a"], surfaces=["home", "nowhere"])["surface_ids"] == [2, 1]  # <unk>, not an error

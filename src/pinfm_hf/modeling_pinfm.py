@@ -10,8 +10,11 @@ This file, `configuration_pinfm.py`, `tokenization_pinfm.py`, `losses.py`, `quan
 transformers and each other.
 """
 
+import copy
 import math
+import os
 from dataclasses import dataclass
+from itertools import chain
 from typing import Optional
 
 import torch
@@ -20,7 +23,14 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.utils import ModelOutput, logging
+from transformers.utils import (
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    ModelOutput,
+    logging,
+)
 
 from .configuration_pinfm import PinFMConfig
 from .losses import full_softmax_logits, full_softmax_loss, sample_negatives, sampled_softmax_loss
@@ -54,9 +64,11 @@ class PinFMModelOutput(ModelOutput):
 
     Args:
         last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
-            Final-norm hidden state of every event.
+            Final-norm hidden state of every event. At padding positions it is finite but meaningless (a padded token
+            attends only to itself), and no real event attends to padding.
         user_embedding (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
-            Hidden state at each user's last valid (non-padding) event.
+            Hidden state at each user's last valid (non-padding) event; zeros for a row with no valid event (all
+            padding), which leaves the other rows' outputs as they are without it.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*):
             Input embeddings and the output of every layer, each `(batch_size, sequence_length, hidden_size)`.
         attentions (`tuple(torch.FloatTensor)`, *optional*):
@@ -86,8 +98,9 @@ class PinFMForPretrainingOutput(ModelOutput):
             The individual losses (unweighted), when `labels` is given and their weight is positive.
         query_embeddings (`torch.FloatTensor` of shape `(batch_size, sequence_length, projection_size)`):
             L2-normalised scoring projections of every position; score items with [`~PinFMForPretraining.score_items`].
+            Finite but meaningless at padding positions (so also everywhere in an all-padding row).
         user_embedding (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
-            Hidden state at each user's last valid event.
+            Hidden state at each user's last valid event; zeros for an all-padding row (see [`PinFMModelOutput`]).
         last_hidden_state, hidden_states, attentions: as in [`PinFMModelOutput`].
     """
 
@@ -170,6 +183,23 @@ def log_time_buckets(gaps: torch.Tensor, num_buckets: int) -> torch.LongTensor:
     """Bucket non-negative time gaps (seconds) on a half-octave log scale: bucket b ~ 2**(b / 2) seconds."""
     gaps = gaps.clamp(min=0).float()
     return (2.0 * torch.log2(1.0 + gaps)).long().clamp(max=num_buckets - 1)
+
+
+def _checking_inputs() -> bool:
+    """Data-dependent input checks read a value back from the device: skip them while compiling or tracing."""
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+
+
+def check_ids_in_range(ids: torch.Tensor, size: int, name: str, field: str) -> None:
+    """Raise `ValueError` unless every id of `ids` is in `[0, size)`: one fused min/max reduction, one read-back."""
+    if ids.is_floating_point():
+        raise TypeError(f"{name} must be an integer tensor, got {ids.dtype}.")
+    if ids.numel() == 0 or not _checking_inputs():
+        return
+    low, high = torch.stack(torch.aminmax(ids)).tolist()
+    if low < 0 or high >= size:
+        bad = low if low < 0 else high
+        raise ValueError(f"{name} hold id {bad}, outside the model's table [0, {size}) (`config.{field}`).")
 
 
 class PinFMAttention(nn.Module):
@@ -305,6 +335,7 @@ class PinFMItemEmbedding(nn.Module):
         super().__init__()
         self.num_tables = config.num_item_hash_tables
         self.quantization = config.item_embedding_quantization
+        self.vocab_size = config.item_vocab_size
         if self.num_tables == 0:
             self.table = self._new_table(config.item_vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         else:
@@ -338,6 +369,8 @@ class PinFMItemEmbedding(nn.Module):
         return ((item_ids * a + b) % _HASH_PRIME) % self.table_size
 
     def forward(self, item_ids: torch.LongTensor) -> torch.Tensor:
+        # An id past the table would crash the float lookup, read garbage from a quantised one, or hash silently.
+        check_ids_in_range(item_ids, self.vocab_size, "Item ids", "item_vocab_size")
         if self.num_tables == 0:
             return self.table(item_ids)
         return torch.cat([table(self.hashed_rows(item_ids, j)) for j, table in enumerate(self.tables)], dim=-1)
@@ -378,6 +411,14 @@ class PinFMEventEmbedding(nn.Module):
         next_valid[:, :-1] = valid[:, 1:]
         gap_prev = torch.zeros_like(timestamps)
         gap_prev[:, 1:] = timestamps[:, 1:] - timestamps[:, :-1]
+        if _checking_inputs():
+            backwards = (gap_prev < 0) & previous_valid & valid  # (B, T): an event older than the one before it
+            if backwards.any():
+                row, position = (int(i) for i in backwards.nonzero()[0])
+                raise ValueError(
+                    f"`timestamps` must not decrease within a row (oldest event first): row {row} goes from "
+                    f"{int(timestamps[row, position - 1])} to {int(timestamps[row, position])} at position {position}."
+                )
         prev_bucket = log_time_buckets(gap_prev, self.config.num_time_buckets)
         prev_bucket = prev_bucket.masked_fill(~previous_valid, self.config.num_time_buckets)
         # The last event is followed by the request: the latest valid timestamp, wherever the padding is, or later.
@@ -417,8 +458,10 @@ class PinFMEventEmbedding(nn.Module):
         if self.config.use_action_embeddings:
             if action_ids is None:
                 raise ValueError("`action_ids` are required: this model was configured with `use_action_embeddings=True`.")
+            check_ids_in_range(action_ids, self.config.action_vocab_size, "`action_ids`", "action_vocab_size")
             embeddings = embeddings + self.action_embeddings(action_ids)
         if self.config.surface_vocab_size > 0 and surface_ids is not None:
+            check_ids_in_range(surface_ids, self.config.surface_vocab_size, "`surface_ids`", "surface_vocab_size")
             embeddings = embeddings + self.surface_embeddings(surface_ids)
         if time_embeddings is not None:
             embeddings = embeddings + time_embeddings
@@ -432,6 +475,49 @@ class PinFMEventEmbedding(nn.Module):
         prev_bucket = prev_bucket.masked_fill(~has_previous, self.config.num_time_buckets)
         next_bucket = torch.zeros_like(prev_bucket)
         return self.gap_to_previous_embeddings(prev_bucket) + self.gap_to_next_embeddings(next_bucket)
+
+
+def check_event_inputs(
+    input_ids: Optional[torch.Tensor],
+    attention_mask: Optional[torch.Tensor] = None,
+    action_ids: Optional[torch.Tensor] = None,
+    surface_ids: Optional[torch.Tensor] = None,
+    timestamps: Optional[torch.Tensor] = None,
+    end_timestamps: Optional[torch.Tensor] = None,
+) -> None:
+    """Shape checks of per-event inputs (no device read-back): `(batch_size, sequence_length)` each, with events."""
+    if input_ids is None:
+        raise ValueError("`input_ids` are required.")
+    if input_ids.dim() != 2:
+        raise ValueError(f"`input_ids` must be 2-D (batch_size, sequence_length), got shape {tuple(input_ids.shape)}.")
+    B, T = input_ids.shape
+    if B == 0 or T == 0:
+        raise ValueError(
+            f"`input_ids` has shape {(B, T)}: a batch needs at least one row and one event (an empty history)."
+        )
+    for name, value in (("attention_mask", attention_mask), ("action_ids", action_ids), ("surface_ids", surface_ids),
+                        ("timestamps", timestamps)):
+        if value is not None and value.shape != input_ids.shape:
+            raise ValueError(f"`{name}` has shape {tuple(value.shape)}, but `input_ids` has {(B, T)}.")
+    if end_timestamps is not None and end_timestamps.numel() != B:
+        raise ValueError(f"`end_timestamps` has {end_timestamps.numel()} values for a batch of {B} rows.")
+
+
+def _all_finite(tensor: torch.Tensor, chunk: int = 1 << 24) -> bool:
+    """`torch.isfinite(tensor).all()`, in chunks: a large embedding table needs no table-sized boolean copy."""
+    flat = tensor.detach().reshape(-1)
+    return all(bool(torch.isfinite(flat[i : i + chunk]).all()) for i in range(0, flat.numel(), chunk))
+
+
+def _weights_file(pretrained_model_name_or_path, subfolder: Optional[str] = None) -> str:
+    """The weights file `from_pretrained` read from a local folder, or the hub repo's usual file name."""
+    if pretrained_model_name_or_path is None:
+        return "The given state dict"
+    folder = os.path.join(str(pretrained_model_name_or_path), subfolder or "")
+    for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME):
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return os.path.join(folder, SAFE_WEIGHTS_NAME)
 
 
 class PinFMPreTrainedModel(PreTrainedModel):
@@ -450,6 +536,39 @@ class PinFMPreTrainedModel(PreTrainedModel):
 
         self.config.custom_pipelines = saved_custom_pipelines() if type(self) is PinFMForPretraining else {}
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """
+        [`~transformers.PreTrainedModel.from_pretrained`], then a check that every loaded weight is finite: NaN or
+        inf weights would make every score NaN, so serving would rank nothing (an empty recommendation list).
+        """
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # `output_loading_info=True` adds a dict
+        model.check_finite_weights(_weights_file(pretrained_model_name_or_path, kwargs.get("subfolder")))
+        return loaded
+
+    @torch.no_grad()
+    def check_finite_weights(self, source: str = "The model") -> None:
+        """Raise `ValueError` naming `source` and how many float parameters/buffers hold a NaN or an infinity."""
+        bad = [
+            name
+            for name, tensor in chain(self.named_parameters(), self.named_buffers())
+            if tensor.is_floating_point() and tensor.device.type != "meta" and not _all_finite(tensor)
+        ]
+        if bad:
+            raise ValueError(
+                f"{source} holds {len(bad)} non-finite (NaN/inf) tensor(s), e.g. `{bad[0]}`: the checkpoint is corrupt."
+            )
+
+    def train(self, mode: bool = True) -> "PinFMPreTrainedModel":
+        # A quantised table refuses training mode: refuse before any module's flag changes, so a caught refusal
+        # leaves the whole tree in the mode it was in.
+        if mode:
+            for module in self.modules():
+                if isinstance(module, PinFMQuantizedEmbedding):
+                    module.train(True)  # raises
+        return super().train(mode)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -479,9 +598,13 @@ class PinFMPreTrainedModel(PreTrainedModel):
         for module in self.modules():
             if isinstance(module, PinFMItemEmbedding):
                 module.quantize(bits)  # int4 on an odd table width raises here, before any table is replaced
+        # A copy: another model built from the same config object keeps its float tables, and must not save as
+        # quantised (its folder would then load zeros for the packed tables it does not have).
+        shared, config = self.config, copy.deepcopy(self.config)
+        config.item_embedding_quantization = bits
         for module in self.modules():
-            if isinstance(module, PinFMPreTrainedModel):
-                module.config.item_embedding_quantization = bits
+            if getattr(module, "config", None) is shared:
+                module.config = config
         return self.eval()
 
 
@@ -490,7 +613,9 @@ class PinFMModel(PinFMPreTrainedModel):
     The bare PinFM encoder: event embeddings -> causal transformer -> final RMSNorm.
 
     Padding may be on either side: rotary positions count only real events, so left- and right-padded batches give
-    the same outputs at real positions.
+    the same outputs at real positions. A row with no real event (all padding, e.g. a user without history in a
+    batch) is allowed: its `user_embedding` is zeros, its other outputs are finite and meaningless, and the other
+    rows' outputs are those of the batch without it.
     """
 
     # The encoder loads from head checkpoints (e.g. pretraining): their head weights are expected leftovers.
@@ -543,9 +668,12 @@ class PinFMModel(PinFMPreTrainedModel):
                 Return each layer's keys and values (`key_values`) for [`PinFMModel.encode_candidates`].
             extra_embeddings (`torch.Tensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
                 Added to the event embeddings (e.g. a candidate's item side features, for cold start).
+
+        Ids outside their vocabulary (`config.item_vocab_size`, `action_vocab_size`, `surface_vocab_size`) and
+        timestamps that decrease within a row raise a `ValueError`, as does an input without events
+        (`sequence_length` 0).
         """
-        if input_ids is None:
-            raise ValueError("`input_ids` are required.")
+        check_event_inputs(input_ids, attention_mask, action_ids, surface_ids, timestamps, end_timestamps)
         output_hidden_states = bool(output_hidden_states)
         output_attentions = bool(output_attentions)
         if attention_mask is None:
@@ -578,7 +706,8 @@ class PinFMModel(PinFMPreTrainedModel):
         hidden_states = self.norm(hidden_states)
 
         last_index = (valid.long() * torch.arange(T, device=input_ids.device)).argmax(dim=1)  # (B,)
-        user_embedding = hidden_states[torch.arange(B, device=input_ids.device), last_index]  # (B, H)
+        has_events = valid.any(dim=1, keepdim=True).to(hidden_states.dtype)  # (B, 1): an all-padding row gets zeros
+        user_embedding = hidden_states[torch.arange(B, device=input_ids.device), last_index] * has_events  # (B, H)
         return PinFMModelOutput(
             last_hidden_state=hidden_states,
             user_embedding=user_embedding,
@@ -686,8 +815,11 @@ class PinFMForPretraining(PinFMPreTrainedModel):
             labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
                 Item ids of the events, aligned with `input_ids` (usually a copy) and `-100` where ignored; the model
                 shifts them itself. Positive targets are events whose action is in `config.positive_action_ids`.
-            Other inputs: see [`PinFMModel.forward`].
+            Other inputs: see [`PinFMModel.forward`]. An all-padding row is allowed (no loss term, zero
+            `user_embedding`) and leaves the other rows' outputs unchanged.
         """
+        if labels is not None and input_ids is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"`labels` has shape {tuple(labels.shape)}, but `input_ids` has {tuple(input_ids.shape)}.")
         outputs = self.pinfm(
             input_ids,
             attention_mask=attention_mask,
@@ -1040,13 +1172,18 @@ class PinFMForCTR(PinFMForPretraining):
             candidate_age (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
                 Seconds since the candidate item's first event, for the young-item dropout (training only).
             Other inputs: see [`PinFMModel.forward`]; `action_ids` mark the candidate with `config.candidate_action_id`.
+
+        A row whose only real token is the candidate (a user without history) is scored from the candidate alone, with
+        a zero `user_embedding`; a row without any real token has no candidate to score and raises a `ValueError`.
         """
-        if input_ids is None:
-            raise ValueError("`input_ids` are required.")
+        check_event_inputs(input_ids, attention_mask, action_ids, surface_ids, timestamps)
         if attention_mask is None:
             attention_mask = (input_ids != self.config.pad_token_id).long()
         B, T = input_ids.shape
         valid = attention_mask.bool()
+        if _checking_inputs() and not valid.any(dim=1).all():
+            row = int((~valid.any(dim=1)).nonzero()[0])
+            raise ValueError(f"Row {row} has no real token: each row needs its candidate as its last real token.")
         positions = torch.arange(T, device=input_ids.device)
         rows = torch.arange(B, device=input_ids.device)
         candidate_index = (valid.long() * positions).argmax(dim=1)  # last real token
@@ -1155,17 +1292,38 @@ class PinFMForCTR(PinFMForPretraining):
 
         Returns:
             `torch.FloatTensor` shaped like `candidate_ids`: the logits; `sigmoid` gives probabilities.
+
+        A user without history (an all-padding row) is allowed: each of its candidates attends only to itself, its
+        late-fusion user embedding is zeros, and the other users' scores are those without it.
         """
+        check_event_inputs(input_ids, attention_mask, action_ids, surface_ids, timestamps)
+        num_users = input_ids.shape[0]
         shape = candidate_ids.shape
         if candidate_ids.dim() == 2:
-            if candidate_ids.shape[0] != input_ids.shape[0]:
+            if candidate_ids.shape[0] != num_users:
                 raise ValueError(
-                    f"`candidate_ids` has {candidate_ids.shape[0]} rows for {input_ids.shape[0]} users; pass one row "
+                    f"`candidate_ids` has {candidate_ids.shape[0]} rows for {num_users} users; pass one row "
                     "per user, or flat ids with `candidate_user_index`."
                 )
             candidate_user_index = torch.arange(shape[0], device=input_ids.device).repeat_interleave(shape[1])
-        elif candidate_user_index is None or candidate_user_index.shape != shape:
+        elif candidate_ids.dim() != 1 or candidate_user_index is None or candidate_user_index.shape != shape:
             raise ValueError("Flat `candidate_ids` (N,) need `candidate_user_index` (N,): the user row of each.")
+        elif candidate_user_index.numel() and _checking_inputs():
+            low, high = torch.stack(torch.aminmax(candidate_user_index)).tolist()
+            if low < 0 or high >= num_users:  # a negative index would silently score another user's candidates
+                bad = low if low < 0 else high
+                raise ValueError(f"`candidate_user_index` holds {bad}, not a user row in [0, {num_users}).")
+        if candidate_ids.numel() == 0:
+            raise ValueError("`candidate_ids` is empty: nothing to score.")
+        check_ids_in_range(candidate_ids, self.config.item_vocab_size, "`candidate_ids`", "item_vocab_size")
+        if request_timestamps is not None and request_timestamps.numel() != num_users:
+            raise ValueError(f"`request_timestamps` has {request_timestamps.numel()} values for {num_users} users.")
+        per_candidate = {
+            "candidate_surface_ids": candidate_surface_ids, "candidate_side_feature_ids": candidate_side_feature_ids
+        }
+        for name, value in per_candidate.items():
+            if value is not None and value.shape[: candidate_ids.dim()] != shape:
+                raise ValueError(f"`{name}` has shape {tuple(value.shape)}, but `candidate_ids` has {tuple(shape)}.")
         flat = candidate_ids.reshape(-1)
         side = candidate_side_feature_ids.reshape(flat.numel(), -1) if candidate_side_feature_ids is not None else None
         surfaces = candidate_surface_ids.reshape(-1) if candidate_surface_ids is not None else None

@@ -14,7 +14,7 @@ import torch
 from transformers import Pipeline
 from transformers.utils import logging
 
-from .tokenization_pinfm import SPECIAL_ACTION_TOKENS
+from .tokenization_pinfm import SPECIAL_ACTION_TOKENS, check_tokenizer_matches_model
 
 
 logger = logging.get_logger(__name__)
@@ -136,7 +136,8 @@ class PinFMRecommendationPipeline(Pipeline):
     Top-k next-item recommendation from one user's raw event history, with a [`PinFMForPretraining`] model and its
     [`PinFMTokenizer`].
 
-    The history is encoded like training data (the `tokenizer.model_max_length` most recent events), the query
+    The history is encoded like training data (its most recent `tokenizer.model_max_length` events, at most the
+    model's `config.max_position_embeddings`), the query
     embedding at the last event scores every item of the vocabulary (`model.score_items`: dot product of normalised
     embeddings over the temperature), and the best `top_k` are returned. Special tokens and hash buckets (ids of
     item ids unseen at tokenizer build) are never recommended.
@@ -171,6 +172,15 @@ class PinFMRecommendationPipeline(Pipeline):
             )
         if self.tokenizer is None or not hasattr(self.tokenizer, "first_bucket_id"):
             raise TypeError("The recommendation pipeline needs the model's PinFMTokenizer.")
+        # Another tokenizer's ids name other items: the scores would be right, the item names wrong.
+        check_tokenizer_matches_model(self.tokenizer, self.model.config)
+        self.max_events = min(self.tokenizer.model_max_length, self.model.config.max_position_embeddings)
+        if self.max_events < self.tokenizer.model_max_length:
+            logger.warning(
+                "The tokenizer keeps %d events but the model takes at most %d (`max_position_embeddings`): histories "
+                "are cut to their %d most recent events.",
+                self.tokenizer.model_max_length, self.max_events, self.max_events,
+            )
 
     def __call__(self, inputs: Union[History, Sequence[History]], **kwargs) -> Union[list[dict], list[list[dict]]]:
         """
@@ -215,6 +225,8 @@ class PinFMRecommendationPipeline(Pipeline):
                 raise ValueError(f"`request_time` must be an integer (unix seconds), got {request_time!r}.")
             preprocess["request_time"] = int(request_time)
         if exclude_history is not None:
+            if not isinstance(exclude_history, (bool, numbers.Integral)) and type(exclude_history).__name__ != "bool_":
+                raise TypeError(f"`exclude_history` must be a bool, got {exclude_history!r}.")  # "no" would be True
             preprocess["exclude_history"] = bool(exclude_history)
         if exclude_items is not None:
             if isinstance(exclude_items, (str, numbers.Integral)):
@@ -250,6 +262,7 @@ class PinFMRecommendationPipeline(Pipeline):
             actions=columns["action"],
             timestamps=columns["timestamp"],
             surfaces=columns.get(SURFACE_FIELD),
+            max_length=self.max_events,
             return_tensors="pt",
         )
         excluded = list(exclude_items or [])
@@ -267,6 +280,8 @@ class PinFMRecommendationPipeline(Pipeline):
         outputs = self.model(**inputs)
         query = last_valid(outputs.query_embeddings, inputs["attention_mask"])  # (B, P)
         scores = self.model.score_items(query).float()  # (B, V); special tokens are -inf
+        if not torch.isfinite(query).all() or torch.isnan(scores).any():  # else: no finite score, an empty answer
+            raise ValueError("The model gives non-finite scores for this history: its weights hold NaN or inf.")
         scores[:, self.tokenizer.first_bucket_id :] = float("-inf")  # hash buckets are not items
         scores = scores.scatter(1, model_inputs["exclude_ids"], float("-inf"))
         top = scores.topk(min(top_k, scores.shape[-1]), dim=-1)

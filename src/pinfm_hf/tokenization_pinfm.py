@@ -1,14 +1,16 @@
 """Tokenizer of user activity events: item, action and surface vocabularies with hash buckets for fresh items."""
 
 import json
+import numbers
 import os
+import re
 import tempfile
 import zlib
 from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 from transformers import BatchEncoding, PreTrainedTokenizer
-from transformers.utils import logging
+from transformers.utils import PaddingStrategy, logging
 
 
 try:  # bulk Arrow encoding needs pyarrow; loading the tokenizer and encoding single histories do not
@@ -28,6 +30,11 @@ PAD_ID, UNK_ID, MASK_ID, CANDIDATE_ITEM_ID = 0, 1, 2, 3
 SPECIAL_ACTION_TOKENS = ("<pad>", "<cand>")
 CANDIDATE_ACTION_ID = 1
 SPECIAL_SURFACE_TOKENS = ("<pad>", "<unk>")
+# Entries of the vocabulary file and what each must hold.
+_VOCAB_FILE_KEYS = ("items", "actions", "surfaces", "num_hash_buckets")
+# Per-event keys that `pad` pads along with `input_ids` (as `PinFMDataCollator` does), and their padding values.
+EVENT_PAD_VALUES = {"action_ids": 0, "surface_ids": 0, "timestamps": 0, "labels": -100}
+_INTEGER = re.compile(r"^[+-]?\d+$")
 
 
 def stable_bucket(item_id: str, num_buckets: int) -> int:
@@ -48,6 +55,52 @@ def _atomic_write_json(obj: Any, path: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _read_vocab_file(vocab_file: str) -> dict[str, Any]:
+    """The vocabularies saved by `save_vocabulary`, checked: a truncated or hand-edited file fails here, naming it."""
+    try:
+        with open(vocab_file, encoding="utf-8") as f:
+            vocab = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"Vocabulary file {vocab_file} is not valid JSON (truncated or corrupt?): {e}.") from None
+    if not isinstance(vocab, dict):
+        kind = type(vocab).__name__
+        raise ValueError(f"Vocabulary file {vocab_file} holds a {kind}, not a dict with {list(_VOCAB_FILE_KEYS)}.")
+    missing = [key for key in _VOCAB_FILE_KEYS if key not in vocab]
+    if missing:
+        raise ValueError(f"Vocabulary file {vocab_file} has no `{missing[0]}` entry; it needs {list(_VOCAB_FILE_KEYS)}.")
+    for key in ("items", "actions", "surfaces"):
+        values = vocab[key]
+        if not isinstance(values, list) or not all(type(v) is str for v in values):
+            raise ValueError(f"Vocabulary file {vocab_file}: `{key}` must be a list of strings.")
+    buckets = vocab["num_hash_buckets"]
+    if isinstance(buckets, bool) or not isinstance(buckets, int):
+        raise ValueError(f"Vocabulary file {vocab_file}: `num_hash_buckets` must be an integer, got {buckets!r}.")
+    return vocab
+
+
+def check_tokenizer_matches_model(tokenizer: Any, config: Any) -> None:
+    """
+    Raise `ValueError` when `tokenizer`'s vocabularies do not fit the tables of the model configured by `config`:
+    item token ids index the item table row for row (`len(tokenizer)` must equal `config.item_vocab_size`, or the
+    model scores other items than the tokenizer names), and action/surface ids must exist in their tables.
+    """
+    if len(tokenizer) != config.item_vocab_size:
+        raise ValueError(
+            f"The tokenizer has {len(tokenizer)} item tokens but the model's item table has {config.item_vocab_size} "
+            "(`config.item_vocab_size`): load the tokenizer saved with this model."
+        )
+    if tokenizer.action_vocab_size > config.action_vocab_size:
+        raise ValueError(
+            f"The tokenizer has {tokenizer.action_vocab_size} action tokens but the model's action table has "
+            f"{config.action_vocab_size} (`config.action_vocab_size`): load the tokenizer saved with this model."
+        )
+    if config.surface_vocab_size > 0 and tokenizer.surface_vocab_size > config.surface_vocab_size:
+        raise ValueError(
+            f"The tokenizer has {tokenizer.surface_vocab_size} surface tokens but the model's surface table has "
+            f"{config.surface_vocab_size} (`config.surface_vocab_size`): load the tokenizer saved with this model."
+        )
 
 
 def _require_pyarrow() -> None:
@@ -103,8 +156,7 @@ class PinFMTokenizer(PreTrainedTokenizer):
         **kwargs,
     ):
         if vocab_file is not None:
-            with open(vocab_file, encoding="utf-8") as f:
-                vocab = json.load(f)
+            vocab = _read_vocab_file(vocab_file)
             items, actions, surfaces = vocab["items"], vocab["actions"], vocab["surfaces"]
             num_hash_buckets = vocab["num_hash_buckets"]
         items, actions, surfaces = list(items or []), list(actions or []), list(surfaces or [])
@@ -128,6 +180,17 @@ class PinFMTokenizer(PreTrainedTokenizer):
         kwargs.setdefault("unk_token", "<unk>")
         kwargs.setdefault("mask_token", "<mask>")
         super().__init__(model_max_length=model_max_length, num_hash_buckets=num_hash_buckets, **kwargs)
+
+    @classmethod
+    def _from_pretrained(cls, resolved_vocab_files, pretrained_model_name_or_path, *args, **kwargs):
+        # Without the vocabulary file `__init__` would build a tokenizer of special tokens and buckets only, which
+        # maps every item to a bucket and knows no action: refuse instead (building one directly stays allowed).
+        if resolved_vocab_files.get("vocab_file") is None:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} has no `{VOCAB_FILES_NAMES['vocab_file']}`: save the tokenizer there "
+                "with `tokenizer.save_pretrained(folder)`."
+            )
+        return super()._from_pretrained(resolved_vocab_files, pretrained_model_name_or_path, *args, **kwargs)
 
     # ----- building -----------------------------------------------------------------------------------------------
 
@@ -240,31 +303,113 @@ class PinFMTokenizer(PreTrainedTokenizer):
 
     def encode_events(
         self,
-        item_ids: Sequence[str],
+        item_ids: Sequence[Any],
         actions: Optional[Sequence[str]] = None,
-        timestamps: Optional[Sequence[int]] = None,
+        timestamps: Optional[Sequence[Any]] = None,
         surfaces: Optional[Sequence[str]] = None,
         max_length: Optional[int] = None,
         return_tensors: Optional[str] = None,
     ) -> BatchEncoding:
-        """Encode one user's time-ordered history, keeping its `max_length` most recent events."""
-        max_length = max_length or self.model_max_length
+        """
+        Encode one user's time-ordered history (oldest event first), keeping its `max_length` most recent events.
+
+        Item ids are strings or integers (an integer is its decimal string, as in the recommendation pipeline);
+        timestamps are integer unix seconds (or strings of one) and must not decrease. An empty history encodes to
+        empty lists (a CTR row then appends its candidate), but `return_tensors` refuses it: a model needs at least
+        one event per row.
+        """
+        if isinstance(item_ids, (str, bytes)):
+            raise TypeError(f"`item_ids` must be a list of item ids, not one {type(item_ids).__name__} ({item_ids!r}).")
+        if max_length is None:
+            max_length = self.model_max_length
+        elif isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral) or max_length < 1:
+            raise ValueError(f"`max_length` must be a positive integer, got {max_length!r}.")
         n = len(item_ids)
+        if n == 0 and return_tensors is not None:
+            raise ValueError("`item_ids` is empty: the model needs at least one event per history.")
         for name, values in (("actions", actions), ("timestamps", timestamps), ("surfaces", surfaces)):
             if values is not None and len(values) != n:
                 raise ValueError(f"`{name}` has {len(values)} entries but `item_ids` has {n}.")
         start = max(n - max_length, 0)
-        encoded = {"input_ids": [self._convert_token_to_id(i) for i in item_ids[start:]]}
+        encoded = {"input_ids": [self._convert_token_to_id(item) for item in self._item_strings(item_ids, start)]}
         if actions is not None:
             encoded["action_ids"] = self.convert_actions_to_ids(actions[start:])
         if surfaces is not None and self.surface_tokens:
             encoded["surface_ids"] = self.convert_surfaces_to_ids(surfaces[start:])
         if timestamps is not None:
-            encoded["timestamps"] = [int(t) for t in timestamps[start:]]
+            encoded["timestamps"] = self._checked_timestamps(timestamps, start)
         encoded["attention_mask"] = [1] * len(encoded["input_ids"])
         if return_tensors is not None:
             encoded = {k: [v] for k, v in encoded.items()}
         return BatchEncoding(encoded, tensor_type=return_tensors)
+
+    @staticmethod
+    def _item_strings(item_ids: Sequence[Any], start: int) -> list[str]:
+        """`item_ids[start:]` as strings: integers (not bools) become their decimal string, anything else is refused."""
+        items = []
+        for i in range(start, len(item_ids)):
+            item = item_ids[i]
+            if isinstance(item, str):
+                items.append(item)
+            elif isinstance(item, numbers.Integral) and not isinstance(item, (bool, np.bool_)):
+                items.append(str(int(item)))
+            else:
+                raise TypeError(f"`item_ids[{i}]` must be a string or an integer item id, got {item!r}.")
+        return items
+
+    @staticmethod
+    def _checked_timestamps(timestamps: Sequence[Any], start: int) -> list[int]:
+        """`timestamps[start:]` as ints (integers or integer strings), checked to be non-decreasing."""
+        values = []
+        for i in range(start, len(timestamps)):
+            t = timestamps[i]
+            if isinstance(t, str) and _INTEGER.match(t.strip()):
+                t = int(t)
+            if isinstance(t, (bool, np.bool_)) or not isinstance(t, numbers.Integral):
+                raise TypeError(f"`timestamps[{i}]` must be an integer (unix seconds), got {t!r}.")
+            t = int(t)
+            if values and t < values[-1]:
+                raise ValueError(
+                    f"`timestamps[{i}]` ({t}) is before `timestamps[{i - 1}]` ({values[-1]}): events go oldest first."
+                )
+            values.append(t)
+        return values
+
+    def _pad(
+        self,
+        encoded_inputs: dict[str, Any],
+        max_length: Optional[int] = None,
+        padding_strategy: PaddingStrategy = PaddingStrategy.DO_NOT_PAD,
+        pad_to_multiple_of: Optional[int] = None,
+        padding_side: Optional[str] = None,
+        return_attention_mask: Optional[bool] = None,
+    ) -> dict:
+        """
+        Pad one example as the base class does, and its per-event keys (`action_ids`, `surface_ids`, `timestamps`
+        with 0, `labels` with -100) with it, as `PinFMDataCollator` does. With `padding="max_length"`, a longer example
+        keeps its `max_length` most recent events (the collator's truncation) instead of staying ragged.
+        """
+        n = len(encoded_inputs[self.model_input_names[0]])
+        event_keys = [k for k, v in encoded_inputs.items() if k in EVENT_PAD_VALUES and isinstance(v, (list, tuple))]
+        for key in event_keys:
+            if len(encoded_inputs[key]) != n:
+                raise ValueError(f"`{key}` has {len(encoded_inputs[key])} values but `input_ids` has {n}.")
+        if padding_strategy == PaddingStrategy.MAX_LENGTH and max_length is not None and n > max_length:
+            for key in [*event_keys, self.model_input_names[0], "attention_mask"]:
+                if key in encoded_inputs:
+                    encoded_inputs[key] = list(encoded_inputs[key])[n - max_length :]
+            n = max_length
+        padded = super()._pad(
+            encoded_inputs, max_length, padding_strategy, pad_to_multiple_of, padding_side, return_attention_mask
+        )
+        difference = len(padded[self.model_input_names[0]]) - n
+        if difference > 0:
+            side = padding_side if padding_side is not None else self.padding_side
+            for key in event_keys:
+                padding = [EVENT_PAD_VALUES[key]] * difference
+                values = list(padded[key])
+                padded[key] = values + padding if side == "right" else padding + values
+        return padded
 
     def item_ids_to_token_ids(self, item_ids: Any) -> np.ndarray:
         """Vectorised lookup of many raw item ids (a pyarrow array or a list of str): unseen ids go to their bucket."""
@@ -380,4 +525,10 @@ class PinFMTokenizer(PreTrainedTokenizer):
         return np.bincount(flat, minlength=self.vocab_size)
 
 
-__all__ = ["PinFMTokenizer", "stable_bucket", "CANDIDATE_ACTION_ID", "CANDIDATE_ITEM_ID"]
+__all__ = [
+    "PinFMTokenizer",
+    "check_tokenizer_matches_model",
+    "stable_bucket",
+    "CANDIDATE_ACTION_ID",
+    "CANDIDATE_ITEM_ID",
+]
