@@ -21,53 +21,52 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pinfm_hf import PinFMConfig, PinFMForPretraining
-from pinfm_hf.losses import full_softmax_loss
+from unittest import mock
+
+from pinfm_hf import PinFMConfig, PinFMForPretraining, PretrainingObjective, losses as pinfm_losses
+from pinfm_hf.losses import full_softmax_loss, next_item_losses
 
 from _report import emit  # benchmarks/ is on sys.path when a script runs
 
 
-class OneSoftmaxPerLoss(PinFMForPretraining):
+# The variants below replace `pinfm_hf.losses._full_softmax_losses` (same signature) while `next_item_losses` runs.
+
+
+def one_softmax_per_loss(flat_query, flat_targets, pairs, item_embeddings, temperature, num_special_tokens, vocab_size):
     """The reference: every loss scores its own query rows against every item."""
-
-    def _full_softmax_losses(self, flat_query, flat_targets, pairs):
-        first = self.config.num_special_item_tokens
-        item_emb = self.item_embeddings(torch.arange(first, self.config.item_vocab_size))
-        return {
-            name: full_softmax_loss(flat_query[q], item_emb, flat_targets[t] - first, temperature=self.temperature).mean()
-            for name, (q, t) in pairs.items()
-        }
+    item_emb = item_embeddings(torch.arange(num_special_tokens, vocab_size))
+    return {
+        name: full_softmax_loss(flat_query[q], item_emb, flat_targets[t] - num_special_tokens, temperature=temperature).mean()
+        for name, (q, t) in pairs.items()
+    }
 
 
-class SubsampledBefore(PinFMForPretraining):
-    """The code before 9e454c2: like `OneSoftmaxPerLoss`, with at most one pair per real position per loss."""
+def subsampled_before(max_pairs: int):
+    """The code before 9e454c2: like `one_softmax_per_loss`, with at most one pair per real position per loss."""
 
-    max_pairs = 0  # set to the batch's real events
-
-    def _full_softmax_losses(self, flat_query, flat_targets, pairs):
+    def variant(flat_query, flat_targets, pairs, *rest):
         kept = {}
         for name, (q, t) in pairs.items():
-            if q.numel() > self.max_pairs:
-                keep = torch.randperm(q.numel())[: self.max_pairs]
+            if q.numel() > max_pairs:
+                keep = torch.randperm(q.numel())[:max_pairs]
                 q, t = q[keep], t[keep]
             kept[name] = (q, t)
-        return OneSoftmaxPerLoss._full_softmax_losses(self, flat_query, flat_targets, kept)
+        return one_softmax_per_loss(flat_query, flat_targets, kept, *rest)
+
+    return variant
 
 
-class SharedSoftmaxIndexedTarget(PinFMForPretraining):
+def shared_softmax_indexed_target(flat_query, flat_targets, pairs, item_embeddings, temperature, num_special_tokens, vocab_size):
     """Shared log-partition, the target logit indexed from the logits (a dense (N, V) scatter in backward)."""
-
-    def _full_softmax_losses(self, flat_query, flat_targets, pairs):
-        first = self.config.num_special_item_tokens
-        queries = torch.unique(torch.cat([q for q, _ in pairs.values()]))
-        item_emb = self.item_embeddings(torch.arange(first, self.config.item_vocab_size))
-        logits = ((flat_query[queries] / self.temperature) @ item_emb.T).float()
-        log_partition = torch.logsumexp(logits, dim=-1)
-        losses = {}
-        for name, (q, t) in pairs.items():
-            row = torch.searchsorted(queries, q)
-            losses[name] = (log_partition[row] - logits[row, flat_targets[t] - first]).mean()
-        return losses
+    queries = torch.unique(torch.cat([q for q, _ in pairs.values()]))
+    item_emb = item_embeddings(torch.arange(num_special_tokens, vocab_size))
+    logits = ((flat_query[queries] / temperature) @ item_emb.T).float()
+    log_partition = torch.logsumexp(logits, dim=-1)
+    losses = {}
+    for name, (q, t) in pairs.items():
+        row = torch.searchsorted(queries, q)
+        losses[name] = (log_partition[row] - logits[row, flat_targets[t] - num_special_tokens]).mean()
+    return losses
 
 
 def batch(args, generator):
@@ -94,35 +93,40 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     query, labels, actions, mask = batch(args, generator)
 
-    configs = {
-        "next-token (sasrec_like)": dict(multi_token_loss_weight=0.0, future_token_loss_weight=0.0),
-        "next + multi + future (pinfm_small)": dict(multi_token_loss_weight=0.5, future_token_loss_weight=0.25,
-                                                    multi_token_window=8, future_token_input_length=16),
+    objectives = {
+        "next-token (sasrec_like)": PretrainingObjective(full_softmax=True),
+        "next + multi + future (pinfm_small)": PretrainingObjective(
+            full_softmax=True, multi_token_loss_weight=0.5, future_token_loss_weight=0.25, multi_token_window=8,
+            future_token_input_length=16,
+        ),
     }
-    SubsampledBefore.max_pairs = int(mask.sum())
-    classes = {
-        "before 9e454c2: one softmax per loss, multi-token subsampled": SubsampledBefore,
-        "one softmax per loss, every pair": OneSoftmaxPerLoss,
-        "shared softmax, indexed target logit (9e454c2)": SharedSoftmaxIndexedTarget,
-        "PinFMForPretraining now": PinFMForPretraining,
+    variants = {
+        "before 9e454c2: one softmax per loss, multi-token subsampled": subsampled_before(int(mask.sum())),
+        "one softmax per loss, every pair": one_softmax_per_loss,
+        "shared softmax, indexed target logit (9e454c2)": shared_softmax_indexed_target,
+        "PinFMForPretraining now": pinfm_losses._full_softmax_losses,
     }
     report = {"device": "cpu", "threads": torch.get_num_threads(), "platform": platform.platform(),
               "real_events": int(mask.sum()), "vocabulary": 4 + args.items + args.other_ids, "losses": {}}
-    for config_name, weights in configs.items():
-        config = PinFMConfig(item_vocab_size=4 + args.items + args.other_ids, hidden_size=args.dim, num_hidden_layers=1,
-                             num_attention_heads=1, full_softmax=True, **weights)
-        torch.manual_seed(0)
-        reference = PinFMForPretraining(config)
-        models = {name: cls(config) for name, cls in classes.items()}
-        for model in models.values():
-            model.load_state_dict(reference.state_dict())
-        timings, values = {name: [] for name in models}, {}
+    config = PinFMConfig(item_vocab_size=4 + args.items + args.other_ids, hidden_size=args.dim, num_hidden_layers=1,
+                         num_attention_heads=1)
+    torch.manual_seed(0)
+    model = PinFMForPretraining(config)
+    head, item_table = model.next_item_head, model.pinfm.embeddings.item_embeddings
+    for config_name, objective in objectives.items():
+        timings, values = {name: [] for name in variants}, {}
         for repeat in range(args.repeats + 1):  # the first round warms up
-            for name, model in models.items():
+            for name, variant in variants.items():
                 leaf = query.clone().requires_grad_()
                 start = time.perf_counter()
-                losses = model.pretraining_losses(leaf, labels, actions, mask)
-                loss = model.weighted_loss(losses)
+                with mock.patch.object(pinfm_losses, "_full_softmax_losses", variant):
+                    losses = next_item_losses(
+                        leaf, labels, mask, objective=objective,
+                        item_embeddings=lambda ids: head.item_embeddings(ids, item_table), temperature=head.temperature,
+                        item_log_probs=None, num_special_tokens=config.num_special_item_tokens,
+                        vocab_size=config.item_vocab_size,
+                    )
+                loss = objective.weighted_sum(losses)
                 loss.backward()
                 elapsed = time.perf_counter() - start
                 model.zero_grad(set_to_none=True)

@@ -21,22 +21,22 @@ def shared_data_dir() -> Path:
     return SHARED_DATA_DIR
 
 
+def _load_or_skip(path: Path, loader):
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    return loader(path)
+
+
 @pytest.fixture(scope="session")
 def ml1m_events(shared_data_dir):
     """ML-1M loaded once per session (about 1 s)."""
     from pinfm_hf.data import load_movielens_atomic
 
-    path = shared_data_dir / "ml-1m" / "ml-1m.inter"
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
-    return load_movielens_atomic(path)
+    return _load_or_skip(shared_data_dir / "ml-1m" / "ml-1m.inter", load_movielens_atomic)
 
 
 @pytest.fixture(scope="session")
 def taobao_events(shared_data_dir):
     from pinfm_hf.data import load_taobao
 
-    path = shared_data_dir / "taobao-sample" / "UserBehavior.csv"
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
-    return load_taobao(path)
+    return _load_or_skip(shared_data_dir / "taobao-sample" / "UserBehavior.csv", load_taobao)

@@ -1,7 +1,7 @@
 """User and item embedding export on a tiny model trained on real ML-1M users, and the export script."""
 
 import json
-import sys
+import runpy
 from pathlib import Path
 
 import datasets
@@ -15,8 +15,8 @@ from pinfm_hf.embedding_export import export_item_embeddings, export_user_embedd
 from test_pipeline_pinfm import train_tiny_model, user_events
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-import export_embeddings  # noqa: E402
+# The recipe is run, not imported from: its `main` in this process (the model stays loaded), as `python` would.
+EXPORT_SCRIPT = Path(__file__).resolve().parents[1] / "recipes" / "export_embeddings.py"
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_user_embeddings_do_not_depend_on_batching(tiny, users):
 
 def test_export_script_writes_parquet_and_temperature(tiny, items, shared_data_dir, tmp_path):
     output_dir = tmp_path / "embeddings"
-    info = export_embeddings.main([
+    info = runpy.run_path(str(EXPORT_SCRIPT), run_name="export_embeddings")["main"]([
         "--model", str(tiny.folder), "--data_dir", str(shared_data_dir), "--dataset", "ml-1m",
         "--max_users", "25", "--batch_size", "8", "--output_dir", str(output_dir),
     ])

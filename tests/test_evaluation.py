@@ -89,7 +89,7 @@ def test_a_model_with_nan_weights_is_refused_not_scored_as_perfect():
     # `score > NaN` is never true: before the check, a NaN model ranked every target first (HR@10 = NDCG@10 = 1).
     model, tokenizer, loader = tiny_model_and_loader()
     with torch.no_grad():
-        model.query_proj.weight[0, 0] = float("nan")
+        model.next_item_head.query_proj.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="24 of 24 evaluation users have non-finite .*no metric is reported"):
         evaluate_next_item(model, loader, Accelerator(cpu=True), num_special_tokens=model.config.num_special_item_tokens,
                            num_scored_ids=tokenizer.first_bucket_id, show_progress=False)

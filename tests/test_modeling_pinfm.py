@@ -1,3 +1,4 @@
+import dataclasses
 import tempfile
 import unittest
 
@@ -5,7 +6,11 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForPreTraining
 
-from pinfm_hf import PinFMConfig, PinFMForPretraining, PinFMModel
+from pinfm_hf import PinFMConfig, PinFMForPretraining, PinFMModel, PretrainingObjective
+from pinfm_hf.losses import offset_pairs
+
+
+OBJECTIVE_FIELDS = {f.name for f in dataclasses.fields(PretrainingObjective)}
 
 
 class PinFMModelTester:
@@ -18,7 +23,9 @@ class PinFMModelTester:
         self.num_attention_heads = num_attention_heads
         self.item_vocab_size = item_vocab_size
         self.action_vocab_size = action_vocab_size
-        self.config_overrides = config_overrides
+        # Training fields go to the objective, architecture fields to the config.
+        self.objective = PretrainingObjective(**{k: v for k, v in config_overrides.items() if k in OBJECTIVE_FIELDS})
+        self.config_overrides = {k: v for k, v in config_overrides.items() if k not in OBJECTIVE_FIELDS}
 
     def get_config(self) -> PinFMConfig:
         return PinFMConfig(
@@ -30,6 +37,11 @@ class PinFMModelTester:
             intermediate_size=37,
             **self.config_overrides,
         )
+
+    def pretraining_model(self, config: PinFMConfig = None) -> PinFMForPretraining:
+        model = PinFMForPretraining(config or self.get_config())
+        model.objective = dataclasses.replace(self.objective)
+        return model
 
     def prepare_inputs(self, seed: int = 0) -> dict:
         g = torch.Generator().manual_seed(seed)
@@ -219,7 +231,7 @@ class PinFMModelTest(unittest.TestCase):
         model = PinFMForPretraining(config).eval()
         model.set_item_counts(torch.arange(config.item_vocab_size))
         with torch.no_grad():
-            model.log_temperature.fill_(-2.5)
+            model.next_item_head.log_temperature.fill_(-2.5)
         expected = model(**inputs)
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
@@ -227,7 +239,7 @@ class PinFMModelTest(unittest.TestCase):
             assert isinstance(reloaded, PinFMForPretraining)
             got = reloaded(**inputs)
             torch.testing.assert_close(got.query_embeddings, expected.query_embeddings)
-            torch.testing.assert_close(reloaded.item_log_probs, model.item_log_probs)
+            torch.testing.assert_close(reloaded.next_item_head.item_log_probs, model.next_item_head.item_log_probs)
             torch.testing.assert_close(reloaded.temperature, model.temperature)
             # The encoder alone loads from the pretraining checkpoint through AutoModel.
             encoder = AutoModel.from_pretrained(tmp)
@@ -239,9 +251,9 @@ class PinFMModelTest(unittest.TestCase):
         with pytest.raises(ValueError, match="divisible by `num_attention_heads`"):
             PinFMConfig(hidden_size=30, num_attention_heads=4)
         with pytest.raises(ValueError, match="negative_sampling"):
-            PinFMConfig(negative_sampling="zipf")
+            PretrainingObjective(negative_sampling="zipf")
         with pytest.raises(ValueError, match="multi_token_loss_weight"):
-            PinFMConfig(multi_token_loss_weight=-1)
+            PretrainingObjective(multi_token_loss_weight=-1)
 
 
 def test_lora_wrap_merge_gives_equal_outputs():
@@ -275,7 +287,7 @@ def test_each_loss_decreases(loss_name):
         seq_length=12, multi_token_window=3, future_token_input_length=4, num_negatives=16, hidden_dropout_prob=0.0,
         **weights,
     )
-    model = PinFMForPretraining(tester.get_config()).train()
+    model = tester.pretraining_model().train()
     inputs, labels = pretraining_batch(tester)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []
@@ -291,26 +303,34 @@ def test_each_loss_decreases(loss_name):
 
 
 def test_losses_are_zero_safe_without_positive_targets():
-    tester = PinFMModelTester(multi_token_loss_weight=1.0, future_token_loss_weight=1.0, positive_action_ids=[5])
-    model = PinFMForPretraining(tester.get_config()).train()
-    inputs, labels = pretraining_batch(tester)
+    from pinfm_hf.data import PinFMDataCollator
+
+    tester = PinFMModelTester(multi_token_loss_weight=1.0, future_token_loss_weight=1.0)
+    model = tester.pretraining_model().train()
+    inputs, _ = pretraining_batch(tester)
     inputs["action_ids"] = inputs["action_ids"].clamp(max=4)  # no event has the positive action 5
-    out = model(**inputs, labels=labels)
+    collator = PinFMDataCollator(return_labels=True, positive_action_ids=[5])  # targets: events with action 5 only
+
+    def labelled(batch):
+        rows = [{k: v[i][batch["attention_mask"][i] == 1].tolist() for k, v in batch.items()} for i in range(len(batch["input_ids"]))]
+        return collator(rows)
+
+    out = model(**labelled(inputs))
     assert out.loss.item() == 0.0 and out.next_token_loss.item() == 0.0
     out.loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     # With one positive event in range the loss is no longer zero.
     inputs["action_ids"][0, 3] = 5
-    assert model(**inputs, labels=labels).next_token_loss.item() > 0
+    assert model(**labelled(inputs)).next_token_loss.item() > 0
 
 
 def test_future_token_loss_queries_only_at_window_ends():
     tester = PinFMModelTester(seq_length=7, next_token_loss_weight=0.0, future_token_loss_weight=1.0, future_token_input_length=8)
-    model = PinFMForPretraining(tester.get_config())
+    model = tester.pretraining_model()
     inputs, labels = pretraining_batch(tester)
     assert model(**inputs, labels=labels).future_token_loss.item() == 0.0  # no full length-8 window in 7 events
     valid = inputs["attention_mask"].bool()
-    query, target = model._offset_pairs(valid & (torch.arange(7) == 3), torch.ones_like(valid), offsets=range(1, 3))
+    query, target = offset_pairs(valid & (torch.arange(7) == 3), torch.ones_like(valid), offsets=range(1, 3))
     assert sorted((query % 7).tolist()) == [3] * len(query) and set((target - query).tolist()) == {1, 2}
 
 
@@ -318,16 +338,16 @@ def test_log_q_correction_and_full_softmax():
     tester = PinFMModelTester(hidden_dropout_prob=0.0, num_negatives=32)
     config = tester.get_config()
     inputs, labels = pretraining_batch(tester)
-    model = PinFMForPretraining(config).eval()
+    model = tester.pretraining_model(config).eval()
     model.set_item_counts(torch.arange(config.item_vocab_size) ** 2)
     torch.manual_seed(3)
     with_log_q = model(**inputs, labels=labels).loss
-    model.config.use_log_q_correction = False
+    model.objective.use_log_q_correction = False
     torch.manual_seed(3)
     without_log_q = model(**inputs, labels=labels).loss
     assert not torch.isclose(with_log_q, without_log_q)
     # Full softmax equals cross-entropy over every regular item, computed from the public scoring API.
-    model.config.full_softmax = True
+    model.objective.full_softmax = True
     out = model(**inputs, labels=labels)
     scores = model.score_items(out.query_embeddings[:, :-1])  # (B, T-1, V)
     targets = labels[:, 1:]
@@ -341,7 +361,7 @@ def test_full_softmax_losses_match_cross_entropy_over_all_their_pairs():
     # cross-entropy over every (query, target) pair it defines.
     tester = PinFMModelTester(seq_length=12, hidden_dropout_prob=0.0, full_softmax=True, multi_token_loss_weight=0.5,
                               future_token_loss_weight=0.25, multi_token_window=3, future_token_input_length=4)
-    model = PinFMForPretraining(tester.get_config()).eval()
+    model = tester.pretraining_model().eval()
     inputs, labels = pretraining_batch(tester)
     out = model(**inputs, labels=labels)
     scores = model.score_items(out.query_embeddings).flatten(0, 1)  # (B*T, V)
@@ -349,13 +369,13 @@ def test_full_softmax_losses_match_cross_entropy_over_all_their_pairs():
     window_end = (torch.arange(12) + 1) % 4 == 0
     for name, queries, offsets in (("next_token", valid, range(1, 2)), ("multi_token", valid, range(1, 4)),
                                    ("future_token", valid & window_end, range(1, 4))):
-        query_index, target_index = model._offset_pairs(queries, positive, offsets=offsets)
+        query_index, target_index = offset_pairs(queries, positive, offsets=offsets)
         expected = torch.nn.functional.cross_entropy(scores[query_index], labels.flatten()[target_index])
         torch.testing.assert_close(getattr(out, f"{name}_loss"), expected, rtol=1e-4, atol=1e-5)
     weighted = out.next_token_loss + 0.5 * out.multi_token_loss + 0.25 * out.future_token_loss
     torch.testing.assert_close(out.loss, weighted)
     # One loss alone takes the fused cross-entropy path: the same next-token loss.
-    model.config.multi_token_loss_weight = model.config.future_token_loss_weight = 0.0
+    model.objective.multi_token_loss_weight = model.objective.future_token_loss_weight = 0.0
     alone = model(**inputs, labels=labels)
     assert alone.multi_token_loss is None and alone.future_token_loss is None
     torch.testing.assert_close(alone.loss, out.next_token_loss)
@@ -378,7 +398,7 @@ def test_all_padding_row_is_zero_user_embedding_and_leaves_other_rows_alone(left
     empty = {k: torch.zeros(tester.seq_length, dtype=torch.long) for k in inputs}
     batch = with_row(inputs, empty, at=3)
     others = [i for i in range(tester.batch_size + 1) if i != 3]
-    model = PinFMForPretraining(config).eval()
+    model = tester.pretraining_model(config).eval()
     labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
     with torch.no_grad():
         alone = model(**inputs, labels=labels)

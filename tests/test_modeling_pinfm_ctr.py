@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification
 
-from pinfm_hf import PinFMConfig, PinFMForCTR, PinFMForPretraining
+from pinfm_hf import PinFMConfig, PinFMForCTR, PinFMForPretraining, PretrainingObjective
 
 
 VOCAB, ACTIONS = 60, 6
@@ -14,7 +14,7 @@ VOCAB, ACTIONS = 60, 6
 def make_config(**overrides) -> PinFMConfig:
     defaults = dict(
         item_vocab_size=VOCAB, action_vocab_size=ACTIONS, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-        hidden_dropout_prob=0.0, num_negatives=8, ctr_feature_vocab_size=12, ctr_feature_slots=[3, 1],
+        hidden_dropout_prob=0.0, ctr_feature_vocab_size=12, ctr_feature_slots=[3, 1],
         ctr_feature_embedding_size=4, ctr_dropout=0.0,
     )
     return PinFMConfig(**{**defaults, **overrides})
@@ -109,14 +109,15 @@ def test_auxiliary_next_token_loss_trains_the_retrieval_head():
     out = plain(**make_batch(), labels=labels)
     assert out.aux_loss is None and torch.equal(out.loss, out.ctr_loss)
     out.loss.backward()
-    assert plain.query_proj.weight.grad is None or plain.query_proj.weight.grad.abs().sum() == 0
+    assert plain.next_item_head is None  # no auxiliary loss: the ranker holds no next-item head at all
     torch.manual_seed(0)
     aux = PinFMForCTR(make_config(ctr_aux_loss_weight=0.5))
+    aux.objective = PretrainingObjective(num_negatives=8)
     out = aux(**make_batch(), labels=labels)
     assert out.aux_loss > 0
     torch.testing.assert_close(out.loss, out.ctr_loss + 0.5 * out.aux_loss)
     out.loss.backward()
-    assert aux.query_proj.weight.grad.abs().sum() > 0
+    assert aux.next_item_head.query_proj.weight.grad.abs().sum() > 0
 
 
 def test_loads_a_pretraining_checkpoint_and_round_trips(tmp_path):
@@ -124,8 +125,10 @@ def test_loads_a_pretraining_checkpoint_and_round_trips(tmp_path):
     pretrained = PinFMForPretraining(make_config(ctr_feature_vocab_size=0, ctr_feature_slots=None))
     pretrained.save_pretrained(tmp_path / "base")
     model = PinFMForCTR.from_pretrained(tmp_path / "base", ctr_feature_vocab_size=12, ctr_feature_slots=[3, 1]).eval()
+    assert model.next_item_head is None  # without the auxiliary loss the ranker takes the encoder only
     for name, value in pretrained.state_dict().items():
-        torch.testing.assert_close(model.state_dict()[name], value, msg=name)
+        if not name.startswith("next_item_head."):
+            torch.testing.assert_close(model.state_dict()[name], value, msg=name)
     model.save_pretrained(tmp_path / "ctr")
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ctr").eval()
     assert isinstance(reloaded, PinFMForCTR)
@@ -246,8 +249,9 @@ def test_forward_with_deduplicated_histories_matches_and_trains(shared_data_dir)
 
     torch.manual_seed(0)
     config = make_config(item_vocab_size=len(tokenizer), action_vocab_size=tokenizer.action_vocab_size,
-                         ctr_feature_vocab_size=0, ctr_feature_slots=None, ctr_aux_loss_weight=0.3, num_negatives=16)
+                         ctr_feature_vocab_size=0, ctr_feature_slots=None, ctr_aux_loss_weight=0.3)
     model = PinFMForCTR(config)
+    model.objective = PretrainingObjective(num_negatives=16)
     plain = model(**batch, labels=labels)
     dcat = model(**batch, labels=labels, deduplicate_histories=True)
     torch.testing.assert_close(dcat.logits, plain.logits, atol=1e-4, rtol=1e-4)

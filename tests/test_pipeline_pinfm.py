@@ -40,7 +40,7 @@ def train_tiny_model(events, folder: Path, num_users: int = 120, steps: int = 24
     torch.manual_seed(0)
     config = PinFMConfig(
         item_vocab_size=len(tokenizer), action_vocab_size=tokenizer.action_vocab_size, hidden_size=32,
-        num_hidden_layers=1, num_attention_heads=2, num_negatives=64, max_position_embeddings=51,
+        num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=51,
     )
     model = PinFMForPretraining(config)
     collator = PinFMDataCollator(pad_token_id=tokenizer.pad_token_id, return_labels=True)
@@ -317,7 +317,7 @@ def test_non_finite_weights_are_refused(tiny, tmp_path):
         pipeline(PINFM_PIPELINE_TASK, model=str(folder), device="cpu")  # formerly: [] for every history
     broken = copy.deepcopy(tiny.model)
     with torch.no_grad():
-        broken.query_proj.weight[0, 0] = float("inf")
+        broken.next_item_head.query_proj.weight[0, 0] = float("inf")
     recommend = pipeline(PINFM_PIPELINE_TASK, model=broken, tokenizer=tiny.tokenizer, device="cpu")
     with pytest.raises(ValueError, match="non-finite scores"):
         recommend(user_events(tiny.sequences, 0))

@@ -10,15 +10,16 @@ from transformers import (
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_pinfm import PinFMConfig
+from .losses import PretrainingObjective
 from .modeling_pinfm import (
-    PinFMForCTR,
-    PinFMForCTROutput,
     PinFMForPretraining,
     PinFMForPretrainingOutput,
     PinFMModel,
     PinFMModelOutput,
+    PinFMNextItemHead,
     PinFMPreTrainedModel,
 )
+from .modeling_pinfm_ctr import PinFMDCATOutput, PinFMForCTR, PinFMForCTROutput
 from .pipeline_pinfm import PINFM_PIPELINE_TASK, PinFMRecommendationPipeline
 from .tokenization_pinfm import PinFMTokenizer
 
@@ -48,6 +49,9 @@ __all__ = [
     "PinFMForPretraining",
     "PinFMForCTR",
     "PinFMForCTROutput",
+    "PinFMDCATOutput",
+    "PinFMNextItemHead",
+    "PretrainingObjective",
     "PinFMModelOutput",
     "PinFMForPretrainingOutput",
     "PinFMPreTrainedModel",

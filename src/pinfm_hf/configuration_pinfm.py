@@ -1,6 +1,6 @@
 """PinFM model configuration."""
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from transformers import PretrainedConfig
 from transformers.utils import logging
@@ -8,13 +8,44 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-_LOSS_NAMES = ("next_token", "multi_token", "future_token")
+# Training fields of configs saved before they moved to `PretrainingObjective` (recipe arguments): dropped on load.
+LEGACY_TRAINING_FIELDS = (
+    "next_token_loss_weight", "multi_token_loss_weight", "future_token_loss_weight", "multi_token_window",
+    "future_token_input_length", "positive_action_ids", "num_negatives", "negative_sampling", "use_in_batch_negatives",
+    "use_log_q_correction", "full_softmax", "initial_temperature",
+)
+
+
+_RANGES = {
+    "positive": (lambda v: v > 0, "positive"),
+    "non_negative": (lambda v: v >= 0, ">= 0"),
+    "fraction": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "at_least_two": (lambda v: v >= 2, ">= 2"),
+}
+# Each field's own constraint: a range name, or a tuple of the allowed values.
+_FIELD_RULES = {
+    "item_vocab_size": "positive", "action_vocab_size": "positive", "surface_vocab_size": "non_negative",
+    "hidden_size": "positive", "num_hidden_layers": "positive", "num_attention_heads": "positive",
+    "intermediate_size": "positive", "max_position_embeddings": "positive", "rope_theta": "positive",
+    "rms_norm_eps": "positive", "hidden_dropout_prob": "fraction", "attention_dropout": "fraction",
+    "initializer_range": "positive", "num_time_buckets": "at_least_two", "num_item_hash_tables": "non_negative",
+    "item_hash_table_size": "positive", "item_embedding_quantization": (None, "int8", "int4"),
+    "projection_size": "positive", "ctr_fusion": ("early", "late"), "ctr_head": ("mlp", "dcn"),
+    "ctr_head_hidden_sizes": "positive", "ctr_num_cross_layers": "positive", "ctr_dropout": "fraction",
+    "ctr_feature_vocab_size": "non_negative", "ctr_feature_embedding_size": "positive",
+    "ctr_aux_loss_weight": "non_negative", "ctr_young_item_dropout": "fraction", "ctr_young_item_age_days": "positive",
+}
+_OPTIONAL_FIELDS = ("intermediate_size", "projection_size", "ctr_head_hidden_sizes")
 
 
 class PinFMConfig(PretrainedConfig):
     r"""
     Configuration of a [`PinFMModel`]: a LLaMA-style causal transformer over user activity sequences
     (GPSD), whose per-event input is item + action (+ surface) + time features (PinFM).
+
+    It holds what is needed to rebuild the model, nothing about how it was trained: the pretraining losses, negatives
+    and the initial temperature are a [`~pinfm_hf.losses.PretrainingObjective`] (recipe arguments). Configs saved before
+    that move still load; their training fields are dropped.
 
     Args:
         item_vocab_size (`int`, *optional*, defaults to 1024):
@@ -74,35 +105,8 @@ class PinFMConfig(PretrainedConfig):
         num_special_item_tokens (`int`, *optional*, defaults to 4):
             Item ids below this are special tokens (padding, unknown, mask, candidate) and are never scored as
             items.
-        next_token_loss_weight (`float`, *optional*, defaults to 1.0):
-            Weight of the next-token loss (predict event `i + 1` from position `i`).
-        multi_token_loss_weight (`float`, *optional*, defaults to 0.0):
-            Weight of the multi-token loss (every positive event in the next `multi_token_window` events
-            from position `i`).
-        future_token_loss_weight (`float`, *optional*, defaults to 0.0):
-            Weight of the future-token loss (from the last position of a `future_token_input_length` window,
-            every positive in the `multi_token_window` events after it).
-        multi_token_window (`int`, *optional*, defaults to 8):
-            Number of future events `L'` the multi-token and future-token losses look at.
-        future_token_input_length (`int`, *optional*, defaults to 16):
-            Length `L_d` of the input window of the future-token loss.
-        positive_action_ids (`Sequence[int]`, *optional*):
-            Action ids whose events count as positive targets; `None` or empty means every event.
-        num_negatives (`int`, *optional*, defaults to 512):
-            Number of negatives sampled from the vocabulary per batch (shared across the batch).
-        negative_sampling (`str`, *optional*, defaults to `"uniform"`):
-            `"uniform"` or `"popularity"` (needs `item_counts` to be set on the model).
-        use_in_batch_negatives (`bool`, *optional*, defaults to `True`):
-            Also use the batch's positive items as negatives (a random subset of at most `num_negatives` distinct ones).
-        use_log_q_correction (`bool`, *optional*, defaults to `True`):
-            Subtract the log sampling probability of each candidate from its logit (sampled-softmax bias
-            correction).
-        full_softmax (`bool`, *optional*, defaults to `False`):
-            Score against the whole item vocabulary instead of sampling (exact; for small vocabularies).
         projection_size (`int`, *optional*):
             Width of the L2-normalised scoring projections; defaults to `hidden_size`.
-        initial_temperature (`float`, *optional*, defaults to 0.05):
-            Initial value of the learnable softmax temperature of the scoring head.
         ctr_fusion (`str`, *optional*, defaults to `"early"`):
             How [`PinFMForCTR`] fuses the candidate with the user's sequence: `"early"` appends it as the last token
             (candidate action marker) and scores its output position, as PinFM and GPSD do; `"late"` combines the
@@ -122,8 +126,9 @@ class PinFMConfig(PretrainedConfig):
         ctr_feature_embedding_size (`int`, *optional*, defaults to 16):
             Width of each side-feature embedding.
         ctr_aux_loss_weight (`float`, *optional*, defaults to 0.0):
-            Weight of the auxiliary pretraining (next-token etc.) loss on the history during fine-tuning, which
-            PinFM keeps to stop the sequence representation from drifting.
+            Weight of the auxiliary next-item loss on the history during fine-tuning, which PinFM keeps to stop the
+            sequence representation from drifting. Positive values give the ranker a next-item head of its own
+            (`next_item_head`); the loss follows the model's `objective` ([`PretrainingObjective`]).
         ctr_candidate_item_features (`bool`, *optional*, defaults to `False`):
             Cold start: add the candidate's item side features (`ctr_item_feature_fields`, e.g. genre, category) to
             its token embedding, so a fresh item (a hash-bucket id) is not a blank to the sequence model.
@@ -177,19 +182,7 @@ class PinFMConfig(PretrainedConfig):
         pad_token_id: int = 0,
         candidate_action_id: int = 1,
         num_special_item_tokens: int = 4,
-        next_token_loss_weight: float = 1.0,
-        multi_token_loss_weight: float = 0.0,
-        future_token_loss_weight: float = 0.0,
-        multi_token_window: int = 8,
-        future_token_input_length: int = 16,
-        positive_action_ids: Optional[Sequence[int]] = None,
-        num_negatives: int = 512,
-        negative_sampling: str = "uniform",
-        use_in_batch_negatives: bool = True,
-        use_log_q_correction: bool = True,
-        full_softmax: bool = False,
         projection_size: Optional[int] = None,
-        initial_temperature: float = 0.05,
         ctr_fusion: str = "early",
         ctr_head: str = "mlp",
         ctr_head_hidden_sizes: Optional[Sequence[int]] = None,
@@ -206,64 +199,15 @@ class PinFMConfig(PretrainedConfig):
         pretraining_max_timestamp: Optional[int] = None,
         **kwargs,
     ):
-        if hidden_size % num_attention_heads != 0:
-            raise ValueError(
-                f"`hidden_size` ({hidden_size}) must be divisible by `num_attention_heads` ({num_attention_heads})."
+        dropped = [name for name in LEGACY_TRAINING_FIELDS if kwargs.pop(name, None) is not None]
+        if dropped:
+            logger.warning(
+                f"PinFMConfig: ignoring training field(s) {dropped} (a config saved by an older version?): the losses, "
+                "negatives and initial temperature are a `PretrainingObjective` now (`model.objective`, recipe flags)."
             )
-        if (hidden_size // num_attention_heads) % 2 != 0:
-            raise ValueError(
-                f"The head size `hidden_size / num_attention_heads` ({hidden_size // num_attention_heads}) must be "
-                "even for rotary embeddings."
-            )
-        if num_item_hash_tables < 0 or (num_item_hash_tables and hidden_size % num_item_hash_tables != 0):
-            raise ValueError(
-                f"`hidden_size` ({hidden_size}) must be divisible by `num_item_hash_tables` ({num_item_hash_tables})."
-            )
-        if item_embedding_quantization not in (None, "int8", "int4"):
-            raise ValueError(
-                f"`item_embedding_quantization` must be None, 'int8' or 'int4', got {item_embedding_quantization!r}."
-            )
-        item_table_width = hidden_size // num_item_hash_tables if num_item_hash_tables else hidden_size
-        if item_embedding_quantization == "int4" and item_table_width % 2 != 0:
-            raise ValueError(
-                f"`item_embedding_quantization='int4'` packs two values per byte: the item table width ({item_table_width}: "
-                "`hidden_size / num_item_hash_tables`) must be even."
-            )
-        if item_vocab_size <= num_special_item_tokens:
-            raise ValueError(
-                f"`item_vocab_size` ({item_vocab_size}) must exceed `num_special_item_tokens` "
-                f"({num_special_item_tokens})."
-            )
-        if negative_sampling not in ("uniform", "popularity"):
-            raise ValueError(f"`negative_sampling` must be 'uniform' or 'popularity', got {negative_sampling!r}.")
-        for name, weight in zip(_LOSS_NAMES, (next_token_loss_weight, multi_token_loss_weight, future_token_loss_weight)):
-            if weight < 0:
-                raise ValueError(f"`{name}_loss_weight` ({weight}) must be >= 0.")
-        if num_time_buckets < 2:
-            raise ValueError(f"`num_time_buckets` ({num_time_buckets}) must be >= 2.")
-        if ctr_fusion not in ("early", "late"):
-            raise ValueError(f"`ctr_fusion` must be 'early' or 'late', got {ctr_fusion!r}.")
-        if ctr_head not in ("mlp", "dcn"):
-            raise ValueError(f"`ctr_head` must be 'mlp' or 'dcn', got {ctr_head!r}.")
-        if bool(ctr_feature_vocab_size) != bool(ctr_feature_slots):
-            raise ValueError(
-                f"`ctr_feature_vocab_size` ({ctr_feature_vocab_size}) and `ctr_feature_slots` ({ctr_feature_slots}) "
-                "must be given together (side features) or both left empty."
-            )
-        if ctr_candidate_item_features and not ctr_item_feature_fields:
-            raise ValueError("`ctr_candidate_item_features=True` needs `ctr_item_feature_fields` (which fields are item features).")
-        if ctr_item_feature_fields and any(not 0 <= f < len(ctr_feature_slots or []) for f in ctr_item_feature_fields):
-            raise ValueError(
-                f"`ctr_item_feature_fields` ({list(ctr_item_feature_fields)}) must index `ctr_feature_slots` "
-                f"({list(ctr_feature_slots or [])})."
-            )
-        if not 0.0 <= ctr_young_item_dropout < 1.0:
-            raise ValueError(f"`ctr_young_item_dropout` ({ctr_young_item_dropout}) must be in [0, 1).")
-        if ctr_young_item_age_days <= 0:
-            raise ValueError(f"`ctr_young_item_age_days` ({ctr_young_item_age_days}) must be positive.")
-        if ctr_aux_loss_weight < 0:
-            raise ValueError(f"`ctr_aux_loss_weight` ({ctr_aux_loss_weight}) must be >= 0.")
-
+        arguments = locals()
+        for name in _FIELD_RULES:
+            self.check_field(name, arguments[name])
         self.item_vocab_size = item_vocab_size
         self.action_vocab_size = action_vocab_size
         self.surface_vocab_size = surface_vocab_size
@@ -287,19 +231,7 @@ class PinFMConfig(PretrainedConfig):
         self.item_embedding_quantization = item_embedding_quantization
         self.candidate_action_id = candidate_action_id
         self.num_special_item_tokens = num_special_item_tokens
-        self.next_token_loss_weight = next_token_loss_weight
-        self.multi_token_loss_weight = multi_token_loss_weight
-        self.future_token_loss_weight = future_token_loss_weight
-        self.multi_token_window = multi_token_window
-        self.future_token_input_length = future_token_input_length
-        self.positive_action_ids = list(positive_action_ids) if positive_action_ids else None
-        self.num_negatives = num_negatives
-        self.negative_sampling = negative_sampling
-        self.use_in_batch_negatives = use_in_batch_negatives
-        self.use_log_q_correction = use_log_q_correction
-        self.full_softmax = full_softmax
         self.projection_size = projection_size if projection_size is not None else hidden_size
-        self.initial_temperature = initial_temperature
         self.ctr_fusion = ctr_fusion
         self.ctr_head = ctr_head
         self.ctr_head_hidden_sizes = list(ctr_head_hidden_sizes) if ctr_head_hidden_sizes is not None else [128, 64]
@@ -314,7 +246,66 @@ class PinFMConfig(PretrainedConfig):
         self.ctr_young_item_dropout = ctr_young_item_dropout
         self.ctr_young_item_age_days = ctr_young_item_age_days
         self.pretraining_max_timestamp = pretraining_max_timestamp
+        self._check_combinations()
         super().__init__(pad_token_id=pad_token_id, **kwargs)
+
+    def _check_combinations(self) -> None:
+        """The checks that need several fields (each field's own range: `check_field`)."""
+        hidden_size, num_attention_heads, num_item_hash_tables = self.hidden_size, self.num_attention_heads, self.num_item_hash_tables
+        if hidden_size % num_attention_heads != 0:
+            raise ValueError(
+                f"`hidden_size` ({hidden_size}) must be divisible by `num_attention_heads` ({num_attention_heads})."
+            )
+        if (hidden_size // num_attention_heads) % 2 != 0:
+            raise ValueError(
+                f"The head size `hidden_size / num_attention_heads` ({hidden_size // num_attention_heads}) must be "
+                "even for rotary embeddings."
+            )
+        if num_item_hash_tables and hidden_size % num_item_hash_tables != 0:
+            raise ValueError(
+                f"`hidden_size` ({hidden_size}) must be divisible by `num_item_hash_tables` ({num_item_hash_tables})."
+            )
+        item_table_width = hidden_size // num_item_hash_tables if num_item_hash_tables else hidden_size
+        if self.item_embedding_quantization == "int4" and item_table_width % 2 != 0:
+            raise ValueError(
+                f"`item_embedding_quantization='int4'` packs two values per byte: the item table width ({item_table_width}: "
+                "`hidden_size / num_item_hash_tables`) must be even."
+            )
+        if self.item_vocab_size <= self.num_special_item_tokens:
+            raise ValueError(
+                f"`item_vocab_size` ({self.item_vocab_size}) must exceed `num_special_item_tokens` "
+                f"({self.num_special_item_tokens})."
+            )
+        slots, fields = self.ctr_feature_slots, self.ctr_item_feature_fields
+        if bool(self.ctr_feature_vocab_size) != bool(slots):
+            raise ValueError(
+                f"`ctr_feature_vocab_size` ({self.ctr_feature_vocab_size}) and `ctr_feature_slots` ({slots or None}) "
+                "must be given together (side features) or both left empty."
+            )
+        if self.ctr_candidate_item_features and not fields:
+            raise ValueError("`ctr_candidate_item_features=True` needs `ctr_item_feature_fields` (which fields are item features).")
+        if fields and any(not 0 <= f < len(slots) for f in fields):
+            raise ValueError(f"`ctr_item_feature_fields` ({fields}) must index `ctr_feature_slots` ({slots}).")
+
+    @classmethod
+    def check_field(cls, name: str, value: Any) -> None:
+        """
+        Raise `ValueError` when one field's value is out of its range or choices (checks that need several fields stay
+        in `__init__`). Recipe arguments derived from this config call it too, before any data is read.
+        """
+        rule = _FIELD_RULES.get(name)  # None: a switch, or a field only checked together with others
+        if rule is None:
+            return
+        if isinstance(rule, tuple):
+            if value not in rule:
+                raise ValueError(f"`{name}` must be one of {list(rule)}, got {value!r}.")
+            return
+        if value is None and name in _OPTIONAL_FIELDS:
+            return
+        ok, allowed = _RANGES[rule]
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, bool) or not isinstance(item, (int, float)) or not ok(item):
+                raise ValueError(f"`{name}` ({value!r}) must be {allowed}.")
 
     @property
     def head_dim(self) -> int:

@@ -17,17 +17,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .data.collator import PinFMDataCollator
-from .evaluation import last_valid
+from .tokenization_pinfm import check_tokenizer_matches_model
 
 
 def _check_pair(model, tokenizer) -> None:
-    if not hasattr(model, "item_embeddings") or not hasattr(model, "query_proj"):
+    if not hasattr(model, "next_item_query"):
         raise TypeError(f"{type(model).__name__} has no scoring head: export from a PinFMForPretraining checkpoint.")
-    if model.config.item_vocab_size != len(tokenizer):
-        raise ValueError(
-            f"The model scores {model.config.item_vocab_size} item ids but the tokenizer has {len(tokenizer)}: "
-            "pass the tokenizer saved with this model."
-        )
+    check_tokenizer_matches_model(tokenizer, model.config)
 
 
 def _embedding_table(keys_name: str, keys: Any, embeddings: np.ndarray) -> datasets.Dataset:
@@ -102,7 +98,7 @@ def export_user_embeddings(
     for start in range(0, encoded.num_rows, batch_size):
         batch = collator(encoded.slice(start, batch_size).to_pylist())
         batch = {key: value.to(device) for key, value in batch.items()}
-        query = last_valid(model(**batch).query_embeddings, batch["attention_mask"])  # (B, P)
+        query = model.next_item_query(**batch)  # (B, P)
         chunks.append(query.float().cpu().numpy())
         progress.update(len(query))
     progress.close()

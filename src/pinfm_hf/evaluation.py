@@ -6,6 +6,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .metrics import rank_of_targets, retrieval_metrics, summarize
+from .modeling_pinfm import gather_last_valid
 
 
 def history_mask(input_ids: torch.LongTensor, attention_mask: torch.Tensor, num_ids: int) -> torch.BoolTensor:
@@ -27,13 +28,6 @@ def check_finite_scores(num_bad: int, num_rows: int, accelerator, *, what: str) 
             f"{num_bad} of {num_rows} {what} have non-finite (NaN or infinite) scores: the model's weights or inputs "
             "are not finite, so no metric is reported. Check the checkpoint with a finite-weights load, or retrain."
         )
-
-
-def last_valid(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """`values[b, t_last(b)]` where `t_last` is row b's last real position, for either padding side."""
-    T = attention_mask.shape[1]
-    last = (attention_mask.long() * torch.arange(T, device=attention_mask.device)).argmax(dim=1)  # (B,)
-    return values[torch.arange(values.shape[0], device=values.device), last]
 
 
 @torch.no_grad()
@@ -71,8 +65,8 @@ def evaluate_next_item(
         batch.pop("target_action_ids", None)
         if "target_timestamps" in batch:
             batch["end_timestamps"] = batch.pop("target_timestamps")
-        query = last_valid(model(**batch).query_embeddings, batch["attention_mask"])  # (B, P)
-        scores = unwrapped.score_items(query)[:, :num_scored_ids]  # (B, V')
+        query = gather_last_valid(model(**batch).query_embeddings, batch["attention_mask"])  # (B, P), through the wrapper
+        scores = unwrapped.score_next_items(query, num_scored_ids=num_scored_ids)[:, :num_scored_ids]  # (B, V')
         num_bad += int((~torch.isfinite(scores[:, num_special_tokens:])).any(dim=1).sum())
         num_rows += scores.shape[0]
         seen = history_mask(batch["input_ids"], batch["attention_mask"], num_scored_ids) if exclude_history else None
@@ -119,7 +113,7 @@ def evaluate_ctr(
         if fresh_after is not None:
             if "candidate_age" not in batch:
                 raise ValueError("A fresh-item slice needs `candidate_age` in the batches (samples with item_first_seen).")
-            item_first_seen = last_valid(batch["timestamps"], batch["attention_mask"]) - batch["candidate_age"]
+            item_first_seen = gather_last_valid(batch["timestamps"], batch["attention_mask"]) - batch["candidate_age"]
         else:
             item_first_seen = torch.zeros_like(user_index)
         probs, labels, user_index, item_first_seen = accelerator.gather_for_metrics((probs, labels, user_index, item_first_seen))

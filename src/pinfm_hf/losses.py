@@ -1,12 +1,14 @@
 """
 Retrieval losses for PinFM pretraining: sampled softmax (with logQ correction and accidental-hit masking), full
-softmax for small vocabularies, negative sampling and a zero-safe masked mean.
+softmax for small vocabularies, negative sampling, a zero-safe masked mean, and the pretraining objective
+([`PretrainingObjective`], [`next_item_losses`]: PinFM's next-, multi- and future-token losses).
 
 This file is copied next to `modeling_pinfm.py` for `trust_remote_code`, so it imports only `torch`.
 """
 
 import math
-from typing import Optional, Union
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -214,3 +216,230 @@ def masked_mean(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     # `where` (not `loss * mask`) keeps NaN/inf of masked-out rows out; dividing by max(count, 1) avoids a GPU sync.
     total = torch.where(mask, loss, torch.zeros_like(loss)).sum()
     return total / mask.sum().clamp(min=1)
+
+
+LOSS_NAMES = ("next_token", "multi_token", "future_token")
+
+
+@dataclass
+class PretrainingObjective:
+    """
+    What a PinFM model is pretrained on (PinFM's next-, multi- and future-token losses) and how the softmax over items
+    is estimated. Not part of the model config: a trained model scores the same whatever objective trained it. The
+    recipes parse it as arguments; set it on a model with `model.objective = PretrainingObjective(...)`. Which events
+    are targets is the data's business: events whose `labels` are -100 are never targets (`PinFMDataCollator`'s
+    `positive_action_ids`).
+    """
+
+    next_token_loss_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the next-token loss (predict event i + 1 from position i)."}
+    )
+    multi_token_loss_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the multi-token loss (every target among the next multi_token_window events)."}
+    )
+    future_token_loss_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the future-token loss (from the end of each future_token_input_length window, every "
+                  "target among the multi_token_window events after it)."},
+    )
+    multi_token_window: int = field(default=8, metadata={"help": "Future events L' the multi- and future-token losses look at."})
+    future_token_input_length: int = field(default=16, metadata={"help": "Input window L_d of the future-token loss."})
+    num_negatives: int = field(default=512, metadata={"help": "Negatives sampled per batch (shared by its rows)."})
+    negative_sampling: str = field(default="uniform", metadata={"help": "'uniform' or 'popularity' (item counts of the data)."})
+    use_in_batch_negatives: bool = field(
+        default=True, metadata={"help": "Also use the batch's target items as negatives (at most num_negatives of them)."}
+    )
+    use_log_q_correction: bool = field(
+        default=True, metadata={"help": "Subtract each candidate's log sampling probability from its logit."}
+    )
+    full_softmax: bool = field(default=False, metadata={"help": "Score every item instead of sampling (small vocabularies)."})
+    initial_temperature: float = field(default=0.05, metadata={"help": "Starting value of the learnable softmax temperature."})
+
+    def __post_init__(self):
+        for name in ("next_token_loss_weight", "multi_token_loss_weight", "future_token_loss_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)!r}.")
+        for name in ("multi_token_window", "future_token_input_length", "num_negatives", "initial_temperature"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not value > 0:
+                raise ValueError(f"--{name} must be > 0, got {value!r}.")
+        if self.negative_sampling not in ("uniform", "popularity"):
+            raise ValueError(f"--negative_sampling must be 'uniform' or 'popularity', got {self.negative_sampling!r}.")
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return {name: getattr(self, f"{name}_loss_weight") for name in LOSS_NAMES}
+
+    def weighted_sum(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training loss: each loss of `next_item_losses` times its weight."""
+        return sum(self.weights[name] * value for name, value in losses.items())
+
+
+def offset_pairs(
+    valid_query: torch.BoolTensor, target: torch.BoolTensor, offsets: range
+) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """Flat `(query, target)` index pairs into `(B, T)` where the target sits `offset` events after a valid query."""
+    B, T = target.shape
+    query_index, target_index = [], []
+    flat = torch.arange(B * T, device=target.device).view(B, T)
+    for offset in offsets:
+        if offset >= T:
+            break
+        ok = valid_query[:, :-offset] & target[:, offset:]  # (B, T - offset)
+        query_index.append(flat[:, :-offset][ok])
+        target_index.append(flat[:, offset:][ok])
+    if not query_index:
+        empty = torch.zeros(0, dtype=torch.long, device=target.device)
+        return empty, empty
+    return torch.cat(query_index), torch.cat(target_index)
+
+
+def next_item_losses(
+    query: torch.Tensor,
+    labels: torch.LongTensor,
+    attention_mask: Optional[torch.Tensor],
+    *,
+    objective: PretrainingObjective,
+    item_embeddings: Callable[[torch.LongTensor], torch.Tensor],
+    temperature: torch.Tensor,
+    item_log_probs: Optional[torch.Tensor],
+    num_special_tokens: int,
+    vocab_size: int,
+) -> dict[str, torch.Tensor]:
+    """
+    PinFM's pretraining losses (unweighted), each the mean over its `(query position, target event)` pairs:
+    next-token (offset 1), multi-token (offsets 1..L') and future-token (from the end of each L_d window, offsets
+    1..L'). Negatives are sampled once per batch (uniform or by popularity, plus in-batch targets) with logQ correction
+    and accidental-hit masking; `objective.full_softmax` scores every item instead.
+
+    Args:
+        query (`torch.Tensor` of shape `(B, T, P)`): L2-normalised query embedding of every position.
+        labels (`torch.LongTensor` of shape `(B, T)`): item id of every event, -100 where it is not a target.
+        attention_mask (`torch.Tensor` of shape `(B, T)`, *optional*): 1 at real events (queries); defaults to `labels != -100`.
+        objective (`PretrainingObjective`): which losses, which negatives.
+        item_embeddings (`Callable`): item ids `(...)` -> L2-normalised scoring embeddings `(..., P)`.
+        temperature (0-d `torch.Tensor`): the (learnable) softmax temperature.
+        item_log_probs (`torch.Tensor` of shape `(V,)`, *optional*): log popularity of every id (None: unknown).
+        num_special_tokens (`int`): ids below it are never items; vocab_size (`int`): the item vocabulary size.
+    """
+    B, T, _ = query.shape
+    valid_query = (labels != -100 if attention_mask is None else attention_mask).bool()  # (B, T)
+    target = labels != -100  # (B, T)
+    targets = labels.clamp(min=0)
+
+    pairs = {}
+    if objective.next_token_loss_weight > 0:
+        pairs["next_token"] = offset_pairs(valid_query, target, offsets=range(1, 2))
+    if objective.multi_token_loss_weight > 0:
+        pairs["multi_token"] = offset_pairs(valid_query, target, offsets=range(1, objective.multi_token_window + 1))
+    if objective.future_token_loss_weight > 0:
+        # Query only at the ends of consecutive length-L_d windows: the model sees L_d events and predicts the
+        # targets among the L' events after them, as when a cached sequence serves later requests.
+        window_end = (torch.arange(T, device=query.device) + 1) % objective.future_token_input_length == 0
+        pairs["future_token"] = offset_pairs(valid_query & window_end, target, offsets=range(1, objective.multi_token_window + 1))
+
+    flat_query = query.reshape(B * T, -1)  # (B*T, P)
+    flat_targets = targets.reshape(B * T)
+    if objective.full_softmax:
+        return _full_softmax_losses(flat_query, flat_targets, pairs, item_embeddings, temperature, num_special_tokens, vocab_size)
+    num_items = vocab_size - num_special_tokens
+
+    def log_q(item_ids: torch.LongTensor) -> torch.Tensor:
+        # Log probability that `item_ids` are drawn as negatives: popularity when known, else uniform.
+        if item_log_probs is not None:
+            return item_log_probs[item_ids]
+        return torch.full(item_ids.shape, -math.log(num_items), device=item_ids.device)
+
+    max_pairs = max(int(valid_query.sum()), 1)
+    negatives = None
+    losses = {}
+    for name, (query_index, target_index) in pairs.items():
+        if query_index.numel() > max_pairs:
+            # Bound the multi-token work to one pair per real position on average (uniform subsample).
+            keep = torch.randperm(query_index.numel(), device=query.device)[:max_pairs]
+            query_index, target_index = query_index[keep], target_index[keep]
+        if query_index.numel() == 0:
+            losses[name] = query.sum() * 0.0  # zero-safe: no target in range, yet gradients still flow
+            continue
+        row_target = flat_targets[target_index]  # (N,)
+        if negatives is None:
+            negatives = _shared_negatives(
+                flat_targets[target.reshape(-1)], objective, item_log_probs, log_q, num_special_tokens, vocab_size
+            )
+        neg_ids, neg_log_q = negatives
+        per_row = sampled_softmax_loss(
+            flat_query[query_index],
+            item_embeddings(row_target),
+            item_embeddings(neg_ids),
+            temperature=temperature,
+            pos_ids=row_target,
+            neg_ids=neg_ids,
+            pos_log_q=log_q(row_target) if objective.use_log_q_correction else None,
+            neg_log_q=neg_log_q if objective.use_log_q_correction else None,
+        )
+        losses[name] = per_row.mean()
+    return losses
+
+
+def _shared_negatives(
+    batch_target_ids: torch.LongTensor,
+    objective: PretrainingObjective,
+    item_log_probs: Optional[torch.Tensor],
+    log_q: Callable[[torch.LongTensor], torch.Tensor],
+    num_special_tokens: int,
+    vocab_size: int,
+) -> tuple[torch.LongTensor, torch.Tensor]:
+    """Negatives shared by the batch: sampled from the vocabulary, plus the batch's target items (popularity-distributed)."""
+    device = batch_target_ids.device
+    if objective.negative_sampling == "popularity":
+        if item_log_probs is None:
+            raise ValueError("`negative_sampling='popularity'` needs item counts: call `model.set_item_counts(...)`.")
+        neg_ids, neg_log_q = sample_negatives(objective.num_negatives, probs=item_log_probs.exp(), device=device)
+    else:
+        neg_ids, neg_log_q = sample_negatives(
+            objective.num_negatives, vocab_size=vocab_size, first_id=num_special_tokens, device=device
+        )
+    if objective.use_in_batch_negatives and batch_target_ids.numel() > 0:
+        in_batch = batch_target_ids.unique()
+        # At most `num_negatives` of them: every unique item of a large batch costs as much as a full softmax.
+        in_batch = in_batch[torch.randperm(in_batch.numel(), device=device)[: objective.num_negatives]]
+        neg_ids = torch.cat([neg_ids, in_batch])
+        neg_log_q = torch.cat([neg_log_q, log_q(in_batch)])
+    return neg_ids, neg_log_q
+
+
+def _full_softmax_losses(
+    flat_query: torch.Tensor,
+    flat_targets: torch.LongTensor,
+    pairs: dict[str, tuple[torch.LongTensor, torch.LongTensor]],
+    item_embeddings: Callable[[torch.LongTensor], torch.Tensor],
+    temperature: torch.Tensor,
+    num_special_tokens: int,
+    vocab_size: int,
+) -> dict[str, torch.Tensor]:
+    """
+    Cross-entropy over every item for each loss's `(query, target)` pairs. A query's logits do not depend on its
+    target, so each query position is scored once and its log-partition shared by all its pairs in all losses: the
+    multi-token and future-token losses then cost a gather, not another `(N, V)` softmax.
+    """
+    # Zero-safe: a loss with no target in range is 0, yet gradients still flow.
+    losses = {name: flat_query.sum() * 0.0 for name, (query_index, _) in pairs.items() if query_index.numel() == 0}
+    pairs = {name: pair for name, pair in pairs.items() if name not in losses}
+    if not pairs:
+        return losses
+    first = num_special_tokens
+    item_emb = item_embeddings(torch.arange(first, vocab_size, device=flat_query.device))
+    if len(pairs) == 1:  # one loss (next-token only): the fused cross-entropy is the fastest (bench_pretraining_losses.py)
+        (name, (query_index, target_index)), = pairs.items()
+        per_row = full_softmax_loss(flat_query[query_index], item_emb, flat_targets[target_index] - first, temperature=temperature)
+        return {**losses, name: per_row.mean()}
+    queries = torch.unique(torch.cat([query_index for query_index, _ in pairs.values()]))  # sorted
+    logits = full_softmax_logits(flat_query[queries], item_emb, temperature=temperature)
+    log_partition = torch.logsumexp(logits, dim=-1)  # (N,)
+    for name, (query_index, target_index) in pairs.items():
+        # The target's logit as a dot product, not `logits[row, target]`: indexing the (N, V) logits would scatter
+        # its gradient into another dense (N, V) tensor in backward.
+        target_emb = item_emb[flat_targets[target_index] - first]  # (M, P)
+        target_logit = ((flat_query[query_index] / temperature) * target_emb).sum(-1).float()
+        losses[name] = (log_partition[torch.searchsorted(queries, query_index)] - target_logit).mean()
+    return losses

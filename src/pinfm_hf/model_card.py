@@ -1,52 +1,71 @@
 """Model cards rendered from real run outputs (Jinja templates shipped in `model_card_templates/` + `huggingface_hub` card data)."""
 
+from __future__ import annotations
+
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 
+if TYPE_CHECKING:
+    from .arguments import CTRDataArguments, PretrainingDataArguments
+    from .configuration_pinfm import PinFMConfig
+    from .losses import PretrainingObjective
+
+
 TEMPLATE_DIR = Path(__file__).resolve().parent / "model_card_templates"  # package data: installed wheels have it
-# Config fields worth showing on a card (the full config is in config.json).
+# Config fields worth showing on a card (the full config is in config.json), then the objective that trained it.
 CARD_CONFIG_FIELDS = (
     "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_position_embeddings",
     "item_vocab_size", "action_vocab_size", "use_action_embeddings", "use_time_features", "use_absolute_position_embeddings",
     "num_item_hash_tables",
-    "next_token_loss_weight", "multi_token_loss_weight", "future_token_loss_weight", "num_negatives",
-    "negative_sampling", "full_softmax",
+)
+CARD_OBJECTIVE_FIELDS = (
+    "next_token_loss_weight", "multi_token_loss_weight", "future_token_loss_weight", "num_negatives", "negative_sampling",
+    "full_softmax",
 )
 DATASET_IDS = {"ml-1m": "movielens-1m", "taobao": "taobao-user-behavior"}
+
+
+def _template(template_path: Optional[str | Path], name: str) -> Path:
+    path = Path(template_path or TEMPLATE_DIR / name)
+    if not path.is_file():
+        raise FileNotFoundError(f"Model card template {path} not found.")
+    return path
+
+
+def _eval_results(task_type: str, dataset: str, metrics: dict[str, float]) -> list[EvalResult]:
+    """The card's model-index entries: one per measured metric."""
+    dataset_type = DATASET_IDS.get(dataset, Path(dataset).stem)
+    return [
+        EvalResult(task_type=task_type, dataset_type=dataset_type, dataset_name=dataset, metric_type=name,
+                   metric_value=round(float(value), 4))
+        for name, value in metrics.items()
+    ]
 
 
 def render_pretrained_card(
     *,
     model_dir: str | Path,
-    config: Any,
+    config: PinFMConfig,
+    objective: PretrainingObjective,
+    positive_actions: Optional[list[str]],
     results: dict[str, Any],
-    data_args: dict[str, Any],
-    train_args: dict[str, Any],
+    data_args: PretrainingDataArguments,
     events_summary: dict[str, Any],
     repo_id: Optional[str] = None,
     template_path: Optional[str | Path] = None,
 ) -> str:
-    """Fill the pretrained-model card template with the run's config, data summary and measured metrics."""
-    template_path = Path(template_path or TEMPLATE_DIR / "pretrained_model_card.md")
-    if not template_path.is_file():
-        raise FileNotFoundError(f"Model card template {template_path} not found.")
-    dataset = data_args["dataset"]
+    """
+    Fill the pretrained-model card template with the run's config, training objective (`positive_actions`: the
+    actions whose events were targets, None for all), data summary and measured metrics.
+    """
+    template_path = _template(template_path, "pretrained_model_card.md")
+    dataset = data_args.dataset
     test = results["test"]
     model_name = repo_id or f"pinfm-{Path(dataset).stem}"
-    eval_results = [
-        EvalResult(
-            task_type="next-item-recommendation",
-            dataset_type=DATASET_IDS.get(dataset, Path(dataset).stem),
-            dataset_name=dataset,
-            metric_type=name,
-            metric_value=round(value, 4),
-        )
-        for name, value in test.items()
-        if name != "num_users"
-    ]
+    eval_results = _eval_results("next-item-recommendation", dataset, {k: v for k, v in test.items() if k != "num_users"})
     card_data = ModelCardData(
         library_name="transformers",
         license="apache-2.0",
@@ -56,9 +75,7 @@ def render_pretrained_card(
         model_name=model_name,
         eval_results=eval_results,
     )
-    losses = [n.replace("_token", "-token") for n in ("next_token", "multi_token", "future_token")
-              if getattr(config, f"{n}_loss_weight") > 0]
-    positives = config.positive_action_ids
+    losses = [name.replace("_token", "-token") for name, weight in objective.weights.items() if weight > 0]
     card = ModelCard.from_template(
         card_data,
         template_path=str(template_path),
@@ -69,12 +86,12 @@ def render_pretrained_card(
         users=f"{events_summary.get('users', '?'):,}",
         items=f"{events_summary.get('items', '?'):,}",
         actions=", ".join(f"{k} ({v:,})" for k, v in sorted(events_summary.get("actions", {}).items())),
-        positive_actions=data_args.get("positive_actions") if positives else "all",
-        num_hash_buckets=data_args.get("num_hash_buckets"),
-        config_rows=[(k, getattr(config, k)) for k in CARD_CONFIG_FIELDS],
+        positive_actions=", ".join(positive_actions) if positive_actions else "all",
+        num_hash_buckets=data_args.num_hash_buckets,
+        config_rows=[(k, getattr(config, k)) for k in CARD_CONFIG_FIELDS] + [(k, getattr(objective, k)) for k in CARD_OBJECTIVE_FIELDS],
         metric_rows=[(k, f"{v:.4f}") for k, v in test.items() if k != "num_users"],
         num_users=test.get("num_users"),
-        history_masking="masked (HSTU's protocol)" if data_args.get("eval_exclude_history") else "not masked",
+        history_masking="masked (HSTU's protocol)" if data_args.eval_exclude_history else "not masked",
         num_scored_items=events_summary.get("items", "?"),
         steps=results["steps"],
         train_seconds=results["train_seconds"],
@@ -90,37 +107,27 @@ def render_ctr_card(
     *,
     save_dir: str | Path,
     results: dict[str, Any],
-    data_args: dict[str, Any],
-    model_args: dict[str, Any],
-    train_args: dict[str, Any],
+    data_args: CTRDataArguments,
+    model_args: Any,
     repo_id: Optional[str] = None,
     template_path: Optional[str | Path] = None,
 ) -> str:
-    """Fill the CTR card template (full model or LoRA adapter) with the use case, data split and measured metrics."""
+    """
+    Fill the CTR card template (full model or LoRA adapter) with the use case, data split and measured metrics;
+    `model_args` are the recipe's `CTRModelArguments` (base, transfer strategy, fusion).
+    """
     from .transfer import TRANSFER_STRATEGIES
 
-    template_path = Path(template_path or TEMPLATE_DIR / "ctr_model_card.md")
-    if not template_path.is_file():
-        raise FileNotFoundError(f"Model card template {template_path} not found.")
-    dataset = data_args["dataset"]
+    template_path = _template(template_path, "ctr_model_card.md")
+    dataset = data_args.dataset
     data = results["data"]
-    is_adapter = model_args["transfer"] == "lora"
-    model_name = repo_id or f"pinfm-ctr-{Path(dataset).stem}-{data['use_case']}-{model_args['transfer']}"
+    is_adapter = model_args.transfer == "lora"
+    model_name = repo_id or f"pinfm-ctr-{Path(dataset).stem}-{data['use_case']}-{model_args.transfer}"
     test = {k: v for k, v in results["test"].items() if isinstance(v, (int, float))}
-    eval_results = [
-        EvalResult(
-            task_type="click-through-rate-prediction",
-            dataset_type=DATASET_IDS.get(dataset, Path(dataset).stem),
-            dataset_name=dataset,
-            metric_type=name,
-            metric_value=round(float(value), 4),
-        )
-        for name, value in test.items()
-        if name in ("auc", "gauc", "logloss")
-    ]
+    eval_results = _eval_results("click-through-rate-prediction", dataset, {k: test[k] for k in ("auc", "gauc", "logloss") if k in test})
     card_data = ModelCardData(
         library_name="peft" if is_adapter else "transformers",
-        base_model=model_args["base"],
+        base_model=model_args.base,
         license="apache-2.0",
         tags=["pinfm", "recommendation", "ctr", "ranking", "custom_code"] + (["lora"] if is_adapter else []),
         datasets=[DATASET_IDS.get(dataset, Path(dataset).stem)],
@@ -133,10 +140,10 @@ def render_ctr_card(
         template_path=str(template_path),
         model_name=model_name,
         use_case=data["use_case"],
-        base=model_args["base"],
-        base_revision=model_args.get("base_revision"),
-        transfer=model_args["transfer"],
-        transfer_description=TRANSFER_STRATEGIES[model_args["transfer"]],
+        base=model_args.base,
+        base_revision=model_args.base_revision,
+        transfer=model_args.transfer,
+        transfer_description=TRANSFER_STRATEGIES[model_args.transfer],
         is_adapter=is_adapter,
         trainable_parameters=f"{results['trainable_parameters']:,}",
         model_parameters=f"{results['model_parameters']:,}",
@@ -144,15 +151,15 @@ def render_ctr_card(
         dataset=dataset,
         positive_actions=", ".join(data["positive_actions"]),
         negative_actions=", ".join(data["negative_actions"]),
-        max_history=data_args["max_history"],
+        max_history=data_args.max_history,
         cut_timestamp=data["cut_timestamp"],
-        cut_quantile=data_args["cut_quantile"],
+        cut_quantile=data_args.cut_quantile,
         train_samples=f"{data['train_samples']:,}",
         test_samples=f"{data['test_samples']:,}",
         train_positive_rate=data["train_positive_rate"],
         test_positive_rate=data["test_positive_rate"],
         side_features=", ".join(data["side_features"]) or "none",
-        fusion=model_args["ctr_fusion"],
+        fusion=model_args.ctr_fusion,
         metric_rows=[(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in test.items()],
         steps=results["steps"],
         seconds_per_epoch=results["seconds_per_epoch"],

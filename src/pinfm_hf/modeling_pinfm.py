@@ -1,13 +1,10 @@
-"""PinFM: a LLaMA-style causal transformer over user activity sequences (PinFM, GPSD).
+"""PinFM: a LLaMA-style causal transformer over user activity sequences (PinFM, GPSD), and its pretraining head.
 
-Each event of a user's history is one token: item + action (+ surface) + time-gap features. The encoder is
-pre-norm RMSNorm, rotary positions, SwiGLU, no biases (GPSD), with SDPA attention. Heads: next-item
-pretraining with PinFM's next-, multi- and future-token losses, and CTR ranking with the candidate fused early
-(appended to the sequence) or late (user embedding + candidate embedding), scored in serving with DCAT.
-
-This file, `configuration_pinfm.py`, `tokenization_pinfm.py`, `losses.py`, `quantization_pinfm.py` and
-`pipeline_pinfm.py` are copied into saved model folders for `trust_remote_code`: they import only torch,
-transformers and each other.
+Each event of a user's history is one token (`embeddings_pinfm.py`: item + action (+ surface) + time-gap features).
+The encoder is pre-norm RMSNorm, rotary positions, SwiGLU, no biases (GPSD), with SDPA attention. The next-item head
+is trained with PinFM's next-, multi- and future-token losses (`losses.py`); the CTR ranker is `modeling_pinfm_ctr.py`.
+The `*_pinfm.py` files, `losses.py` and `io_utils.py` are copied into saved model folders for `trust_remote_code`:
+they import only torch, transformers and each other.
 """
 
 import copy
@@ -33,27 +30,31 @@ from transformers.utils import (
 )
 
 from .configuration_pinfm import PinFMConfig
-from .losses import full_softmax_logits, full_softmax_loss, sample_negatives, sampled_softmax_loss
+from .embeddings_pinfm import (
+    PinFMEventEmbedding,
+    PinFMItemEmbedding,
+    PinFMMLP,
+    PinFMRMSNorm,
+    check_event_inputs,
+)
+from .losses import PretrainingObjective, next_item_losses
 from .quantization_pinfm import QUANTIZATION_TYPES, PinFMQuantizedEmbedding
 
 
 logger = logging.get_logger(__name__)
 
-# Universal hash h_j(x) = ((a_j * x + b_j) mod p) mod m of the hashed item tables. The a_j are near p, so the
-# product wraps modulo p even for small ids (independent tables), and a_j * x stays below 2**63 for ids < 4e9.
-_HASH_PRIME = 2_147_483_647  # 2**31 - 1
-_HASH_MULTIPLIERS = (
-    1_640_531_527, 1_103_515_245, 1_299_709_891, 2_038_074_743, 1_500_450_271, 1_776_614_203, 1_234_567_891, 1_957_312_541
-)
-_MAX_HASHED_VOCAB = 4_000_000_000
-
-# PEFT has no defaults for a custom model type: LoRA goes on the attention and SwiGLU projections.
+# Every saved folder serves every auto class (the files are copied beside it: see `save_pretrained`).
 PINFM_AUTO_MAP = {
     "AutoConfig": "configuration_pinfm.PinFMConfig",
     "AutoModel": "modeling_pinfm.PinFMModel",
     "AutoModelForPreTraining": "modeling_pinfm.PinFMForPretraining",
-    "AutoModelForSequenceClassification": "modeling_pinfm.PinFMForCTR",
+    "AutoModelForSequenceClassification": "modeling_pinfm_ctr.PinFMForCTR",
 }
+# Checkpoints written before the next-item head became a module of its own (`next_item_head`) keep its weights at the
+# top level; `from_pretrained` renames them (and transformers writes them back under their old names on save).
+LEGACY_KEY_MAPPING = {r"^(query_proj|item_proj)\.": r"next_item_head.\1.", r"^(log_temperature|item_log_probs)$": r"next_item_head.\1"}
+DEFAULT_TEMPERATURE = 0.05
+# PEFT has no defaults for a custom model type: LoRA goes on the attention and SwiGLU projections.
 PINFM_LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -115,49 +116,15 @@ class PinFMForPretrainingOutput(ModelOutput):
     attentions: Optional[tuple[torch.FloatTensor, ...]] = None
 
 
-# Adapted from transformers.models.llama.modeling_llama.LlamaRMSNorm
-@dataclass
-class PinFMForCTROutput(ModelOutput):
-    """
-    Output of [`PinFMForCTR`].
-
-    Args:
-        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
-            `ctr_loss + config.ctr_aux_loss_weight * aux_loss`.
-        logits (`torch.FloatTensor` of shape `(batch_size,)`):
-            Click (or conversion) logit of each candidate; `sigmoid(logits)` is the predicted probability.
-        ctr_loss (`torch.FloatTensor` of shape `()`, *optional*):
-            Binary cross-entropy of `logits` against `labels`.
-        aux_loss (`torch.FloatTensor` of shape `()`, *optional*):
-            Weighted pretraining losses on the history events (when `config.ctr_aux_loss_weight > 0`).
-        candidate_hidden_state (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
-            Encoder output at the candidate token (early fusion reads it).
-        user_embedding (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
-            Encoder output at the last history event (late fusion reads it; zeros for an empty history).
-    """
-
-    loss: Optional[torch.FloatTensor] = None
-    logits: Optional[torch.FloatTensor] = None
-    ctr_loss: Optional[torch.FloatTensor] = None
-    aux_loss: Optional[torch.FloatTensor] = None
-    candidate_hidden_state: Optional[torch.FloatTensor] = None
-    user_embedding: Optional[torch.FloatTensor] = None
-    hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
-    attentions: Optional[tuple[torch.FloatTensor, ...]] = None
+def last_valid_index(attention_mask: torch.Tensor) -> torch.LongTensor:
+    """`(B,)` index of each row's last real (non-padding) position, for either padding side; 0 for an empty row."""
+    T = attention_mask.shape[1]
+    return (attention_mask.long() * torch.arange(T, device=attention_mask.device)).argmax(dim=1)
 
 
-class PinFMRMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.variance_epsilon = eps
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
+def gather_last_valid(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """`values[b, last_valid_index(b)]`: `(B, T, ...)` -> `(B, ...)`."""
+    return values[torch.arange(values.shape[0], device=values.device), last_valid_index(attention_mask)]
 
 
 def rotary_cos_sin(
@@ -177,29 +144,6 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos + rotate_half(x) * sin
-
-
-def log_time_buckets(gaps: torch.Tensor, num_buckets: int) -> torch.LongTensor:
-    """Bucket non-negative time gaps (seconds) on a half-octave log scale: bucket b ~ 2**(b / 2) seconds."""
-    gaps = gaps.clamp(min=0).float()
-    return (2.0 * torch.log2(1.0 + gaps)).long().clamp(max=num_buckets - 1)
-
-
-def _checking_inputs() -> bool:
-    """Data-dependent input checks read a value back from the device: skip them while compiling or tracing."""
-    return not (torch.compiler.is_compiling() or torch.jit.is_tracing())
-
-
-def check_ids_in_range(ids: torch.Tensor, size: int, name: str, field: str) -> None:
-    """Raise `ValueError` unless every id of `ids` is in `[0, size)`: one fused min/max reduction, one read-back."""
-    if ids.is_floating_point():
-        raise TypeError(f"{name} must be an integer tensor, got {ids.dtype}.")
-    if ids.numel() == 0 or not _checking_inputs():
-        return
-    low, high = torch.stack(torch.aminmax(ids)).tolist()
-    if low < 0 or high >= size:
-        bad = low if low < 0 else high
-        raise ValueError(f"{name} hold id {bad}, outside the model's table [0, {size}) (`config.{field}`).")
 
 
 class PinFMAttention(nn.Module):
@@ -273,19 +217,6 @@ class PinFMAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(U, C, -1))
 
 
-class PinFMMLP(nn.Module):
-    """SwiGLU feed-forward block (LLaMA)."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class PinFMLayer(GradientCheckpointingLayer):
     def __init__(self, config: PinFMConfig):
         super().__init__()
@@ -325,184 +256,6 @@ class PinFMLayer(GradientCheckpointingLayer):
         return hidden_states + self.dropout(self.mlp(self.post_attention_layernorm(hidden_states)))
 
 
-class PinFMItemEmbedding(nn.Module):
-    """
-    Item-id embedding: one table, or `k` hashed tables whose lookups are concatenated (PinFM). With
-    `config.item_embedding_quantization` the tables are row-wise int8/int4 [`PinFMQuantizedEmbedding`]s (serving).
-    """
-
-    def __init__(self, config: PinFMConfig):
-        super().__init__()
-        self.num_tables = config.num_item_hash_tables
-        self.quantization = config.item_embedding_quantization
-        self.vocab_size = config.item_vocab_size
-        if self.num_tables == 0:
-            self.table = self._new_table(config.item_vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
-        else:
-            if self.num_tables > len(_HASH_MULTIPLIERS):
-                raise ValueError(f"`num_item_hash_tables` must be <= {len(_HASH_MULTIPLIERS)}, got {self.num_tables}.")
-            if config.item_vocab_size > _MAX_HASHED_VOCAB:
-                raise ValueError(f"`item_vocab_size` must be <= {_MAX_HASHED_VOCAB} with hashed tables (int64 hashing).")
-            self.table_size = config.item_hash_table_size
-            width = config.hidden_size // self.num_tables
-            self.tables = nn.ModuleList(self._new_table(self.table_size, width) for _ in range(self.num_tables))
-
-    def _new_table(self, num_embeddings: int, embedding_dim: int, padding_idx: Optional[int] = None) -> nn.Module:
-        if self.quantization is None:
-            return nn.Embedding(num_embeddings, embedding_dim, padding_idx=padding_idx)
-        # Empty: the packed rows come from the checkpoint (the padding row was quantised from zeros, so stays zero).
-        return PinFMQuantizedEmbedding(num_embeddings, embedding_dim, self.quantization)
-
-    @torch.no_grad()
-    def quantize(self, bits: str) -> None:
-        """Replace the float table(s), in place, by row-wise `bits` (`"int8"`/`"int4"`) quantised copies."""
-        if self.quantization is not None:
-            raise ValueError(f"The item embeddings are already quantised ({self.quantization}).")
-        if self.num_tables == 0:
-            self.table = PinFMQuantizedEmbedding.from_float(self.table, bits)
-        else:
-            self.tables = nn.ModuleList(PinFMQuantizedEmbedding.from_float(table, bits) for table in self.tables)
-        self.quantization = bits
-
-    def hashed_rows(self, item_ids: torch.LongTensor, table_index: int) -> torch.LongTensor:
-        a, b = _HASH_MULTIPLIERS[table_index], 7919 * (table_index + 1)
-        return ((item_ids * a + b) % _HASH_PRIME) % self.table_size
-
-    def forward(self, item_ids: torch.LongTensor) -> torch.Tensor:
-        # An id past the table would crash the float lookup, read garbage from a quantised one, or hash silently.
-        check_ids_in_range(item_ids, self.vocab_size, "Item ids", "item_vocab_size")
-        if self.num_tables == 0:
-            return self.table(item_ids)
-        return torch.cat([table(self.hashed_rows(item_ids, j)) for j, table in enumerate(self.tables)], dim=-1)
-
-
-class PinFMEventEmbedding(nn.Module):
-    """Per-event input: item + action (+ surface) + time-gap embeddings, summed, then a small MLP (PinFM)."""
-
-    def __init__(self, config: PinFMConfig):
-        super().__init__()
-        self.config = config
-        self.item_embeddings = PinFMItemEmbedding(config)
-        if config.use_action_embeddings:
-            self.action_embeddings = nn.Embedding(config.action_vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
-        if config.surface_vocab_size > 0:
-            self.surface_embeddings = nn.Embedding(config.surface_vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
-        if config.use_time_features:
-            # One extra bucket marks "no previous event" for the first event of a sequence.
-            self.gap_to_previous_embeddings = nn.Embedding(config.num_time_buckets + 1, config.hidden_size)
-            self.gap_to_next_embeddings = nn.Embedding(config.num_time_buckets, config.hidden_size)
-        if config.use_input_mlp:
-            self.input_norm = PinFMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-            self.input_mlp = PinFMMLP(config.hidden_size, 2 * config.hidden_size)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def time_features(
-        self, timestamps: torch.LongTensor, attention_mask: torch.Tensor, end_timestamps: Optional[torch.LongTensor] = None
-    ) -> torch.Tensor:
-        """
-        Bucketed gaps of each event to the previous event and to the *next* one (for the last event: to the request
-        time, `end_timestamps`, or else gap 0). Both are causal: position `i` predicts event `i + 1` at the time
-        `t[i + 1]`, which is the request time of that prediction; every earlier gap is readable from the tokens. (A gap
-        to the sequence end would leak, to every position, how long the user stays after it.)
-        """
-        valid = attention_mask.bool()
-        previous_valid, next_valid = torch.zeros_like(valid), torch.zeros_like(valid)
-        previous_valid[:, 1:] = valid[:, :-1]
-        next_valid[:, :-1] = valid[:, 1:]
-        gap_prev = torch.zeros_like(timestamps)
-        gap_prev[:, 1:] = timestamps[:, 1:] - timestamps[:, :-1]
-        if _checking_inputs():
-            backwards = (gap_prev < 0) & previous_valid & valid  # (B, T): an event older than the one before it
-            if backwards.any():
-                row, position = (int(i) for i in backwards.nonzero()[0])
-                raise ValueError(
-                    f"`timestamps` must not decrease within a row (oldest event first): row {row} goes from "
-                    f"{int(timestamps[row, position - 1])} to {int(timestamps[row, position])} at position {position}."
-                )
-        prev_bucket = log_time_buckets(gap_prev, self.config.num_time_buckets)
-        prev_bucket = prev_bucket.masked_fill(~previous_valid, self.config.num_time_buckets)
-        # The last event is followed by the request: the latest valid timestamp, wherever the padding is, or later.
-        end = timestamps.masked_fill(~valid, torch.iinfo(timestamps.dtype).min).amax(dim=1, keepdim=True)  # (B, 1)
-        if end_timestamps is not None:
-            end = torch.maximum(end, end_timestamps.view(-1, 1))
-        next_time = end.expand_as(timestamps).clone()
-        next_time[:, :-1] = torch.where(next_valid[:, :-1], timestamps[:, 1:], next_time[:, :-1])
-        next_bucket = log_time_buckets(next_time - timestamps, self.config.num_time_buckets)
-        return self.gap_to_previous_embeddings(prev_bucket) + self.gap_to_next_embeddings(next_bucket)
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor,
-        attention_mask: torch.Tensor,
-        action_ids: Optional[torch.LongTensor] = None,
-        surface_ids: Optional[torch.LongTensor] = None,
-        timestamps: Optional[torch.LongTensor] = None,
-        end_timestamps: Optional[torch.LongTensor] = None,
-    ) -> torch.Tensor:
-        time_embeddings = None
-        if self.config.use_time_features:
-            if timestamps is None:
-                raise ValueError("`timestamps` are required: this model was configured with `use_time_features=True`.")
-            time_embeddings = self.time_features(timestamps, attention_mask, end_timestamps)
-        return self.combine(input_ids, action_ids, surface_ids, time_embeddings)
-
-    def combine(
-        self,
-        input_ids: torch.LongTensor,
-        action_ids: Optional[torch.LongTensor],
-        surface_ids: Optional[torch.LongTensor],
-        time_embeddings: Optional[torch.Tensor],
-    ) -> torch.Tensor:
-        """Item + action (+ surface) (+ time) embeddings through the input MLP: one event token each."""
-        embeddings = self.item_embeddings(input_ids)
-        if self.config.use_action_embeddings:
-            if action_ids is None:
-                raise ValueError("`action_ids` are required: this model was configured with `use_action_embeddings=True`.")
-            check_ids_in_range(action_ids, self.config.action_vocab_size, "`action_ids`", "action_vocab_size")
-            embeddings = embeddings + self.action_embeddings(action_ids)
-        if self.config.surface_vocab_size > 0 and surface_ids is not None:
-            check_ids_in_range(surface_ids, self.config.surface_vocab_size, "`surface_ids`", "surface_vocab_size")
-            embeddings = embeddings + self.surface_embeddings(surface_ids)
-        if time_embeddings is not None:
-            embeddings = embeddings + time_embeddings
-        if self.config.use_input_mlp:
-            embeddings = embeddings + self.input_mlp(self.input_norm(embeddings))
-        return self.dropout(embeddings)
-
-    def candidate_time_features(self, gap_to_previous: torch.LongTensor, has_previous: torch.BoolTensor) -> torch.Tensor:
-        """Time features of a candidate token: its gap to the user's last event, and gap 0 to the request (its own time)."""
-        prev_bucket = log_time_buckets(gap_to_previous, self.config.num_time_buckets)
-        prev_bucket = prev_bucket.masked_fill(~has_previous, self.config.num_time_buckets)
-        next_bucket = torch.zeros_like(prev_bucket)
-        return self.gap_to_previous_embeddings(prev_bucket) + self.gap_to_next_embeddings(next_bucket)
-
-
-def check_event_inputs(
-    input_ids: Optional[torch.Tensor],
-    attention_mask: Optional[torch.Tensor] = None,
-    action_ids: Optional[torch.Tensor] = None,
-    surface_ids: Optional[torch.Tensor] = None,
-    timestamps: Optional[torch.Tensor] = None,
-    end_timestamps: Optional[torch.Tensor] = None,
-) -> None:
-    """Shape checks of per-event inputs (no device read-back): `(batch_size, sequence_length)` each, with events."""
-    if input_ids is None:
-        raise ValueError("`input_ids` are required.")
-    if input_ids.dim() != 2:
-        raise ValueError(f"`input_ids` must be 2-D (batch_size, sequence_length), got shape {tuple(input_ids.shape)}.")
-    B, T = input_ids.shape
-    if B == 0 or T == 0:
-        raise ValueError(
-            f"`input_ids` has shape {(B, T)}: a batch needs at least one row and one event (an empty history)."
-        )
-    for name, value in (("attention_mask", attention_mask), ("action_ids", action_ids), ("surface_ids", surface_ids),
-                        ("timestamps", timestamps)):
-        if value is not None and value.shape != input_ids.shape:
-            raise ValueError(f"`{name}` has shape {tuple(value.shape)}, but `input_ids` has {(B, T)}.")
-    if end_timestamps is not None and end_timestamps.numel() != B:
-        raise ValueError(f"`end_timestamps` has {end_timestamps.numel()} values for a batch of {B} rows.")
-
-
 def _all_finite(tensor: torch.Tensor, chunk: int = 1 << 24) -> bool:
     """`torch.isfinite(tensor).all()`, in chunks: a large embedding table needs no table-sized boolean copy."""
     flat = tensor.detach().reshape(-1)
@@ -529,20 +282,25 @@ class PinFMPreTrainedModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # One saved folder serves every auto class: `AutoModel` gives the encoder, the head classes their own model.
-        self.config.auto_map = {**PINFM_AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
-        # `pipeline(model=folder, trust_remote_code=True)` recommends with the pretraining head (pipeline_pinfm.py is
-        # copied as a relative import); encoder and CTR folders do not inherit the entry from their base's config.
+        # `save_pretrained` copies the model's file and its relative imports for `trust_remote_code`, so the two
+        # imports below put the ranking model's file and the recommendation pipeline into every folder.
+        from .modeling_pinfm_ctr import PinFMForCTR  # noqa: F401
         from .pipeline_pinfm import saved_custom_pipelines
 
+        self.config.auto_map = {**PINFM_AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
+        # `pipeline(model=folder, trust_remote_code=True)` recommends with the pretraining head; encoder and CTR
+        # folders do not inherit the entry from their base's config.
         self.config.custom_pipelines = saved_custom_pipelines() if type(self) is PinFMForPretraining else {}
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """
-        [`~transformers.PreTrainedModel.from_pretrained`], then a check that every loaded weight is finite: NaN or
-        inf weights would make every score NaN, so serving would rank nothing (an empty recommendation list).
+        [`~transformers.PreTrainedModel.from_pretrained`] (also of checkpoints written before the next-item head became
+        a module: `LEGACY_KEY_MAPPING`), then a check that every loaded weight is finite: NaN or inf weights would
+        make every score NaN, so serving would rank nothing (an empty recommendation list).
         """
+        kwargs.setdefault("key_mapping", LEGACY_KEY_MAPPING)
         loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # `output_loading_info=True` adds a dict
         model.check_finite_weights(_weights_file(pretrained_model_name_or_path, kwargs.get("subfolder")))
@@ -572,11 +330,9 @@ class PinFMPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, PinFMForPretraining):
-            init.constant_(module.log_temperature, math.log(self.config.initial_temperature))
+        if isinstance(module, PinFMNextItemHead):
+            init.constant_(module.log_temperature, math.log(DEFAULT_TEMPERATURE))
             init.zeros_(module.item_log_probs)
-        if isinstance(module, PinFMCrossLayer):
-            init.zeros_(module.linear.bias)
 
     def quantize_item_embeddings(self, bits: str) -> "PinFMPreTrainedModel":
         """
@@ -619,7 +375,7 @@ class PinFMModel(PinFMPreTrainedModel):
     """
 
     # The encoder loads from head checkpoints (e.g. pretraining): their head weights are expected leftovers.
-    _keys_to_ignore_on_load_unexpected = [r"^(query_proj|item_proj)\.", r"^log_temperature$", r"^item_log_probs$"]
+    _keys_to_ignore_on_load_unexpected = [r"^next_item_head\.", r"^ctr_"]
 
     def __init__(self, config: PinFMConfig):
         super().__init__(config)
@@ -643,11 +399,9 @@ class PinFMModel(PinFMPreTrainedModel):
         timestamps: Optional[torch.LongTensor] = None,
         output_hidden_states: Optional[bool] = None,
         output_attentions: Optional[bool] = None,
-        return_dict: Optional[bool] = None,
         end_timestamps: Optional[torch.LongTensor] = None,
         return_key_values: bool = False,
         extra_embeddings: Optional[torch.Tensor] = None,
-        **kwargs,
     ) -> PinFMModelOutput:
         r"""
         Args:
@@ -705,9 +459,8 @@ class PinFMModel(PinFMPreTrainedModel):
                 all_attentions += (probs,)
         hidden_states = self.norm(hidden_states)
 
-        last_index = (valid.long() * torch.arange(T, device=input_ids.device)).argmax(dim=1)  # (B,)
         has_events = valid.any(dim=1, keepdim=True).to(hidden_states.dtype)  # (B, 1): an all-padding row gets zeros
-        user_embedding = hidden_states[torch.arange(B, device=input_ids.device), last_index] * has_events  # (B, H)
+        user_embedding = gather_last_valid(hidden_states, valid) * has_events  # (B, H)
         return PinFMModelOutput(
             last_hidden_state=hidden_states,
             user_embedding=user_embedding,
@@ -741,27 +494,31 @@ class PinFMModel(PinFMPreTrainedModel):
         return self.norm(hidden_states)
 
 
-class PinFMForPretraining(PinFMPreTrainedModel):
+class PinFMNextItemHead(nn.Module):
     """
-    PinFM encoder with a next-item scoring head, trained with PinFM's next-token, multi-token and future-token
-    losses. Scores are dot products of L2-normalised projections of the hidden state and of the item embedding,
-    divided by a learnable temperature; negatives come from the batch and from the vocabulary (uniform or by
-    popularity, with logQ correction and accidental-hit masking), or the full softmax when `config.full_softmax`.
+    Next-item scoring head: dot products of L2-normalised projections of a hidden state (the query) and of an item
+    embedding, over a learnable temperature; trained with PinFM's next-, multi- and future-token losses
+    ([`~pinfm_hf.losses.next_item_losses`]). [`PinFMForPretraining`] holds one, and so does [`PinFMForCTR`] when it
+    keeps an auxiliary next-item loss.
     """
 
     def __init__(self, config: PinFMConfig):
-        super().__init__(config)
-        self.pinfm = PinFMModel(config)
+        super().__init__()
+        self.config = config
         self.query_proj = nn.Linear(config.hidden_size, config.projection_size, bias=False)
         self.item_proj = nn.Linear(config.hidden_size, config.projection_size, bias=False)
-        self.log_temperature = nn.Parameter(torch.tensor(math.log(config.initial_temperature)))
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(DEFAULT_TEMPERATURE)))
         # Log popularity of every item id (for popularity negatives and logQ); zeros until `set_item_counts`.
         self.register_buffer("item_log_probs", torch.zeros(config.item_vocab_size))
-        self.post_init()
 
     @property
     def temperature(self) -> torch.Tensor:
         return self.log_temperature.exp().clamp(min=1e-3)
+
+    @torch.no_grad()
+    def init_temperature(self, temperature: float) -> None:
+        """Start training from this temperature (`PretrainingObjective.initial_temperature`)."""
+        self.log_temperature.fill_(math.log(temperature))
 
     @torch.no_grad()
     def set_item_counts(self, counts: torch.Tensor) -> None:
@@ -779,9 +536,60 @@ class PinFMForPretraining(PinFMPreTrainedModel):
     def has_item_counts(self) -> bool:
         return bool(self.item_log_probs.any())
 
+    def query(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """L2-normalised query embeddings `(..., projection_size)` of hidden states `(..., hidden_size)`."""
+        return F.normalize(self.query_proj(hidden_states), dim=-1)
+
+    def item_embeddings(self, item_ids: torch.LongTensor, item_table: nn.Module) -> torch.Tensor:
+        """L2-normalised scoring embeddings of `item_ids` (any shape `(...)` -> `(..., projection_size)`)."""
+        return F.normalize(self.item_proj(item_table(item_ids)), dim=-1)
+
+    def losses(
+        self,
+        query: torch.Tensor,
+        labels: torch.LongTensor,
+        attention_mask: Optional[torch.Tensor],
+        item_table: nn.Module,
+        objective: PretrainingObjective,
+    ) -> dict[str, torch.Tensor]:
+        """The unweighted losses of `objective` for queries `(B, T, P)` and `labels` `(B, T)` (-100: not a target)."""
+        return next_item_losses(
+            query, labels, attention_mask, objective=objective,
+            item_embeddings=lambda ids: self.item_embeddings(ids, item_table), temperature=self.temperature,
+            item_log_probs=self.item_log_probs if self.has_item_counts else None,
+            num_special_tokens=self.config.num_special_item_tokens, vocab_size=self.config.item_vocab_size,
+        )
+
+
+class PinFMForPretraining(PinFMPreTrainedModel):
+    """
+    PinFM encoder with a next-item scoring head ([`PinFMNextItemHead`]), trained with PinFM's next-token,
+    multi-token and future-token losses: negatives from the batch and from the vocabulary (uniform or by popularity,
+    with logQ correction and accidental-hit masking), or the full softmax. Which losses and negatives is the model's
+    `objective` ([`~pinfm_hf.losses.PretrainingObjective`]), set by the recipe; it is not saved with the model.
+    """
+
+    def __init__(self, config: PinFMConfig):
+        super().__init__(config)
+        self.pinfm = PinFMModel(config)
+        self.next_item_head = PinFMNextItemHead(config)
+        self.objective = PretrainingObjective()
+        self.post_init()
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        return self.next_item_head.temperature
+
+    def set_item_counts(self, counts: torch.Tensor) -> None:
+        self.next_item_head.set_item_counts(counts)
+
+    @property
+    def has_item_counts(self) -> bool:
+        return self.next_item_head.has_item_counts
+
     def item_embeddings(self, item_ids: torch.LongTensor) -> torch.Tensor:
         """L2-normalised scoring embeddings of `item_ids` (any shape `(...)` -> `(..., projection_size)`)."""
-        return F.normalize(self.item_proj(self.pinfm.embeddings.item_embeddings(item_ids)), dim=-1)
+        return self.next_item_head.item_embeddings(item_ids, self.pinfm.embeddings.item_embeddings)
 
     def score_items(self, query_embeddings: torch.Tensor, item_ids: Optional[torch.LongTensor] = None) -> torch.Tensor:
         """
@@ -796,6 +604,37 @@ class PinFMForPretraining(PinFMPreTrainedModel):
             scores[..., : self.config.num_special_item_tokens] = float("-inf")
         return scores
 
+    def score_next_items(
+        self,
+        query_embeddings: torch.Tensor,
+        *,
+        num_scored_ids: Optional[int] = None,
+        exclude_ids: Optional[torch.LongTensor] = None,
+    ) -> torch.Tensor:
+        """
+        Scores `(batch_size, item_vocab_size)` of every item as the next event of each query `(batch_size,
+        projection_size)` (the query at a user's last event: [`~PinFMForPretraining.next_item_query`]), with special
+        tokens, ids from `num_scored_ids` on (the tokenizer's hash buckets, which are not items) and each row's
+        `exclude_ids` `(batch_size, K)` at `-inf`. What evaluation, the recommendation pipeline and retrieval rank by.
+        """
+        scores = self.score_items(query_embeddings)
+        if num_scored_ids is not None:
+            scores[:, num_scored_ids:] = float("-inf")
+        if exclude_ids is not None:
+            scores = scores.scatter(1, exclude_ids, float("-inf"))
+        return scores
+
+    def next_item_query(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None, **event_inputs) -> torch.Tensor:
+        """
+        The L2-normalised query `(batch_size, projection_size)` at each user's last event (`end_timestamps` in
+        `event_inputs` is the request time): the user embedding that [`~PinFMForPretraining.score_next_items`] scores.
+        """
+        if attention_mask is None:
+            attention_mask = (input_ids != self.config.pad_token_id).long()
+        hidden = self.pinfm(input_ids, attention_mask=attention_mask, **event_inputs).last_hidden_state
+        # Projected at every position, as `forward` does, then gathered: the same numbers as `forward`'s query, to the bit.
+        return gather_last_valid(self.next_item_head.query(hidden), attention_mask)
+
     def forward(
         self,
         input_ids: Optional[torch.LongTensor] = None,
@@ -807,14 +646,13 @@ class PinFMForPretraining(PinFMPreTrainedModel):
         labels: Optional[torch.LongTensor] = None,
         output_hidden_states: Optional[bool] = None,
         output_attentions: Optional[bool] = None,
-        return_dict: Optional[bool] = None,
-        **kwargs,
     ) -> PinFMForPretrainingOutput:
         r"""
         Args:
             labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
-                Item ids of the events, aligned with `input_ids` (usually a copy) and `-100` where ignored; the model
-                shifts them itself. Positive targets are events whose action is in `config.positive_action_ids`.
+                Item ids of the events, aligned with `input_ids` (usually a copy) and `-100` where an event is not a
+                target (padding, or an action that is not a positive: `PinFMDataCollator(positive_action_ids=...)`);
+                the model shifts them itself. The losses are those of `self.objective`.
             Other inputs: see [`PinFMModel.forward`]. An all-padding row is allowed (no loss term, zero
             `user_embedding`) and leaves the other rows' outputs unchanged.
         """
@@ -830,13 +668,14 @@ class PinFMForPretraining(PinFMPreTrainedModel):
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
         )
-        query = F.normalize(self.query_proj(outputs.last_hidden_state), dim=-1)  # (B, T, P)
+        query = self.next_item_head.query(outputs.last_hidden_state)  # (B, T, P)
         losses = {}
         if labels is not None:
-            losses = self.pretraining_losses(query, labels, action_ids, attention_mask)
-        loss = self.weighted_loss(losses) if losses else None
+            losses = self.next_item_head.losses(
+                query, labels, attention_mask, self.pinfm.embeddings.item_embeddings, self.objective
+            )
         return PinFMForPretrainingOutput(
-            loss=loss,
+            loss=self.objective.weighted_sum(losses) if losses else None,
             next_token_loss=losses.get("next_token"),
             multi_token_loss=losses.get("multi_token"),
             future_token_loss=losses.get("future_token"),
@@ -847,584 +686,15 @@ class PinFMForPretraining(PinFMPreTrainedModel):
             attentions=outputs.attentions,
         )
 
-    def weighted_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Sum of the losses from `pretraining_losses`, each weighted by its config weight."""
-        weights = {
-            "next_token": self.config.next_token_loss_weight,
-            "multi_token": self.config.multi_token_loss_weight,
-            "future_token": self.config.future_token_loss_weight,
-        }
-        return sum(weights[name] * value for name, value in losses.items())
-
-    def positive_targets(self, labels: torch.LongTensor, action_ids: Optional[torch.LongTensor]) -> torch.BoolTensor:
-        """`(B, T)` mask of events that are positive targets: labelled, and with a positive action when configured."""
-        positive = labels != -100
-        if self.config.positive_action_ids:
-            if action_ids is None:
-                raise ValueError("`action_ids` are required to select positive targets (`config.positive_action_ids`).")
-            allowed = torch.tensor(self.config.positive_action_ids, device=labels.device)
-            positive &= torch.isin(action_ids, allowed)
-        return positive
-
-    def pretraining_losses(
-        self,
-        query: torch.Tensor,
-        labels: torch.LongTensor,
-        action_ids: Optional[torch.LongTensor],
-        attention_mask: Optional[torch.Tensor],
-    ) -> dict[str, torch.Tensor]:
-        config = self.config
-        B, T, _ = query.shape
-        if attention_mask is None:
-            attention_mask = labels != -100
-        valid_query = attention_mask.bool()  # (B, T)
-        positive = self.positive_targets(labels, action_ids)  # (B, T)
-        targets = labels.clamp(min=0)
-
-        # (query position, target position) pairs of each loss, as flat indices into (B, T).
-        pairs = {}
-        if config.next_token_loss_weight > 0:
-            pairs["next_token"] = self._offset_pairs(valid_query, positive, offsets=range(1, 2))
-        if config.multi_token_loss_weight > 0:
-            pairs["multi_token"] = self._offset_pairs(valid_query, positive, offsets=range(1, config.multi_token_window + 1))
-        if config.future_token_loss_weight > 0:
-            # Query only at the ends of consecutive length-L_d windows: the model sees L_d events and predicts the
-            # positives among the L' events after them, as when a cached sequence serves later requests.
-            window_end = (torch.arange(T, device=query.device) + 1) % config.future_token_input_length == 0
-            pairs["future_token"] = self._offset_pairs(
-                valid_query & window_end, positive, offsets=range(1, config.multi_token_window + 1)
-            )
-
-        flat_query = query.reshape(B * T, -1)  # (B*T, P)
-        flat_targets = targets.reshape(B * T)
-        if config.full_softmax:
-            return self._full_softmax_losses(flat_query, flat_targets, pairs)
-        max_pairs = max(int(valid_query.sum()), 1)
-        negatives = None
-        losses = {}
-        for name, (query_index, target_index) in pairs.items():
-            if query_index.numel() > max_pairs:
-                # Bound the multi-token work to one pair per real position on average (uniform subsample).
-                keep = torch.randperm(query_index.numel(), device=query.device)[:max_pairs]
-                query_index, target_index = query_index[keep], target_index[keep]
-            if query_index.numel() == 0:
-                losses[name] = query.sum() * 0.0  # zero-safe: no positive in range, yet gradients still flow
-                continue
-            row_target = flat_targets[target_index]  # (N,)
-            if negatives is None:
-                negatives = self._negatives(flat_targets[positive.reshape(-1)])
-            neg_ids, neg_log_q = negatives
-            per_row = sampled_softmax_loss(
-                flat_query[query_index],
-                self.item_embeddings(row_target),
-                self.item_embeddings(neg_ids),
-                temperature=self.temperature,
-                pos_ids=row_target,
-                neg_ids=neg_ids,
-                pos_log_q=self._log_q(row_target) if config.use_log_q_correction else None,
-                neg_log_q=neg_log_q if config.use_log_q_correction else None,
-            )
-            losses[name] = per_row.mean()
-        return losses
-
-    def _full_softmax_losses(
-        self, flat_query: torch.Tensor, flat_targets: torch.LongTensor, pairs: dict[str, tuple[torch.LongTensor, torch.LongTensor]]
-    ) -> dict[str, torch.Tensor]:
-        """
-        Cross-entropy over every item for each loss's `(query, target)` pairs. A query's logits do not depend on its
-        target, so each query position is scored once and its log-partition shared by all its pairs in all losses:
-        the multi-token and future-token losses then cost a gather, not another `(N, V)` softmax.
-        """
-        # Zero-safe: a loss with no positive in range is 0, yet gradients still flow.
-        losses = {name: flat_query.sum() * 0.0 for name, (query_index, _) in pairs.items() if query_index.numel() == 0}
-        pairs = {name: pair for name, pair in pairs.items() if name not in losses}
-        if not pairs:
-            return losses
-        first = self.config.num_special_item_tokens
-        item_emb = self.item_embeddings(torch.arange(first, self.config.item_vocab_size, device=flat_query.device))
-        if len(pairs) == 1:  # one loss (next-token only): the fused cross-entropy is the fastest (bench_pretraining_losses.py)
-            (name, (query_index, target_index)), = pairs.items()
-            per_row = full_softmax_loss(
-                flat_query[query_index], item_emb, flat_targets[target_index] - first, temperature=self.temperature
-            )
-            return {**losses, name: per_row.mean()}
-        queries = torch.unique(torch.cat([query_index for query_index, _ in pairs.values()]))  # sorted
-        logits = full_softmax_logits(flat_query[queries], item_emb, temperature=self.temperature)
-        log_partition = torch.logsumexp(logits, dim=-1)  # (N,)
-        for name, (query_index, target_index) in pairs.items():
-            # The target's logit as a dot product, not `logits[row, target]`: indexing the (N, V) logits would
-            # scatter its gradient into another dense (N, V) tensor in backward.
-            target_emb = item_emb[flat_targets[target_index] - first]  # (M, P)
-            target_logit = ((flat_query[query_index] / self.temperature) * target_emb).sum(-1).float()
-            losses[name] = (log_partition[torch.searchsorted(queries, query_index)] - target_logit).mean()
-        return losses
-
-    @staticmethod
-    def _offset_pairs(
-        valid_query: torch.BoolTensor, positive: torch.BoolTensor, offsets: range
-    ) -> tuple[torch.LongTensor, torch.LongTensor]:
-        """Flat `(query, target)` index pairs where the target sits `offset` events after a valid query."""
-        B, T = positive.shape
-        query_index, target_index = [], []
-        flat = torch.arange(B * T, device=positive.device).view(B, T)
-        for offset in offsets:
-            if offset >= T:
-                break
-            ok = valid_query[:, :-offset] & positive[:, offset:]  # (B, T - offset)
-            query_index.append(flat[:, :-offset][ok])
-            target_index.append(flat[:, offset:][ok])
-        if not query_index:
-            empty = torch.zeros(0, dtype=torch.long, device=positive.device)
-            return empty, empty
-        return torch.cat(query_index), torch.cat(target_index)
-
-    def _log_q(self, item_ids: torch.LongTensor) -> torch.Tensor:
-        """Log probability that `item_ids` are drawn as negatives: popularity when known, else uniform."""
-        if self.has_item_counts:
-            return self.item_log_probs[item_ids]
-        num_items = self.config.item_vocab_size - self.config.num_special_item_tokens
-        return torch.full(item_ids.shape, -math.log(num_items), device=item_ids.device)
-
-    def _negatives(self, batch_positive_ids: torch.LongTensor) -> tuple[torch.LongTensor, torch.Tensor]:
-        """Shared negatives: sampled from the vocabulary, plus the batch's positive items (popularity-distributed)."""
-        config = self.config
-        device = batch_positive_ids.device
-        if config.negative_sampling == "popularity":
-            if not self.has_item_counts:
-                raise ValueError("`negative_sampling='popularity'` needs item counts: call `model.set_item_counts(...)`.")
-            neg_ids, neg_log_q = sample_negatives(config.num_negatives, probs=self.item_log_probs.exp(), device=device)
-        else:
-            neg_ids, neg_log_q = sample_negatives(
-                config.num_negatives, vocab_size=config.item_vocab_size, first_id=config.num_special_item_tokens, device=device
-            )
-        if config.use_in_batch_negatives and batch_positive_ids.numel() > 0:
-            in_batch = batch_positive_ids.unique()
-            # At most `num_negatives` of them: every unique item of a large batch costs as much as a full softmax.
-            in_batch = in_batch[torch.randperm(in_batch.numel(), device=device)[: config.num_negatives]]
-            neg_ids = torch.cat([neg_ids, in_batch])
-            neg_log_q = torch.cat([neg_log_q, self._log_q(in_batch)])
-        return neg_ids, neg_log_q
-
-
-class PinFMCrossLayer(nn.Module):
-    """DCN-v2 cross layer: `x_{l+1} = x_0 * (W x_l + b) + x_l`, explicit feature crosses of bounded degree."""
-
-    def __init__(self, width: int):
-        super().__init__()
-        self.linear = nn.Linear(width, width)
-
-    def forward(self, x0: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return x0 * self.linear(x) + x
-
-
-class PinFMRankingHead(nn.Module):
-    """Ranking head: optional DCN cross layers, then an MLP to one logit."""
-
-    def __init__(self, config: PinFMConfig, input_size: int):
-        super().__init__()
-        num_cross = config.ctr_num_cross_layers if config.ctr_head == "dcn" else 0
-        self.cross_layers = nn.ModuleList(PinFMCrossLayer(input_size) for _ in range(num_cross))
-        layers, width = [], input_size
-        for hidden in config.ctr_head_hidden_sizes:
-            layers += [nn.Linear(width, hidden), nn.GELU(), nn.Dropout(config.ctr_dropout)]
-            width = hidden
-        layers.append(nn.Linear(width, 1))
-        self.mlp = nn.Sequential(*layers)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        x = features
-        for layer in self.cross_layers:
-            x = layer(features, x)
-        return self.mlp(x).squeeze(-1)
-
-
-class PinFMSideFeatureEmbedding(nn.Module):
-    """Embeds side-feature slots and mean-pools each field's slots (multi-valued fields, e.g. genres)."""
-
-    def __init__(self, config: PinFMConfig):
-        super().__init__()
-        self.embeddings = nn.Embedding(config.ctr_feature_vocab_size, config.ctr_feature_embedding_size, padding_idx=0)
-        self.slots = list(config.ctr_feature_slots)
-        self.num_fields = len(self.slots)
-
-    @property
-    def output_size(self) -> int:
-        return self.num_fields * self.embeddings.embedding_dim
-
-    def forward(self, side_feature_ids: torch.LongTensor) -> torch.Tensor:
-        if side_feature_ids.shape[-1] != sum(self.slots):
-            raise ValueError(
-                f"`side_feature_ids` has {side_feature_ids.shape[-1]} slot columns, the config expects "
-                f"{sum(self.slots)} (`ctr_feature_slots` = {self.slots})."
-            )
-        # Field of every slot column, built here rather than kept as a buffer (no meta-device init trouble).
-        slots = torch.tensor(self.slots, device=side_feature_ids.device)
-        field_of_slot = torch.repeat_interleave(torch.arange(self.num_fields, device=slots.device), slots)  # (S,)
-        used = (side_feature_ids != 0).to(self.embeddings.weight.dtype)  # (B, S)
-        one_hot = F.one_hot(field_of_slot, self.num_fields).to(used.dtype)  # (S, F)
-        weights = used.unsqueeze(-1) * one_hot  # (B, S, F)
-        weights = weights / weights.sum(dim=1, keepdim=True).clamp(min=1.0)  # mean over the used slots of a field
-        pooled = torch.einsum("bsf,bsd->bfd", weights, self.embeddings(side_feature_ids))  # (B, F, D)
-        return pooled.flatten(1)
-
-
-class PinFMForCTR(PinFMForPretraining):
-    """
-    PinFM with a ranking head for CTR/CVR, fine-tuned from a pretrained checkpoint.
-
-    The candidate is the last token of each sequence (candidate action marker, impression time). Early fusion scores
-    the candidate's output position, where the candidate has attended to the whole history (PinFM, GPSD). Late
-    fusion combines the output at the last history event (which, the encoder being causal, has not seen the
-    candidate) with the candidate's item embedding; both come from one encoder pass. Side features (user and item
-    fields) join in the ranking head. It subclasses the pretraining model so a pretrained checkpoint loads as is and
-    its next-token loss stays available as an auxiliary loss (`config.ctr_aux_loss_weight`).
-
-    [`PinFMForCTR.score_candidates`] scores many candidates per user with DCAT (PinFM's deduplicated
-    cross-attention): each distinct user sequence is encoded once, and candidates attend to its cached keys/values.
-    """
-
-    def __init__(self, config: PinFMConfig):
-        super().__init__(config)
-        self.ctr_feature_embeddings = PinFMSideFeatureEmbedding(config) if config.ctr_feature_vocab_size else None
-        head_input = config.hidden_size if config.ctr_fusion == "early" else 3 * config.hidden_size
-        if self.ctr_feature_embeddings is not None:
-            head_input += self.ctr_feature_embeddings.output_size
-        self.ctr_head = PinFMRankingHead(config, head_input)
-        self.ctr_candidate_feature_proj = None
-        if config.ctr_candidate_item_features:
-            width = len(config.ctr_item_feature_fields) * config.ctr_feature_embedding_size
-            self.ctr_candidate_feature_proj = nn.Linear(width, config.hidden_size, bias=False)
-        self.post_init()
-
-    def candidate_feature_embeddings(self, side_feature_ids: Optional[torch.LongTensor]) -> Optional[torch.Tensor]:
-        """Cold start: the candidate's item side features, projected to one token embedding `(N, hidden)`."""
-        if self.ctr_candidate_feature_proj is None:
-            return None
-        if side_feature_ids is None:
-            raise ValueError("`side_feature_ids` are required: `ctr_candidate_item_features` feeds them to the candidate.")
-        pooled = self.ctr_feature_embeddings(side_feature_ids).view(side_feature_ids.shape[0], -1, self.config.ctr_feature_embedding_size)
-        return self.ctr_candidate_feature_proj(pooled[:, self.config.ctr_item_feature_fields].flatten(1))
-
-    def young_item_mask(self, candidate_age: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
-        """
-        Cold start (PinFM): in training, a `(N, 1)` multiplier that drops the sequence output for young candidate
-        items, with probability `ctr_young_item_dropout * (1 - age / ctr_young_item_age_days)` (scaled like dropout).
-        """
-        rate = self.config.ctr_young_item_dropout
-        if not self.training or rate == 0 or candidate_age is None:
-            return None
-        age_days = candidate_age.to(like.dtype).clamp(min=0) / 86400.0
-        drop = rate * (1.0 - age_days / self.config.ctr_young_item_age_days).clamp(min=0.0)  # (N,)
-        keep = torch.bernoulli(1.0 - drop) / (1.0 - drop)
-        return keep.view(-1, 1)
-
-    def ranking_logits(
-        self,
-        candidate_hidden: torch.Tensor,
-        user_embedding: torch.Tensor,
-        candidate_ids: torch.LongTensor,
-        side_feature_ids: Optional[torch.LongTensor],
-        candidate_age: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        """Head logits `(N,)` from the candidate's encoder output (early fusion) or user + candidate (late fusion)."""
-        keep = self.young_item_mask(candidate_age, candidate_hidden)
-        if keep is not None:  # the sequence model's output, dropped for young items in training
-            candidate_hidden, user_embedding = candidate_hidden * keep, user_embedding * keep
-        if self.config.ctr_fusion == "early":
-            parts = [candidate_hidden]
-        else:
-            candidate_embedding = self.pinfm.embeddings.item_embeddings(candidate_ids)  # (N, H)
-            parts = [user_embedding, candidate_embedding, user_embedding * candidate_embedding]
-        if self.ctr_feature_embeddings is not None:
-            if side_feature_ids is None:
-                raise ValueError("`side_feature_ids` are required: this model was configured with side features.")
-            parts.append(self.ctr_feature_embeddings(side_feature_ids))
-        return self.ctr_head(torch.cat(parts, dim=-1)).float()
-
-    def forward(
-        self,
-        input_ids: Optional[torch.LongTensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        action_ids: Optional[torch.LongTensor] = None,
-        surface_ids: Optional[torch.LongTensor] = None,
-        timestamps: Optional[torch.LongTensor] = None,
-        side_feature_ids: Optional[torch.LongTensor] = None,
-        labels: Optional[torch.Tensor] = None,
-        output_hidden_states: Optional[bool] = None,
-        output_attentions: Optional[bool] = None,
-        return_dict: Optional[bool] = None,
-        deduplicate_histories: bool = False,
-        candidate_age: Optional[torch.LongTensor] = None,
-        **kwargs,
-    ) -> PinFMForCTROutput:
-        r"""
-        Args:
-            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
-                History item token ids followed by the candidate's, as the last real token of each row.
-            side_feature_ids (`torch.LongTensor` of shape `(batch_size, num_slots)`, *optional*):
-                Side-feature ids from `CTRFeatureEncoder` (required when `config.ctr_feature_vocab_size > 0`).
-            labels (`torch.Tensor` of shape `(batch_size,)`, *optional*):
-                1 for a click (or conversion), 0 otherwise.
-            deduplicate_histories (`bool`, *optional*, defaults to `False`):
-                Score through DCAT: rows with the same history and impression time are encoded once (impressions of
-                one request), the candidates cross-attend to the cached history. Same logits as the plain path; the
-                auxiliary loss then counts each distinct history once.
-            candidate_age (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
-                Seconds since the candidate item's first event, for the young-item dropout (training only).
-            Other inputs: see [`PinFMModel.forward`]; `action_ids` mark the candidate with `config.candidate_action_id`.
-
-        A row whose only real token is the candidate (a user without history) is scored from the candidate alone, with
-        a zero `user_embedding`; a row without any real token has no candidate to score and raises a `ValueError`.
-        """
-        check_event_inputs(input_ids, attention_mask, action_ids, surface_ids, timestamps)
-        if attention_mask is None:
-            attention_mask = (input_ids != self.config.pad_token_id).long()
-        B, T = input_ids.shape
-        valid = attention_mask.bool()
-        if _checking_inputs() and not valid.any(dim=1).all():
-            row = int((~valid.any(dim=1)).nonzero()[0])
-            raise ValueError(f"Row {row} has no real token: each row needs its candidate as its last real token.")
-        positions = torch.arange(T, device=input_ids.device)
-        rows = torch.arange(B, device=input_ids.device)
-        candidate_index = (valid.long() * positions).argmax(dim=1)  # last real token
-        history = valid.clone()
-        history[rows, candidate_index] = False
-        candidate_ids = input_ids[rows, candidate_index]
-
-        if deduplicate_histories:
-            if output_hidden_states or output_attentions:
-                raise ValueError("`deduplicate_histories=True` returns no per-layer hidden states or attentions.")
-            logits, candidate_hidden, user_embedding, context = self._dcat(
-                input_ids, history.long(), action_ids, surface_ids, timestamps,
-                candidate_ids=candidate_ids,
-                candidate_user_index=rows,
-                request_timestamps=timestamps[rows, candidate_index] if timestamps is not None else None,
-                candidate_side_feature_ids=side_feature_ids,
-                candidate_surface_ids=surface_ids[rows, candidate_index] if surface_ids is not None else None,
-                candidate_age=candidate_age,
-                deduplicate=True,
-            )
-            hidden_states = attentions = None
-        else:
-            extra = None
-            candidate_features = self.candidate_feature_embeddings(side_feature_ids)
-            if candidate_features is not None:
-                extra = torch.zeros(B, T, candidate_features.shape[-1], dtype=candidate_features.dtype, device=input_ids.device)
-                extra[rows, candidate_index] = candidate_features
-            outputs = self.pinfm(
-                input_ids,
-                attention_mask=attention_mask,
-                action_ids=action_ids,
-                surface_ids=surface_ids,
-                timestamps=timestamps,
-                output_hidden_states=output_hidden_states,
-                output_attentions=output_attentions,
-                extra_embeddings=extra,
-            )
-            has_history = history.any(dim=1)
-            user_index = (history.long() * positions).argmax(dim=1)
-            hidden = outputs.last_hidden_state
-            candidate_hidden = hidden[rows, candidate_index]  # (B, H)
-            user_embedding = hidden[rows, user_index] * has_history.unsqueeze(-1).to(hidden.dtype)  # (B, H)
-            logits = self.ranking_logits(candidate_hidden, user_embedding, candidate_ids, side_feature_ids, candidate_age)
-            hidden_states, attentions = outputs.hidden_states, outputs.attentions
-            # Pretraining losses see history events only: the candidate's outcome is the label, not a target.
-            context = (hidden, input_ids, action_ids, history)
-
-        loss = ctr_loss = aux_loss = None
-        if labels is not None:
-            ctr_loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype).view(-1))
-            loss = ctr_loss
-            if self.config.ctr_aux_loss_weight > 0:
-                hidden, context_ids, context_actions, context_valid = context
-                query = F.normalize(self.query_proj(hidden), dim=-1)
-                history_labels = context_ids.masked_fill(~context_valid, -100)
-                aux_loss = self.weighted_loss(
-                    self.pretraining_losses(query, history_labels, context_actions, context_valid.long())
-                )
-                loss = ctr_loss + self.config.ctr_aux_loss_weight * aux_loss
-        return PinFMForCTROutput(
-            loss=loss,
-            logits=logits,
-            ctr_loss=ctr_loss,
-            aux_loss=aux_loss,
-            candidate_hidden_state=candidate_hidden,
-            user_embedding=user_embedding,
-            hidden_states=hidden_states,
-            attentions=attentions,
-        )
-
-    def score_candidates(
-        self,
-        input_ids: torch.LongTensor,
-        candidate_ids: torch.LongTensor,
-        attention_mask: Optional[torch.Tensor] = None,
-        action_ids: Optional[torch.LongTensor] = None,
-        surface_ids: Optional[torch.LongTensor] = None,
-        timestamps: Optional[torch.LongTensor] = None,
-        candidate_user_index: Optional[torch.LongTensor] = None,
-        request_timestamps: Optional[torch.LongTensor] = None,
-        candidate_side_feature_ids: Optional[torch.LongTensor] = None,
-        candidate_surface_ids: Optional[torch.LongTensor] = None,
-        deduplicate: bool = True,
-    ) -> torch.Tensor:
-        r"""
-        Score candidates for users with DCAT: one context pass per distinct user sequence caches every layer's keys and
-        values; one crossing pass runs all candidates, each attending to its user's cache and to itself. The logits
-        equal those of appending each candidate to its user's sequence and running `forward` (within float error).
-
-        Args:
-            input_ids (`torch.LongTensor` of shape `(num_users, sequence_length)`):
-                The users' histories (no candidate token), either padding side. Other per-event inputs as in
-                [`PinFMModel.forward`].
-            candidate_ids (`torch.LongTensor` of shape `(num_users, num_candidates)` or `(N,)`):
-                Item token ids to score: a row per user, or a flat list with `candidate_user_index`.
-            candidate_user_index (`torch.LongTensor` of shape `(N,)`, *optional*):
-                With flat `candidate_ids`: the user row of each candidate (users may have any number of candidates).
-            request_timestamps (`torch.LongTensor` of shape `(num_users,)`, *optional*):
-                Time of the request (the candidates' timestamp); defaults to each user's last event time.
-            candidate_side_feature_ids (`torch.LongTensor` of shape `(..., num_slots)`, *optional*):
-                Side features of each candidate impression, shaped like `candidate_ids` plus a slot axis.
-            candidate_surface_ids (`torch.LongTensor`, *optional*):
-                Surface of each impression, shaped like `candidate_ids`.
-            deduplicate (`bool`, *optional*, defaults to `True`):
-                Encode identical user rows (same history and request time) once.
-
-        Returns:
-            `torch.FloatTensor` shaped like `candidate_ids`: the logits; `sigmoid` gives probabilities.
-
-        A user without history (an all-padding row) is allowed: each of its candidates attends only to itself, its
-        late-fusion user embedding is zeros, and the other users' scores are those without it.
-        """
-        check_event_inputs(input_ids, attention_mask, action_ids, surface_ids, timestamps)
-        num_users = input_ids.shape[0]
-        shape = candidate_ids.shape
-        if candidate_ids.dim() == 2:
-            if candidate_ids.shape[0] != num_users:
-                raise ValueError(
-                    f"`candidate_ids` has {candidate_ids.shape[0]} rows for {num_users} users; pass one row "
-                    "per user, or flat ids with `candidate_user_index`."
-                )
-            candidate_user_index = torch.arange(shape[0], device=input_ids.device).repeat_interleave(shape[1])
-        elif candidate_ids.dim() != 1 or candidate_user_index is None or candidate_user_index.shape != shape:
-            raise ValueError("Flat `candidate_ids` (N,) need `candidate_user_index` (N,): the user row of each.")
-        elif candidate_user_index.numel() and _checking_inputs():
-            low, high = torch.stack(torch.aminmax(candidate_user_index)).tolist()
-            if low < 0 or high >= num_users:  # a negative index would silently score another user's candidates
-                bad = low if low < 0 else high
-                raise ValueError(f"`candidate_user_index` holds {bad}, not a user row in [0, {num_users}).")
-        if candidate_ids.numel() == 0:
-            raise ValueError("`candidate_ids` is empty: nothing to score.")
-        check_ids_in_range(candidate_ids, self.config.item_vocab_size, "`candidate_ids`", "item_vocab_size")
-        if request_timestamps is not None and request_timestamps.numel() != num_users:
-            raise ValueError(f"`request_timestamps` has {request_timestamps.numel()} values for {num_users} users.")
-        per_candidate = {
-            "candidate_surface_ids": candidate_surface_ids, "candidate_side_feature_ids": candidate_side_feature_ids
-        }
-        for name, value in per_candidate.items():
-            if value is not None and value.shape[: candidate_ids.dim()] != shape:
-                raise ValueError(f"`{name}` has shape {tuple(value.shape)}, but `candidate_ids` has {tuple(shape)}.")
-        flat = candidate_ids.reshape(-1)
-        side = candidate_side_feature_ids.reshape(flat.numel(), -1) if candidate_side_feature_ids is not None else None
-        surfaces = candidate_surface_ids.reshape(-1) if candidate_surface_ids is not None else None
-        if attention_mask is None:
-            attention_mask = (input_ids != self.config.pad_token_id).long()
-        logits, *_ = self._dcat(
-            input_ids, attention_mask, action_ids, surface_ids, timestamps,
-            candidate_ids=flat, candidate_user_index=candidate_user_index, request_timestamps=request_timestamps,
-            candidate_side_feature_ids=side, candidate_surface_ids=surfaces, deduplicate=deduplicate,
-        )
-        return logits.view(shape)
-
-    def _dcat(
-        self,
-        input_ids, attention_mask, action_ids, surface_ids, timestamps, *,
-        candidate_ids, candidate_user_index, request_timestamps, candidate_side_feature_ids, candidate_surface_ids,
-        deduplicate, candidate_age=None,
-    ):
-        """DCAT scoring of flat candidates; also returns candidate outputs, user embeddings and the context pass."""
-        config = self.config
-        device = input_ids.device
-        valid = attention_mask.bool()
-        if request_timestamps is None and timestamps is not None:
-            request_timestamps = timestamps.masked_fill(~valid, torch.iinfo(timestamps.dtype).min).amax(dim=1)
-        # Padding positions never matter: zero them so identical histories compare equal whatever they hold there.
-        per_event = {"input_ids": input_ids, "action_ids": action_ids, "surface_ids": surface_ids, "timestamps": timestamps}
-        per_event = {k: (v * valid) if v is not None else None for k, v in per_event.items()}
-        user_index = candidate_user_index
-        if deduplicate:
-            keys = [v for v in per_event.values() if v is not None] + [valid.long()]
-            if request_timestamps is not None:
-                keys.append(request_timestamps.view(-1, 1))
-            _, inverse = torch.unique(torch.cat(keys, dim=1), dim=0, return_inverse=True)
-            num_unique = int(inverse.max()) + 1
-            first = torch.full((num_unique,), valid.shape[0], device=device, dtype=torch.long)
-            first = first.scatter_reduce(0, inverse, torch.arange(valid.shape[0], device=device), reduce="amin")
-            per_event = {k: v[first] if v is not None else None for k, v in per_event.items()}
-            valid = valid[first]
-            request_timestamps = request_timestamps[first] if request_timestamps is not None else None
-            user_index = inverse[candidate_user_index]
-
-        # Context pass: once per distinct user, caching each layer's keys and values.
-        context = self.pinfm(
-            per_event["input_ids"],
-            attention_mask=valid.long(),
-            action_ids=per_event["action_ids"],
-            surface_ids=per_event["surface_ids"],
-            timestamps=per_event["timestamps"],
-            end_timestamps=request_timestamps,
-            return_key_values=True,
-        )
-        num_users = valid.shape[0]
-        num_events = valid.sum(dim=1)  # (U,)
-
-        # Lay the candidates out as (user, slot): the crossing pass runs them all at once.
-        order = torch.argsort(user_index, stable=True)
-        counts = torch.bincount(user_index, minlength=num_users)
-        starts = counts.cumsum(0) - counts
-        sorted_users = user_index[order]
-        slots = torch.arange(order.numel(), device=device) - starts[sorted_users]
-        width = int(counts.max())
-        grid_ids = torch.full((num_users, width), config.pad_token_id, dtype=torch.long, device=device)
-        grid_ids[sorted_users, slots] = candidate_ids[order]
-        grid_actions = torch.full_like(grid_ids, config.candidate_action_id)
-        grid_surfaces = None
-        if candidate_surface_ids is not None:
-            grid_surfaces = torch.zeros_like(grid_ids)
-            grid_surfaces[sorted_users, slots] = candidate_surface_ids[order]
-        time_embeddings = None
-        if config.use_time_features:
-            if timestamps is None:
-                raise ValueError("`timestamps` are required: this model was configured with `use_time_features=True`.")
-            last_event = per_event["timestamps"].masked_fill(~valid, torch.iinfo(timestamps.dtype).min).amax(dim=1)
-            gap = (request_timestamps - last_event).clamp(min=0).view(-1, 1).expand(num_users, width)
-            has_previous = (num_events > 0).view(-1, 1).expand(num_users, width)
-            time_embeddings = self.pinfm.embeddings.candidate_time_features(gap, has_previous)
-        candidate_embeddings = self.pinfm.embeddings.combine(grid_ids, grid_actions, grid_surfaces, time_embeddings)
-        candidate_features = self.candidate_feature_embeddings(candidate_side_feature_ids)
-        if candidate_features is not None:
-            grid_features = torch.zeros_like(candidate_embeddings)
-            grid_features[sorted_users, slots] = candidate_features[order].to(candidate_embeddings.dtype)
-            candidate_embeddings = candidate_embeddings + grid_features
-        positions = num_events.view(-1, 1).expand(num_users, width)
-        crossed = self.pinfm.encode_candidates(candidate_embeddings, positions, context.key_values, valid)
-
-        candidate_hidden = torch.empty(order.numel(), crossed.shape[-1], dtype=crossed.dtype, device=device)
-        candidate_hidden[order] = crossed[sorted_users, slots]
-        has_history = (num_events > 0).to(crossed.dtype).view(-1, 1)
-        user_embedding = (context.user_embedding * has_history)[user_index]
-        logits = self.ranking_logits(candidate_hidden, user_embedding, candidate_ids, candidate_side_feature_ids, candidate_age)
-        context_inputs = (context.last_hidden_state, per_event["input_ids"], per_event["action_ids"], valid)
-        return logits, candidate_hidden, user_embedding, context_inputs
-
 
 __all__ = [
     "PINFM_LORA_TARGET_MODULES",
-    "PinFMPreTrainedModel",
     "PinFMModel",
-    "PinFMForPretraining",
-    "PinFMForCTR",
     "PinFMModelOutput",
-    "PinFMForCTROutput",
+    "PinFMForPretraining",
     "PinFMForPretrainingOutput",
+    "PinFMNextItemHead",
+    "PinFMPreTrainedModel",
+    "gather_last_valid",
+    "last_valid_index",
 ]

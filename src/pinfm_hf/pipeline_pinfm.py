@@ -123,14 +123,6 @@ def _is_single_history(inputs: Any) -> bool:
     return False
 
 
-def last_valid(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """`values[b, t_last(b)]` where `t_last` is row b's last real position, for either padding side."""
-    # Adapted from pinfm_hf.evaluation.last_valid: remote code cannot import the package.
-    T = attention_mask.shape[1]
-    last = (attention_mask.long() * torch.arange(T, device=attention_mask.device)).argmax(dim=1)  # (B,)
-    return values[torch.arange(values.shape[0], device=values.device), last]
-
-
 class PinFMRecommendationPipeline(Pipeline):
     """
     Top-k next-item recommendation from one user's raw event history, with a [`PinFMForPretraining`] model and its
@@ -138,7 +130,7 @@ class PinFMRecommendationPipeline(Pipeline):
 
     The history is encoded like training data (its most recent `tokenizer.model_max_length` events, at most the
     model's `config.max_position_embeddings`), the query
-    embedding at the last event scores every item of the vocabulary (`model.score_items`: dot product of normalised
+    embedding at the last event scores every item of the vocabulary (`model.score_next_items`: dot product of normalised
     embeddings over the temperature), and the best `top_k` are returned. Special tokens and hash buckets (ids of
     item ids unseen at tokenizer build) are never recommended.
 
@@ -165,7 +157,7 @@ class PinFMRecommendationPipeline(Pipeline):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.model.eval()  # recommendations must not depend on dropout, whatever mode a passed model was left in
-        if not hasattr(self.model, "score_items"):
+        if not hasattr(self.model, "score_next_items"):
             raise TypeError(
                 f"{type(self.model).__name__} cannot score items: load the model with `AutoModelForPreTraining` "
                 "(a PinFMForPretraining checkpoint)."
@@ -277,13 +269,13 @@ class PinFMRecommendationPipeline(Pipeline):
 
     def _forward(self, model_inputs: dict[str, torch.Tensor], top_k: int = 10) -> dict[str, torch.Tensor]:
         inputs = {key: value for key, value in model_inputs.items() if key != "exclude_ids"}
-        outputs = self.model(**inputs)
-        query = last_valid(outputs.query_embeddings, inputs["attention_mask"])  # (B, P)
-        scores = self.model.score_items(query).float()  # (B, V); special tokens are -inf
-        if not torch.isfinite(query).all() or torch.isnan(scores).any():  # else: no finite score, an empty answer
+        query = self.model.next_item_query(**inputs)  # (B, P)
+        if not torch.isfinite(query).all():  # else: no finite score, an empty answer
             raise ValueError("The model gives non-finite scores for this history: its weights hold NaN or inf.")
-        scores[:, self.tokenizer.first_bucket_id :] = float("-inf")  # hash buckets are not items
-        scores = scores.scatter(1, model_inputs["exclude_ids"], float("-inf"))
+        # Special tokens, hash buckets (ids that are not items) and the excluded items are never recommended.
+        scores = self.model.score_next_items(
+            query, num_scored_ids=self.tokenizer.first_bucket_id, exclude_ids=model_inputs["exclude_ids"]
+        ).float()  # (B, V)
         top = scores.topk(min(top_k, scores.shape[-1]), dim=-1)
         return {"scores": top.values, "ids": top.indices}  # (B, k) each
 

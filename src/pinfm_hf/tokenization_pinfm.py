@@ -4,13 +4,14 @@ import json
 import numbers
 import os
 import re
-import tempfile
 import zlib
 from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 from transformers import BatchEncoding, PreTrainedTokenizer
 from transformers.utils import PaddingStrategy, logging
+
+from .io_utils import atomic_write_json
 
 
 try:  # bulk Arrow encoding needs pyarrow; loading the tokenizer and encoding single histories do not
@@ -40,21 +41,6 @@ _INTEGER = re.compile(r"^[+-]?\d+$")
 def stable_bucket(item_id: str, num_buckets: int) -> int:
     """Bucket of an unseen item id: crc32 is stable across processes and machines (unlike `hash()`)."""
     return zlib.crc32(item_id.encode("utf-8")) % num_buckets
-
-
-def _atomic_write_json(obj: Any, path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _read_vocab_file(vocab_file: str) -> dict[str, Any]:
@@ -296,7 +282,7 @@ class PinFMTokenizer(PreTrainedTokenizer):
             "surfaces": self.surface_tokens[len(SPECIAL_SURFACE_TOKENS) :],
             "num_hash_buckets": self.num_hash_buckets,
         }
-        _atomic_write_json(vocab, path)
+        atomic_write_json(path, vocab, indent=None)  # the file's mode follows the umask, like the other files
         return (path,)
 
     # ----- encoding ---------------------------------------------------------------------------------------------------

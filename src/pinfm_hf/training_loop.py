@@ -1,109 +1,109 @@
-"""The step, checkpoint and resume bookkeeping both recipes share, so each recipe's loop shows only what it trains.
+"""The run bookkeeping both recipes share, so that each recipe's loop shows only what it trains (torchtune style).
 
-A recipe's loop reads (torchtune style):
-
-```python
-loop = TrainingLoop(accelerator, model, scheduler, run, position, ...)
-for epoch in loop.epochs():
-    for batch in loop.batches(train_loader, epoch):
-        with accelerator.accumulate(model):
-            outputs = model(**batch)
-            accelerator.backward(outputs.loss)
-            record = loop.after_backward(outputs, units=int(batch["attention_mask"].sum()))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-        if record is not None:
-            loop.after_step(record)
-    ...  # per-epoch evaluation
-loop.finish()
-```
+`start_run` makes the `Accelerator` and claims the run folder before any data is read; [`TrainingLoop`] resumes,
+counts steps, seeds each micro-step, clips, stops on a non-finite loss, logs, checkpoints and saves the outputs. The
+recipes (`recipes/pretrain.py`, `recipes/finetune_ctr.py`) show the loop it serves.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
-from typing import Any, Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
+from transformers.utils import logging
 
 from .checkpointing import LoopPosition, RunFolder, check_finite_step, fault_point
-from .training_utils import JsonlLogger, reduce_step_losses
+from .io_utils import atomic_folder, atomic_write_json
+from .training_utils import (
+    JsonlLogger,
+    configure_recipe_logging,
+    finish,
+    make_accelerator,
+    plot_training_curves,
+    reduce_step_losses,
+)
+
+
+if TYPE_CHECKING:
+    from .arguments import TrainingArguments
+    from .hub import HubArguments
+
+logger = logging.get_logger(__name__)
+
+
+def start_run(train_args: TrainingArguments, hub_args: HubArguments):
+    """
+    A recipe's first step: the `Accelerator`, its logging, the run folder claimed (locked, no other run's outputs) and
+    the hub push checked, so that a bad folder or token fails in a second, before any data is read; then the seed.
+    Returns `(accelerator, run)`.
+    """
+    accelerator = make_accelerator(
+        train_args.output_dir,
+        mixed_precision=train_args.mixed_precision,
+        gradient_accumulation_steps=train_args.gradient_accumulation_steps,
+        report_to=train_args.report_to,
+    )
+    configure_recipe_logging(accelerator.is_main_process)
+    run = RunFolder(train_args.output_dir, is_main_process=accelerator.is_main_process)
+    run.claim(resume_from_checkpoint=train_args.resume_from_checkpoint, overwrite_output_dir=train_args.overwrite_output_dir)
+    hub_args.check_access()
+    set_seed(train_args.seed)
+    return accelerator, run
 
 
 class TrainingLoop:
     """
-    Loop position, reproducible randomness, gradient clipping and the finite-loss guard, logging, periodic and final
-    checkpoints, and the `--stop_after_steps` interruption, for an Accelerate training loop.
+    Resume (`train_args.resume_from_checkpoint`), loop position, reproducible randomness, gradient clipping and the
+    finite-loss guard, the JSONL log, periodic and final checkpoints, the `--stop_after_steps` interruption and the
+    saved outputs of an Accelerate training loop.
 
     Args:
-        accelerator: the recipe's `Accelerator` (gradient accumulation is its own).
-        model, scheduler: prepared by `accelerator`.
-        run (`RunFolder`): the claimed run folder, for checkpoints.
-        position (`LoopPosition`): where to start (from `run.resume`, or a fresh one).
+        accelerator, model, scheduler: prepared by `accelerator` (gradient accumulation is its own).
+        run (`RunFolder`): the claimed run folder (`start_run`).
+        train_args (`TrainingArguments`): seed, clipping, checkpointing and logging flags.
         total_steps, num_epochs (`int`): the plan (`cosine_schedule`).
-        seed (`int`): dropout and sampled negatives are drawn from `seed + micro_step`, so a resumed run repeats them.
-        max_grad_norm (`float`): clip at this norm; 0 measures the norm without clipping.
-        checkpointing_steps, checkpoints_total_limit (`int`): checkpoint cadence and how many of this run's to keep.
-        stop_after_steps (`int`, *optional*): save and stop after this step, as if interrupted (tests).
-        run_log (`JsonlLogger`): one record per optimizer step.
-        logging_steps (`int`): how often the progress bar shows the loss.
         unit (`str`): what `units` counts, for the throughput figure `<unit>_per_s` (`"tokens"`, `"samples"`).
         description (`str`): the progress bar's label.
     """
 
     def __init__(
-        self,
-        accelerator,
-        model: torch.nn.Module,
-        scheduler,
-        run: RunFolder,
-        position: LoopPosition,
-        *,
-        total_steps: int,
-        num_epochs: int,
-        seed: int,
-        max_grad_norm: float,
-        checkpointing_steps: int,
-        checkpoints_total_limit: int,
-        stop_after_steps: Optional[int],
-        run_log: JsonlLogger,
-        logging_steps: int,
-        unit: str,
-        description: str,
+        self, accelerator, model: torch.nn.Module, scheduler, run: RunFolder, train_args: TrainingArguments, *,
+        total_steps: int, num_epochs: int, unit: str, description: str,
     ):
-        self.accelerator, self.model, self.scheduler, self.run = accelerator, model, scheduler, run
-        self.position = position
-        self.total_steps, self.num_epochs, self.seed = total_steps, num_epochs, seed
-        self.max_grad_norm = max_grad_norm
-        self.checkpointing_steps, self.checkpoints_total_limit = checkpointing_steps, checkpoints_total_limit
-        self.stop_after_steps, self.run_log, self.logging_steps = stop_after_steps, run_log, logging_steps
-        self.unit = unit
-        self.done = position.step >= total_steps
+        self.accelerator, self.model, self.scheduler, self.run, self.args = accelerator, model, scheduler, run, train_args
+        self.total_steps, self.num_epochs, self.unit = total_steps, num_epochs, unit
+        self.run_log = JsonlLogger(run.output_dir / "train_log.jsonl", enabled=accelerator.is_main_process)
+        self.position = run.resume(accelerator, model, train_args.resume_from_checkpoint) or LoopPosition()
+        self.run_log.restart(self.position.step)
+        self.done = self.position.step >= total_steps
         self.interrupted = False
         self.units_seen = 0
-        self.start_time = time.time()
         self._step_losses: list[dict[str, torch.Tensor]] = []
         self._progress = tqdm(
-            total=total_steps, initial=position.step, desc=description, disable=not accelerator.is_main_process
+            total=total_steps, initial=self.position.step, desc=description, disable=not accelerator.is_main_process
         )
+        self.start_time = time.time()
 
     @property
     def step(self) -> int:
         return self.position.step
 
-    @property
-    def stopped(self) -> bool:
-        """The plan is done or the run was asked to stop: leave the loops."""
-        return self.done or self.interrupted
+    def init_trackers(self, project_name: str, *arguments: Any) -> None:
+        """With `--report_to`, start the Accelerate trackers with every argument dataclass's fields as the run config."""
+        if self.args.report_to:
+            config = {k: v for args in arguments for k, v in dataclasses.asdict(args).items()}
+            self.accelerator.init_trackers(project_name, config=config)
 
     def epochs(self) -> Iterator[int]:
-        """The epochs left, from the resumed one."""
+        """The epochs left, from the resumed one; stops when the plan is done or the run interrupted."""
         for epoch in range(self.position.epoch, self.num_epochs):
-            if self.stopped:
+            if self.done or self.interrupted:
                 return
             yield epoch
 
@@ -118,11 +118,11 @@ class TrainingLoop:
         for batch in self.accelerator.skip_first_batches(loader, skip) if skip else loader:
             # Randomness is a function of the micro-step, so a resumed run repeats it exactly whatever else drew from
             # the generators in between (e.g. the DataLoader's own seed draw).
-            set_seed(self.seed + self.position.micro_step, device_specific=True)
+            set_seed(self.args.seed + self.position.micro_step, device_specific=True)
             self.position.micro_step += 1
             self.position.batches_in_epoch += 1
             yield batch
-            if self.stopped:
+            if self.done or self.interrupted:
                 return
 
     def after_backward(self, outputs: Any, *, units: int) -> Optional[dict[str, Any]]:
@@ -137,7 +137,7 @@ class TrainingLoop:
         if not self.accelerator.sync_gradients:
             return None
         next_step = self.position.step + 1
-        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm or float("inf"))
+        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm or float("inf"))
         record = {"step": next_step, "epoch": self.position.epoch, **reduce_step_losses(self._step_losses, self.accelerator)}
         record["grad_norm"] = float(grad_norm)
         self._step_losses = []
@@ -153,20 +153,23 @@ class TrainingLoop:
         """After the optimizer step: count it, log `record` (+ `extra`), checkpoint when due, stop when asked."""
         self.position.step += 1
         record["lr"] = self.scheduler.get_last_lr()[0]
-        record[f"{self.unit}_per_s"] = self.units_seen / max(time.time() - self.start_time, 1e-9)
-        record.update(extra)
-        self.run_log.log(record)
-        self.accelerator.log(record, step=self.position.step)
+        record[f"{self.unit}_per_s"] = self.units_per_s
+        self.log({**record, **extra})
         self._progress.update(1)
-        if self.position.step % self.logging_steps == 0 or self.position.step == 1:
+        if self.position.step % self.args.logging_steps == 0 or self.position.step == 1:
             self._progress.set_postfix(loss=f"{record['loss']:.4f}", **{f"{self.unit}_s": f"{record[f'{self.unit}_per_s']:.0f}"})
-        self.interrupted = self.stop_after_steps is not None and self.position.step >= self.stop_after_steps
-        if self.position.step % self.checkpointing_steps == 0 or self.interrupted:
+        self.interrupted = self.args.stop_after_steps is not None and self.position.step >= self.args.stop_after_steps
+        if self.position.step % self.args.checkpointing_steps == 0 or self.interrupted:
             self.checkpoint()
         self.done = self.position.step >= self.total_steps
 
+    def log(self, record: dict[str, Any]) -> None:
+        """One record (with its `step`) to the JSONL run log and the Accelerate trackers."""
+        self.run_log.log(record)
+        self.accelerator.log(record, step=record.get("step", self.position.step))
+
     def checkpoint(self) -> None:
-        self.run.save_checkpoint(self.accelerator, self.model, self.position, self.checkpoints_total_limit)
+        self.run.save_checkpoint(self.accelerator, self.model, self.position, self.args.checkpoints_total_limit)
 
     def finish(self) -> float:
         """
@@ -175,7 +178,9 @@ class TrainingLoop:
         """
         self._progress.close()
         seconds = time.time() - self.start_time
-        if not self.interrupted and self.position.step % self.checkpointing_steps != 0:
+        if self.interrupted:
+            logger.warning(f"Stopped after step {self.step} as asked (--stop_after_steps); resume with --resume_from_checkpoint latest.")
+        elif self.position.step % self.args.checkpointing_steps != 0:
             self.position.epoch, self.position.batches_in_epoch = self.num_epochs, 0
             self.checkpoint()
         return seconds
@@ -184,5 +189,27 @@ class TrainingLoop:
     def units_per_s(self) -> float:
         return self.units_seen / max(time.time() - self.start_time, 1e-9)
 
+    def save(self, results: dict[str, Any], save_dir: Path, fill: Callable[[Path], None], hub_args: HubArguments) -> None:
+        """
+        On the main process: `results.json`, the training curves, and `save_dir` written atomically by `fill(folder)`
+        (model or adapter, tokenizer, card); then the push to the hub when asked.
+        """
+        if not self.accelerator.is_main_process:
+            return
+        output_dir = self.run.output_dir
+        atomic_write_json(output_dir / "results.json", results)
+        plot = plot_training_curves(output_dir / "train_log.jsonl", output_dir / "training_curves.png")
+        with atomic_folder(save_dir) as folder:
+            fill(folder)
+        logger.info(f"Saved {save_dir}, curves to {plot}, results to {output_dir / 'results.json'}.")
+        if hub_args.push_to_hub:
+            url = hub_args.push(save_dir, [output_dir / "results.json", output_dir / "train_log.jsonl", plot])
+            logger.info(f"Pushed {save_dir} (with its card and the training metrics) to {url}")
 
-__all__ = ["TrainingLoop"]
+    def close(self) -> None:
+        """End the run: every process waits for the others, trackers end, and the run folder is released."""
+        finish(self.accelerator)
+        self.run.release()
+
+
+__all__ = ["TrainingLoop", "start_run"]

@@ -18,7 +18,9 @@ from transformers.utils import logging
 
 from .configuration_pinfm import PinFMConfig
 from .hub import cached_file_from
-from .modeling_pinfm import PINFM_LORA_TARGET_MODULES, PinFMForCTR
+from .losses import PretrainingObjective
+from .modeling_pinfm import PINFM_LORA_TARGET_MODULES
+from .modeling_pinfm_ctr import PinFMForCTR
 
 
 logger = logging.get_logger(__name__)
@@ -35,7 +37,6 @@ TRANSFER_STRATEGIES = {
 # Saved next to a PEFT adapter: the CTR config the base must be built with (head shape, side features, fusion).
 CTR_CONFIG_NAME = "pinfm_ctr_config.json"
 CTR_HEAD_MODULES = ["ctr_head", "ctr_feature_embeddings", "ctr_candidate_feature_proj"]
-RETRIEVAL_HEAD_PARAMETERS = ("query_proj", "item_proj", "log_temperature")
 
 
 @dataclass
@@ -89,6 +90,7 @@ def build_ctr_model(
     strategy: str,
     config: PinFMConfig,
     *,
+    objective: Optional[PretrainingObjective] = None,
     lora_rank: int = 8,
     lora_alpha: int = 16,
     lora_dropout: float = 0.0,
@@ -96,8 +98,9 @@ def build_ctr_model(
 ) -> TransferredModel:
     """
     Build a `PinFMForCTR` from the pretrained folder (or hub repo id at `revision`) `base` with a transfer strategy (see
-    `TRANSFER_STRATEGIES`). `config` is the CTR config (e.g. from [`ctr_config_from_base`]). Random parts are drawn
-    from the current torch seed, so seed before calling for a reproducible head.
+    `TRANSFER_STRATEGIES`). `config` is the CTR config (e.g. from [`ctr_config_from_base`]); `objective` is what its
+    auxiliary next-item loss follows, when `config.ctr_aux_loss_weight > 0`. Random parts are drawn from the current
+    torch seed, so seed before calling for a reproducible head.
     """
     if strategy not in TRANSFER_STRATEGIES:
         raise ValueError(f"Unknown transfer strategy {strategy!r}; choose one of {sorted(TRANSFER_STRATEGIES)}.")
@@ -115,23 +118,22 @@ def build_ctr_model(
         if missing:
             raise ValueError(f"{base} has no pretrained weights for {sorted(missing)}.")
         model.load_state_dict({name: pretrained[name] for name in embeddings}, strict=False)
-        # The popularity buffer is data, not a dense layer: keep it for the auxiliary loss's negatives.
-        model.item_log_probs.copy_(pretrained["item_log_probs"])
+        if model.next_item_head is not None:
+            # The popularity buffer is data, not a dense layer: keep it for the auxiliary loss's negatives.
+            model.next_item_head.item_log_probs.copy_(pretrained["next_item_head.item_log_probs"])
         transferred = set(embeddings)
     else:
         head = {n for n, _ in model.named_parameters() if n.split(".")[0] in CTR_HEAD_MODULES}
         transferred = {n for n, _ in model.named_parameters()} - head
 
+    if objective is not None:
+        model.objective = objective
     if strategy in ("sparse_freeze", "full_sparse_freeze"):
         frozen = embeddings
     elif strategy in ("frozen_backbone", "lora"):
         frozen = transferred
     else:
         frozen = set()
-    if config.ctr_aux_loss_weight == 0:
-        # The retrieval head only serves the auxiliary loss; without it, it gets no gradient (and DDP would wait
-        # for one), so it is frozen.
-        frozen = frozen | {n for n, _ in model.named_parameters() if n.split(".")[0] in RETRIEVAL_HEAD_PARAMETERS}
     for name, param in model.named_parameters():
         if name in frozen:
             param.requires_grad_(False)

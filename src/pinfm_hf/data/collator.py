@@ -30,6 +30,9 @@ class PinFMDataCollator:
             Keep at most this many events per sequence, the most recent ones (the tail).
         return_labels (`bool`, *optional*, defaults to `False`):
             Add `labels`: a copy of `input_ids` with -100 at padded positions.
+        positive_action_ids (`Sequence[int]`, *optional*):
+            With `return_labels`: only events with one of these action ids are targets (the others get -100 in
+            `labels`, and stay in the input); `None` makes every event a target.
 
     Keys other than the sequence keys (`target_ids`, `label`, ...) are stacked as they are (float64 becomes
     float32); string values (such as `user_id`) are left out, as `transformers.default_data_collator` does.
@@ -39,6 +42,7 @@ class PinFMDataCollator:
     padding_side: str = "right"
     max_length: Optional[int] = None
     return_labels: bool = False
+    positive_action_ids: Optional[Sequence[int]] = None
 
     def __post_init__(self) -> None:
         if self.padding_side not in ("left", "right"):
@@ -89,7 +93,12 @@ class PinFMDataCollator:
                     padded[i, width - n :] = row[key]
             batch[key] = torch.from_numpy(padded)
         if self.return_labels and "labels" not in batch:
-            batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+            target = batch["attention_mask"] != 0
+            if self.positive_action_ids:
+                if "action_ids" not in batch:
+                    raise ValueError("`positive_action_ids` selects targets by action: the examples need `action_ids`.")
+                target &= torch.isin(batch["action_ids"], torch.tensor(list(self.positive_action_ids)))
+            batch["labels"] = batch["input_ids"].masked_fill(~target, IGNORE_INDEX)
 
         for key in features[0]:
             if key in batch or key in SEQUENCE_KEYS:

@@ -443,7 +443,7 @@ class CTRFeatureEncoder:
         `CTRFeatureEncoder.load(pinfm_hf.hub.cached_file_from(repo_id, FEATURES_FILE_NAME, revision))`.)
         """
         path = Path(path)
-        if path.is_dir():
+        if path.is_dir() or path.suffix != ".json":
             path = path / FEATURES_FILE_NAME
         if not path.is_file():
             raise FileNotFoundError(f"No CTR feature vocabulary at {path} (written by `CTRFeatureEncoder.save`).")

@@ -31,7 +31,7 @@ _UNIT_NAMES = {"s": "seconds", "ms": "milliseconds", "us": "microseconds", "ns":
 # Unix seconds below 1e11 reach the year 5138, and each finer unit's range starts where the coarser one ends
 # (1e11 ms is 1973), so the magnitude of a post-1973 date names its unit.
 _SECONDS_LIMIT = 10**11
-_NUMBER_REGEX = r"^\s*[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\s*$"
+NUMBER_REGEX = r"^\s*[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\s*$"
 _INTEGER_REGEX = r"^\s*[+-]?\d+\s*$"
 # ISO 8601 dates as `datetime.isoformat`, pandas and SQL write them; a zone suffix is either on every value or on none.
 _DATE_REGEX = r"^\s*\d{4}-\d{2}-\d{2}([ T]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2})?)?\s*$"
@@ -264,7 +264,7 @@ def _validate_timestamp(col, *, source, line_offset, timestamp_unit: str = "auto
         check_mask(pc.less(values, 0), raw, problem="is before 1970", **kw)
         return pc.divide(values, _UNIT_FACTORS[col.type.unit])
     if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
-        is_number = pc.match_substring_regex(col, _NUMBER_REGEX)
+        is_number = pc.match_substring_regex(col, NUMBER_REGEX)
         if not pc.all(is_number).as_py():
             dates = _dates_to_seconds(col, source=source, line_offset=line_offset)
             if dates is not None:

@@ -25,11 +25,11 @@ from transformers.utils import logging
 
 from .events import (
     EVENT_COLUMNS,
+    NUMBER_REGEX,
     SURFACE_COLUMN,
     TIMESTAMP_UNITS,
     EventTable,
     EventValidationError,
-    _NUMBER_REGEX,
     check_mask,
     check_timestamp_unit,
     first_true,
@@ -238,7 +238,7 @@ def _ratings_to_actions(
 ) -> pa.ChunkedArray:
     """Ratings as text ("4", "4.0", "3.5") -> `rating_4`, `rating_3.5`; MovieLens (`one_to_five`) allows 1..5 only."""
     kw = {"source": source, "column": "rating", "line_offset": line_offset}
-    check_mask(pc.invert(pc.match_substring_regex(ratings, _NUMBER_REGEX)), ratings, problem="is not a number", **kw)
+    check_mask(pc.invert(pc.match_substring_regex(ratings, NUMBER_REGEX)), ratings, problem="is not a number", **kw)
     values = pc.cast(pc.utf8_trim_whitespace(ratings), pa.float64())
     if one_to_five:
         bad = pc.invert(pc.is_in(values, value_set=pa.array([1.0, 2.0, 3.0, 4.0, 5.0])))
@@ -578,6 +578,9 @@ class EventSourceArguments:
         metadata={"help": f"Unit of numeric timestamps, one of {', '.join(TIMESTAMP_UNITS)}: 'auto' tells it from "
                   "their magnitude and converts ms/us/ns to seconds with a notice; an explicit unit is checked."},
     )
+
+    def __post_init__(self) -> None:
+        check_timestamp_unit(self.timestamp_unit)  # a bad unit fails when the flags are parsed, before data is read
 
     def load_events(self) -> EventTable:
         return load_events_from_args(self.dataset, self.data_dir, self.columns, self.timestamp_unit)

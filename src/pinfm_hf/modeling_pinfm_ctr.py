@@ -1,0 +1,543 @@
+"""PinFM as the sequence tower of a CTR/CVR ranking model (PinFM, GPSD), scored in serving with DCAT.
+
+[`PinFMForCTR`] holds the encoder (`pinfm`), a ranking head, optional side-feature embeddings and, when it keeps an
+auxiliary next-item loss, a next-item head of its own. It is a sibling of [`PinFMForPretraining`], not a child: a
+pretrained checkpoint loads into it by parameter name (`pinfm.*`, `next_item_head.*`).
+
+Copied into saved model folders with `modeling_pinfm.py` for `trust_remote_code`: imports only torch, transformers
+and its siblings.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.utils import ModelOutput
+
+from .configuration_pinfm import PinFMConfig
+from .embeddings_pinfm import check_event_inputs, check_ids_in_range, checking_inputs
+from .losses import PretrainingObjective
+from .modeling_pinfm import PinFMModel, PinFMNextItemHead, PinFMPreTrainedModel, last_valid_index
+
+
+@dataclass
+class PinFMForCTROutput(ModelOutput):
+    """
+    Output of [`PinFMForCTR`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
+            `ctr_loss + config.ctr_aux_loss_weight * aux_loss`.
+        logits (`torch.FloatTensor` of shape `(batch_size,)`):
+            Click (or conversion) logit of each candidate; `sigmoid(logits)` is the predicted probability.
+        ctr_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Binary cross-entropy of `logits` against `labels`.
+        aux_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Weighted pretraining losses on the history events (when `config.ctr_aux_loss_weight > 0`).
+        candidate_hidden_state (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
+            Encoder output at the candidate token (early fusion reads it).
+        user_embedding (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
+            Encoder output at the last history event (late fusion reads it; zeros for an empty history).
+    """
+
+    loss: Optional[torch.FloatTensor] = None
+    logits: Optional[torch.FloatTensor] = None
+    ctr_loss: Optional[torch.FloatTensor] = None
+    aux_loss: Optional[torch.FloatTensor] = None
+    candidate_hidden_state: Optional[torch.FloatTensor] = None
+    user_embedding: Optional[torch.FloatTensor] = None
+    hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
+    attentions: Optional[tuple[torch.FloatTensor, ...]] = None
+
+
+
+@dataclass
+class PinFMDCATOutput(ModelOutput):
+    """
+    Output of [`PinFMForCTR.dcat`]: the scores of `N` candidates and what the auxiliary loss reads of the context pass.
+
+    Args:
+        logits (`torch.FloatTensor` of shape `(N,)`): click (or conversion) logit of each candidate.
+        candidate_hidden_state (`torch.FloatTensor` of shape `(N, hidden_size)`): encoder output at each candidate.
+        user_embedding (`torch.FloatTensor` of shape `(N, hidden_size)`):
+            Output at the last history event of each candidate's user (zeros for a user without history).
+        context_hidden_state (`torch.FloatTensor` of shape `(U, sequence_length, hidden_size)`):
+            Final hidden states of the context pass over the `U` distinct user histories.
+        context_input_ids (`torch.LongTensor` of shape `(U, sequence_length)`): their item ids (0 at padding).
+        context_attention_mask (`torch.BoolTensor` of shape `(U, sequence_length)`): their real events.
+    """
+
+    logits: Optional[torch.FloatTensor] = None
+    candidate_hidden_state: Optional[torch.FloatTensor] = None
+    user_embedding: Optional[torch.FloatTensor] = None
+    context_hidden_state: Optional[torch.FloatTensor] = None
+    context_input_ids: Optional[torch.LongTensor] = None
+    context_attention_mask: Optional[torch.BoolTensor] = None
+
+
+class PinFMCrossLayer(nn.Module):
+    """DCN-v2 cross layer: `x_{l+1} = x_0 * (W x_l + b) + x_l`, explicit feature crosses of bounded degree."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+
+    def forward(self, x0: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return x0 * self.linear(x) + x
+
+
+class PinFMRankingHead(nn.Module):
+    """Ranking head: optional DCN cross layers, then an MLP to one logit."""
+
+    def __init__(self, config: PinFMConfig, input_size: int):
+        super().__init__()
+        num_cross = config.ctr_num_cross_layers if config.ctr_head == "dcn" else 0
+        self.cross_layers = nn.ModuleList(PinFMCrossLayer(input_size) for _ in range(num_cross))
+        layers, width = [], input_size
+        for hidden in config.ctr_head_hidden_sizes:
+            layers += [nn.Linear(width, hidden), nn.GELU(), nn.Dropout(config.ctr_dropout)]
+            width = hidden
+        layers.append(nn.Linear(width, 1))
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = features
+        for layer in self.cross_layers:
+            x = layer(features, x)
+        return self.mlp(x).squeeze(-1)
+
+
+class PinFMSideFeatureEmbedding(nn.Module):
+    """Embeds side-feature slots and mean-pools each field's slots (multi-valued fields, e.g. genres)."""
+
+    def __init__(self, config: PinFMConfig):
+        super().__init__()
+        self.embeddings = nn.Embedding(config.ctr_feature_vocab_size, config.ctr_feature_embedding_size, padding_idx=0)
+        self.slots = list(config.ctr_feature_slots)
+        self.num_fields = len(self.slots)
+
+    @property
+    def output_size(self) -> int:
+        return self.num_fields * self.embeddings.embedding_dim
+
+    def forward(self, side_feature_ids: torch.LongTensor) -> torch.Tensor:
+        if side_feature_ids.shape[-1] != sum(self.slots):
+            raise ValueError(
+                f"`side_feature_ids` has {side_feature_ids.shape[-1]} slot columns, the config expects "
+                f"{sum(self.slots)} (`ctr_feature_slots` = {self.slots})."
+            )
+        # Field of every slot column, built here rather than kept as a buffer (no meta-device init trouble).
+        slots = torch.tensor(self.slots, device=side_feature_ids.device)
+        field_of_slot = torch.repeat_interleave(torch.arange(self.num_fields, device=slots.device), slots)  # (S,)
+        used = (side_feature_ids != 0).to(self.embeddings.weight.dtype)  # (B, S)
+        one_hot = F.one_hot(field_of_slot, self.num_fields).to(used.dtype)  # (S, F)
+        weights = used.unsqueeze(-1) * one_hot  # (B, S, F)
+        weights = weights / weights.sum(dim=1, keepdim=True).clamp(min=1.0)  # mean over the used slots of a field
+        pooled = torch.einsum("bsf,bsd->bfd", weights, self.embeddings(side_feature_ids))  # (B, F, D)
+        return pooled.flatten(1)
+
+
+class PinFMForCTR(PinFMPreTrainedModel):
+    """
+    PinFM with a ranking head for CTR/CVR, fine-tuned from a pretrained checkpoint.
+
+    The candidate is the last token of each sequence (candidate action marker, impression time). Early fusion scores
+    the candidate's output position, where the candidate has attended to the whole history (PinFM, GPSD). Late
+    fusion combines the output at the last history event (which, the encoder being causal, has not seen the
+    candidate) with the candidate's item embedding; both come from one encoder pass. Side features (user and item
+    fields) join in the ranking head. With `config.ctr_aux_loss_weight > 0` the model keeps a next-item head
+    (`next_item_head`, loaded from the pretrained checkpoint) and adds its loss on the history events, as PinFM does,
+    following `self.objective` ([`~pinfm_hf.losses.PretrainingObjective`]).
+
+    [`PinFMForCTR.score_candidates`] scores many candidates per user with DCAT (PinFM's deduplicated
+    cross-attention): each distinct user sequence is encoded once, and candidates attend to its cached keys/values.
+    """
+
+    # Pretraining checkpoints carry a next-item head, which a ranker without the auxiliary loss does not use.
+    _keys_to_ignore_on_load_unexpected = [r"^next_item_head\."]
+
+    def __init__(self, config: PinFMConfig):
+        super().__init__(config)
+        self.pinfm = PinFMModel(config)
+        self.next_item_head = PinFMNextItemHead(config) if config.ctr_aux_loss_weight > 0 else None
+        self.objective = PretrainingObjective()
+        self.ctr_feature_embeddings = PinFMSideFeatureEmbedding(config) if config.ctr_feature_vocab_size else None
+        head_input = config.hidden_size if config.ctr_fusion == "early" else 3 * config.hidden_size
+        if self.ctr_feature_embeddings is not None:
+            head_input += self.ctr_feature_embeddings.output_size
+        self.ctr_head = PinFMRankingHead(config, head_input)
+        self.ctr_candidate_feature_proj = None
+        if config.ctr_candidate_item_features:
+            width = len(config.ctr_item_feature_fields) * config.ctr_feature_embedding_size
+            self.ctr_candidate_feature_proj = nn.Linear(width, config.hidden_size, bias=False)
+        self.post_init()
+
+    def candidate_feature_embeddings(self, side_feature_ids: Optional[torch.LongTensor]) -> Optional[torch.Tensor]:
+        """Cold start: the candidate's item side features, projected to one token embedding `(N, hidden)`."""
+        if self.ctr_candidate_feature_proj is None:
+            return None
+        if side_feature_ids is None:
+            raise ValueError("`side_feature_ids` are required: `ctr_candidate_item_features` feeds them to the candidate.")
+        pooled = self.ctr_feature_embeddings(side_feature_ids).view(side_feature_ids.shape[0], -1, self.config.ctr_feature_embedding_size)
+        return self.ctr_candidate_feature_proj(pooled[:, self.config.ctr_item_feature_fields].flatten(1))
+
+    def young_item_mask(self, candidate_age: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
+        """
+        Cold start (PinFM): in training, a `(N, 1)` multiplier that drops the sequence output for young candidate
+        items, with probability `ctr_young_item_dropout * (1 - age / ctr_young_item_age_days)` (scaled like dropout).
+        """
+        rate = self.config.ctr_young_item_dropout
+        if not self.training or rate == 0 or candidate_age is None:
+            return None
+        age_days = candidate_age.to(like.dtype).clamp(min=0) / 86400.0
+        drop = rate * (1.0 - age_days / self.config.ctr_young_item_age_days).clamp(min=0.0)  # (N,)
+        keep = torch.bernoulli(1.0 - drop) / (1.0 - drop)
+        return keep.view(-1, 1)
+
+    def ranking_logits(
+        self,
+        candidate_hidden: torch.Tensor,
+        user_embedding: torch.Tensor,
+        candidate_ids: torch.LongTensor,
+        side_feature_ids: Optional[torch.LongTensor],
+        candidate_age: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Head logits `(N,)` from the candidate's encoder output (early fusion) or user + candidate (late fusion)."""
+        keep = self.young_item_mask(candidate_age, candidate_hidden)
+        if keep is not None:  # the sequence model's output, dropped for young items in training
+            candidate_hidden, user_embedding = candidate_hidden * keep, user_embedding * keep
+        if self.config.ctr_fusion == "early":
+            parts = [candidate_hidden]
+        else:
+            candidate_embedding = self.pinfm.embeddings.item_embeddings(candidate_ids)  # (N, H)
+            parts = [user_embedding, candidate_embedding, user_embedding * candidate_embedding]
+        if self.ctr_feature_embeddings is not None:
+            if side_feature_ids is None:
+                raise ValueError("`side_feature_ids` are required: this model was configured with side features.")
+            parts.append(self.ctr_feature_embeddings(side_feature_ids))
+        return self.ctr_head(torch.cat(parts, dim=-1)).float()
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        action_ids: Optional[torch.LongTensor] = None,
+        surface_ids: Optional[torch.LongTensor] = None,
+        timestamps: Optional[torch.LongTensor] = None,
+        side_feature_ids: Optional[torch.LongTensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        output_hidden_states: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        deduplicate_histories: bool = False,
+        candidate_age: Optional[torch.LongTensor] = None,
+    ) -> PinFMForCTROutput:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+                History item token ids followed by the candidate's, as the last real token of each row.
+            side_feature_ids (`torch.LongTensor` of shape `(batch_size, num_slots)`, *optional*):
+                Side-feature ids from `CTRFeatureEncoder` (required when `config.ctr_feature_vocab_size > 0`).
+            labels (`torch.Tensor` of shape `(batch_size,)`, *optional*):
+                1 for a click (or conversion), 0 otherwise.
+            deduplicate_histories (`bool`, *optional*, defaults to `False`):
+                Score through DCAT: rows with the same history and impression time are encoded once (impressions of
+                one request), the candidates cross-attend to the cached history. Same logits as the plain path; the
+                auxiliary loss then counts each distinct history once.
+            candidate_age (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+                Seconds since the candidate item's first event, for the young-item dropout (training only).
+            Other inputs: see [`PinFMModel.forward`]; `action_ids` mark the candidate with `config.candidate_action_id`.
+
+        A row whose only real token is the candidate (a user without history) is scored from the candidate alone, with
+        a zero `user_embedding`; a row without any real token has no candidate to score and raises a `ValueError`.
+        """
+        check_event_inputs(input_ids, attention_mask, action_ids, surface_ids, timestamps)
+        if attention_mask is None:
+            attention_mask = (input_ids != self.config.pad_token_id).long()
+        B, T = input_ids.shape
+        valid = attention_mask.bool()
+        if checking_inputs() and not valid.any(dim=1).all():
+            row = int((~valid.any(dim=1)).nonzero()[0])
+            raise ValueError(f"Row {row} has no real token: each row needs its candidate as its last real token.")
+        rows = torch.arange(B, device=input_ids.device)
+        candidate_index = last_valid_index(valid)
+        history = valid.clone()
+        history[rows, candidate_index] = False
+        candidate_ids = input_ids[rows, candidate_index]
+
+        if deduplicate_histories:
+            if output_hidden_states or output_attentions:
+                raise ValueError("`deduplicate_histories=True` returns no per-layer hidden states or attentions.")
+            scored = self.dcat(
+                input_ids, history.long(), action_ids, surface_ids, timestamps,
+                candidate_ids=candidate_ids,
+                candidate_user_index=rows,
+                request_timestamps=timestamps[rows, candidate_index] if timestamps is not None else None,
+                candidate_side_feature_ids=side_feature_ids,
+                candidate_surface_ids=surface_ids[rows, candidate_index] if surface_ids is not None else None,
+                candidate_age=candidate_age,
+                deduplicate=True,
+            )
+            hidden_states = attentions = None
+        else:
+            extra = None
+            candidate_features = self.candidate_feature_embeddings(side_feature_ids)
+            if candidate_features is not None:
+                extra = torch.zeros(B, T, candidate_features.shape[-1], dtype=candidate_features.dtype, device=input_ids.device)
+                extra[rows, candidate_index] = candidate_features
+            outputs = self.pinfm(
+                input_ids,
+                attention_mask=attention_mask,
+                action_ids=action_ids,
+                surface_ids=surface_ids,
+                timestamps=timestamps,
+                output_hidden_states=output_hidden_states,
+                output_attentions=output_attentions,
+                extra_embeddings=extra,
+            )
+            hidden = outputs.last_hidden_state
+            candidate_hidden = hidden[rows, candidate_index]  # (B, H)
+            has_history = history.any(dim=1, keepdim=True).to(hidden.dtype)
+            user_embedding = hidden[rows, last_valid_index(history)] * has_history  # (B, H)
+            # Pretraining losses see history events only: the candidate's outcome is the label, not a target.
+            scored = PinFMDCATOutput(
+                logits=self.ranking_logits(candidate_hidden, user_embedding, candidate_ids, side_feature_ids, candidate_age),
+                candidate_hidden_state=candidate_hidden, user_embedding=user_embedding, context_hidden_state=hidden,
+                context_input_ids=input_ids, context_attention_mask=history,
+            )
+            hidden_states, attentions = outputs.hidden_states, outputs.attentions
+
+        loss = ctr_loss = aux_loss = None
+        if labels is not None:
+            ctr_loss = F.binary_cross_entropy_with_logits(scored.logits, labels.to(scored.logits.dtype).view(-1))
+            loss = ctr_loss
+            if self.next_item_head is not None:
+                aux_loss = self.auxiliary_loss(scored)
+                loss = ctr_loss + self.config.ctr_aux_loss_weight * aux_loss
+        return PinFMForCTROutput(
+            loss=loss,
+            logits=scored.logits,
+            ctr_loss=ctr_loss,
+            aux_loss=aux_loss,
+            candidate_hidden_state=scored.candidate_hidden_state,
+            user_embedding=scored.user_embedding,
+            hidden_states=hidden_states,
+            attentions=attentions,
+        )
+
+    def auxiliary_loss(self, scored: PinFMDCATOutput) -> torch.Tensor:
+        """The next-item head's weighted `objective` losses on the history events of the context pass."""
+        query = self.next_item_head.query(scored.context_hidden_state)
+        history = scored.context_attention_mask
+        labels = scored.context_input_ids.masked_fill(~history, -100)
+        losses = self.next_item_head.losses(
+            query, labels, history.long(), self.pinfm.embeddings.item_embeddings, self.objective
+        )
+        return self.objective.weighted_sum(losses)
+
+    def score_candidates(
+        self,
+        input_ids: torch.LongTensor,
+        candidate_ids: torch.LongTensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        action_ids: Optional[torch.LongTensor] = None,
+        surface_ids: Optional[torch.LongTensor] = None,
+        timestamps: Optional[torch.LongTensor] = None,
+        candidate_user_index: Optional[torch.LongTensor] = None,
+        request_timestamps: Optional[torch.LongTensor] = None,
+        candidate_side_feature_ids: Optional[torch.LongTensor] = None,
+        candidate_surface_ids: Optional[torch.LongTensor] = None,
+        deduplicate: bool = True,
+    ) -> torch.Tensor:
+        r"""
+        Score candidates for users with DCAT: one context pass per distinct user sequence caches every layer's keys and
+        values; one crossing pass runs all candidates, each attending to its user's cache and to itself. The logits
+        equal those of appending each candidate to its user's sequence and running `forward` (within float error).
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(num_users, sequence_length)`):
+                The users' histories (no candidate token), either padding side. Other per-event inputs as in
+                [`PinFMModel.forward`].
+            candidate_ids (`torch.LongTensor` of shape `(num_users, num_candidates)` or `(N,)`):
+                Item token ids to score: a row per user, or a flat list with `candidate_user_index`.
+            candidate_user_index (`torch.LongTensor` of shape `(N,)`, *optional*):
+                With flat `candidate_ids`: the user row of each candidate (users may have any number of candidates).
+            request_timestamps (`torch.LongTensor` of shape `(num_users,)`, *optional*):
+                Time of the request (the candidates' timestamp); defaults to each user's last event time.
+            candidate_side_feature_ids (`torch.LongTensor` of shape `(..., num_slots)`, *optional*):
+                Side features of each candidate impression, shaped like `candidate_ids` plus a slot axis.
+            candidate_surface_ids (`torch.LongTensor`, *optional*):
+                Surface of each impression, shaped like `candidate_ids`.
+            deduplicate (`bool`, *optional*, defaults to `True`):
+                Encode identical user rows (same history and request time) once.
+
+        Returns:
+            `torch.FloatTensor` shaped like `candidate_ids`: the logits; `sigmoid` gives probabilities.
+
+        A user without history (an all-padding row) is allowed: each of its candidates attends only to itself, its
+        late-fusion user embedding is zeros, and the other users' scores are those without it.
+        """
+        check_event_inputs(input_ids, attention_mask, action_ids, surface_ids, timestamps)
+        num_users = input_ids.shape[0]
+        shape = candidate_ids.shape
+        if candidate_ids.dim() == 2:
+            if candidate_ids.shape[0] != num_users:
+                raise ValueError(
+                    f"`candidate_ids` has {candidate_ids.shape[0]} rows for {num_users} users; pass one row "
+                    "per user, or flat ids with `candidate_user_index`."
+                )
+            candidate_user_index = torch.arange(shape[0], device=input_ids.device).repeat_interleave(shape[1])
+        elif candidate_ids.dim() != 1 or candidate_user_index is None or candidate_user_index.shape != shape:
+            raise ValueError("Flat `candidate_ids` (N,) need `candidate_user_index` (N,): the user row of each.")
+        elif candidate_user_index.numel() and checking_inputs():
+            low, high = torch.stack(torch.aminmax(candidate_user_index)).tolist()
+            if low < 0 or high >= num_users:  # a negative index would silently score another user's candidates
+                bad = low if low < 0 else high
+                raise ValueError(f"`candidate_user_index` holds {bad}, not a user row in [0, {num_users}).")
+        if candidate_ids.numel() == 0:
+            raise ValueError("`candidate_ids` is empty: nothing to score.")
+        check_ids_in_range(candidate_ids, self.config.item_vocab_size, "`candidate_ids`", "item_vocab_size")
+        if request_timestamps is not None and request_timestamps.numel() != num_users:
+            raise ValueError(f"`request_timestamps` has {request_timestamps.numel()} values for {num_users} users.")
+        per_candidate = {
+            "candidate_surface_ids": candidate_surface_ids, "candidate_side_feature_ids": candidate_side_feature_ids
+        }
+        for name, value in per_candidate.items():
+            if value is not None and value.shape[: candidate_ids.dim()] != shape:
+                raise ValueError(f"`{name}` has shape {tuple(value.shape)}, but `candidate_ids` has {tuple(shape)}.")
+        flat = candidate_ids.reshape(-1)
+        side = candidate_side_feature_ids.reshape(flat.numel(), -1) if candidate_side_feature_ids is not None else None
+        surfaces = candidate_surface_ids.reshape(-1) if candidate_surface_ids is not None else None
+        if attention_mask is None:
+            attention_mask = (input_ids != self.config.pad_token_id).long()
+        scored = self.dcat(
+            input_ids, attention_mask, action_ids, surface_ids, timestamps,
+            candidate_ids=flat, candidate_user_index=candidate_user_index, request_timestamps=request_timestamps,
+            candidate_side_feature_ids=side, candidate_surface_ids=surfaces, deduplicate=deduplicate,
+        )
+        return scored.logits.view(shape)
+
+    def dcat(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        action_ids: Optional[torch.LongTensor],
+        surface_ids: Optional[torch.LongTensor],
+        timestamps: Optional[torch.LongTensor],
+        *,
+        candidate_ids: torch.LongTensor,
+        candidate_user_index: torch.LongTensor,
+        request_timestamps: Optional[torch.LongTensor] = None,
+        candidate_side_feature_ids: Optional[torch.LongTensor] = None,
+        candidate_surface_ids: Optional[torch.LongTensor] = None,
+        candidate_age: Optional[torch.LongTensor] = None,
+        deduplicate: bool = True,
+    ) -> PinFMDCATOutput:
+        """
+        DCAT scoring of `N` flat candidates `(N,)`, the user row of each in `candidate_user_index` `(N,)`, against the
+        histories `(num_users, sequence_length)` (no candidate token): one context pass per distinct history (with
+        `deduplicate`) caches every layer's keys and values, then one crossing pass runs all candidates.
+        """
+        valid = attention_mask.bool()
+        if request_timestamps is None and timestamps is not None:
+            request_timestamps = timestamps.masked_fill(~valid, torch.iinfo(timestamps.dtype).min).amax(dim=1)
+        # Padding positions never matter: zero them so identical histories compare equal whatever they hold there.
+        events = {"input_ids": input_ids, "action_ids": action_ids, "surface_ids": surface_ids, "timestamps": timestamps}
+        events = {k: (v * valid) if v is not None else None for k, v in events.items()}
+        user_index = candidate_user_index
+        if deduplicate:
+            first, inverse = unique_rows([*(v for v in events.values() if v is not None), valid.long()], request_timestamps)
+            events = {k: v[first] if v is not None else None for k, v in events.items()}
+            valid = valid[first]
+            request_timestamps = request_timestamps[first] if request_timestamps is not None else None
+            user_index = inverse[candidate_user_index]
+
+        # Context pass: once per distinct user, caching each layer's keys and values.
+        context = self.pinfm(
+            events["input_ids"], attention_mask=valid.long(), action_ids=events["action_ids"],
+            surface_ids=events["surface_ids"], timestamps=events["timestamps"], end_timestamps=request_timestamps,
+            return_key_values=True,
+        )
+        candidate_hidden = self.cross_candidates(
+            context.key_values, valid, events["timestamps"], request_timestamps, candidate_ids, user_index,
+            candidate_side_feature_ids, candidate_surface_ids,
+        )
+        has_history = valid.any(dim=1, keepdim=True).to(candidate_hidden.dtype)
+        user_embedding = (context.user_embedding * has_history)[user_index]
+        return PinFMDCATOutput(
+            logits=self.ranking_logits(candidate_hidden, user_embedding, candidate_ids, candidate_side_feature_ids, candidate_age),
+            candidate_hidden_state=candidate_hidden,
+            user_embedding=user_embedding,
+            context_hidden_state=context.last_hidden_state,
+            context_input_ids=events["input_ids"],
+            context_attention_mask=valid,
+        )
+
+    def cross_candidates(
+        self,
+        key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...],
+        valid: torch.BoolTensor,
+        timestamps: Optional[torch.LongTensor],
+        request_timestamps: Optional[torch.LongTensor],
+        candidate_ids: torch.LongTensor,
+        user_index: torch.LongTensor,
+        candidate_side_feature_ids: Optional[torch.LongTensor],
+        candidate_surface_ids: Optional[torch.LongTensor],
+    ) -> torch.Tensor:
+        """
+        The crossing pass: candidates `(N,)` of users `user_index` `(N,)`, laid out as a `(users, slots)` grid, each
+        attending to its user's cached `key_values` (real events `valid` `(U, T)`) and to itself. Returns `(N, hidden)`.
+        """
+        config, device = self.config, candidate_ids.device
+        num_users = valid.shape[0]
+        num_events = valid.sum(dim=1)  # (U,)
+        order = torch.argsort(user_index, stable=True)
+        counts = torch.bincount(user_index, minlength=num_users)
+        starts = counts.cumsum(0) - counts
+        sorted_users = user_index[order]
+        slots = torch.arange(order.numel(), device=device) - starts[sorted_users]
+        width = int(counts.max())
+        grid_ids = torch.full((num_users, width), config.pad_token_id, dtype=torch.long, device=device)
+        grid_ids[sorted_users, slots] = candidate_ids[order]
+        grid_actions = torch.full_like(grid_ids, config.candidate_action_id)
+        grid_surfaces = None
+        if candidate_surface_ids is not None:
+            grid_surfaces = torch.zeros_like(grid_ids)
+            grid_surfaces[sorted_users, slots] = candidate_surface_ids[order]
+        time_embeddings = None
+        if config.use_time_features:
+            if timestamps is None:
+                raise ValueError("`timestamps` are required: this model was configured with `use_time_features=True`.")
+            last_event = timestamps.masked_fill(~valid, torch.iinfo(timestamps.dtype).min).amax(dim=1)
+            gap = (request_timestamps - last_event).clamp(min=0).view(-1, 1).expand(num_users, width)
+            has_previous = (num_events > 0).view(-1, 1).expand(num_users, width)
+            time_embeddings = self.pinfm.embeddings.candidate_time_features(gap, has_previous)
+        candidate_embeddings = self.pinfm.embeddings.combine(grid_ids, grid_actions, grid_surfaces, time_embeddings)
+        candidate_features = self.candidate_feature_embeddings(candidate_side_feature_ids)
+        if candidate_features is not None:
+            grid_features = torch.zeros_like(candidate_embeddings)
+            grid_features[sorted_users, slots] = candidate_features[order].to(candidate_embeddings.dtype)
+            candidate_embeddings = candidate_embeddings + grid_features
+        positions = num_events.view(-1, 1).expand(num_users, width)
+        crossed = self.pinfm.encode_candidates(candidate_embeddings, positions, key_values, valid)  # (U, C, H)
+        candidate_hidden = torch.empty(order.numel(), crossed.shape[-1], dtype=crossed.dtype, device=device)
+        candidate_hidden[order] = crossed[sorted_users, slots]
+        return candidate_hidden
+
+
+def unique_rows(columns: list[torch.Tensor], request_timestamps: Optional[torch.Tensor]) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """
+    Distinct rows of the `(B, ...)` columns (plus the request time): `(first, inverse)` where `first` `(U,)` is the
+    first row of each distinct one and `inverse` `(B,)` maps every row to its distinct one.
+    """
+    keys = [c.reshape(c.shape[0], -1) for c in columns]
+    if request_timestamps is not None:
+        keys.append(request_timestamps.view(-1, 1))
+    _, inverse = torch.unique(torch.cat(keys, dim=1), dim=0, return_inverse=True)
+    num_rows = inverse.shape[0]
+    first = torch.full((int(inverse.max()) + 1,), num_rows, device=inverse.device, dtype=torch.long)
+    return first.scatter_reduce(0, inverse, torch.arange(num_rows, device=inverse.device), reduce="amin"), inverse
+
+
+__all__ = ["PinFMDCATOutput", "PinFMForCTR", "PinFMForCTROutput"]
