@@ -32,6 +32,63 @@ import numpy as np
 from _report import emit  # benchmarks/ is on sys.path when a script runs
 
 
+def time_interleaved(methods: dict, *, repeats: int, min_time: float) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """
+    Seconds per call of each method, interleaved in every repeat after a warm-up. The warm-up call also sets how many
+    calls one timing averages over (>= `min_time` s), as `timeit` does: a single 40 ms call is too short to time on a
+    busy machine. Returns `(timings, calls)`.
+    """
+    calls = {}
+    for name, fn in methods.items():
+        start = time.perf_counter()
+        fn()
+        calls[name] = max(1, int(np.ceil(min_time / max(time.perf_counter() - start, 1e-6))))
+    timings = {name: [] for name in methods}
+    for _ in range(repeats):
+        for name, fn in methods.items():
+            gc.collect()
+            start = time.perf_counter()
+            for _ in range(calls[name]):
+                fn()
+            timings[name].append((time.perf_counter() - start) / calls[name])
+    return timings, calls
+
+
+def paths_agree(vectorised, per_user: list, hf: list, subset_rows, users: int, events_out: int) -> bool:
+    """The vectorised table encodes every user and event it should, and the per-user paths give its ids on the sample."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if vectorised.num_rows != users or pc.sum(pc.list_value_length(vectorised.column("input_ids"))).as_py() != events_out:
+        return False
+    expected_ids = vectorised.column("input_ids").take(pa.array(subset_rows)).to_pylist()
+    expected_actions = vectorised.column("action_ids").take(pa.array(subset_rows)).to_pylist()
+    return (
+        [e["input_ids"] for e in per_user] == expected_ids
+        and [e["action_ids"] for e in per_user] == expected_actions
+        and [e["input_ids"] for e in hf] == expected_ids
+    )
+
+
+def rate_row(timings: list[float], calls: int, users: int, n_in: int, n_out: int, events_out: int) -> dict:
+    """One method's figures: best and median seconds, events encoded per second, the whole data set's estimate."""
+    best = min(timings)
+    median = sorted(timings)[len(timings) // 2]
+    rate = n_out / best
+    return {
+        "users_timed": users,
+        "calls_per_timing": calls,
+        "events_in_timed": n_in,
+        "events_encoded_timed": n_out,
+        "best_s": round(best, 4),
+        "median_s": round(median, 4),
+        "events_encoded_per_s": round(rate),
+        "median_events_encoded_per_s": round(n_out / median),
+        "events_in_per_s": round(n_in / best),
+        "est_all_users_s": round(events_out / rate, 3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", type=Path, default=Path("../shared/data"), help="Folder holding ml-1m/.")
@@ -96,21 +153,9 @@ def main() -> None:
         return PinFMTokenizer.from_events(events, num_hash_buckets=args.num_hash_buckets, model_max_length=args.max_length)
 
     # ----- correctness: the three paths must agree on the sampled users -----
-    vectorised = run_vectorised()
-    assert vectorised.num_rows == len(sequences)
-    assert pc.sum(pc.list_value_length(vectorised.column("input_ids"))).as_py() == events_out
-    expected_ids = vectorised.column("input_ids").take(pa.array(subset_rows)).to_pylist()
-    expected_actions = vectorised.column("action_ids").take(pa.array(subset_rows)).to_pylist()
-    per_user = run_encode_events()
-    hf = run_hf_call()
-    outputs_match = (
-        [e["input_ids"] for e in per_user] == expected_ids
-        and [e["action_ids"] for e in per_user] == expected_actions
-        and [e["input_ids"] for e in hf] == expected_ids
-    )
+    outputs_match = paths_agree(run_vectorised(), run_encode_events(), run_hf_call(), subset_rows, len(sequences), events_out)
     if not outputs_match:
         raise SystemExit("The three encode paths disagree on the sampled users: the comparison would be meaningless.")
-    del vectorised, per_user, hf
 
     # ----- timing: warm-up, then the methods interleaved in every repeat -----
     methods = {
@@ -119,38 +164,10 @@ def main() -> None:
         "hf_call": run_hf_call,
         "from_events": run_from_events,
     }
-    # The warm-up call also sets how many calls one timing averages over (>= --min_time s), as `timeit` does:
-    # a single 40 ms call is too short to time on a busy machine.
-    calls = {}
-    for name, fn in methods.items():
-        start = time.perf_counter()
-        fn()
-        calls[name] = max(1, int(np.ceil(args.min_time / max(time.perf_counter() - start, 1e-6))))
-    timings = {name: [] for name in methods}
-    for _ in range(args.repeats):
-        for name, fn in methods.items():
-            gc.collect()
-            start = time.perf_counter()
-            for _ in range(calls[name]):
-                fn()
-            timings[name].append((time.perf_counter() - start) / calls[name])
+    timings, calls = time_interleaved(methods, repeats=args.repeats, min_time=args.min_time)
 
     def encode_row(name: str, users: int, n_in: int, n_out: int) -> dict:
-        best = min(timings[name])
-        median = sorted(timings[name])[len(timings[name]) // 2]
-        rate = n_out / best
-        return {
-            "users_timed": users,
-            "calls_per_timing": calls[name],
-            "events_in_timed": n_in,
-            "events_encoded_timed": n_out,
-            "best_s": round(best, 4),
-            "median_s": round(median, 4),
-            "events_encoded_per_s": round(rate),
-            "median_events_encoded_per_s": round(n_out / median),
-            "events_in_per_s": round(n_in / best),
-            "est_all_users_s": round(events_out / rate, 3),
-        }
+        return rate_row(timings[name], calls[name], users, n_in, n_out, events_out)
 
     rows = {
         "encode_sequences (vectorised, whole dataset)": encode_row("encode_sequences", len(sequences), events_in, events_out),

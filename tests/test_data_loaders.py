@@ -8,19 +8,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from pinfm_hf.data import (
-    DEFAULT_POSITIVE_ACTIONS,
-    EVENT_COLUMNS,
-    EventSourceArguments,
-    EventValidationError,
-    load_dataset_by_name,
-    load_events,
-    load_events_from_args,
-    load_movielens_atomic,
-    load_movielens_dat,
-    load_movielens_users,
-    load_taobao,
-    load_user_features_from_args,
+from pinfm_hf.data import DEFAULT_POSITIVE_ACTIONS, EVENT_COLUMNS, EventSourceArguments, EventValidationError
+from pinfm_hf.data.loaders import (
+    load_dataset_by_name, load_events, load_events_from_args, load_movielens_atomic, load_movielens_dat,
+    load_movielens_users, load_taobao, load_user_features_from_args,
 )
 
 

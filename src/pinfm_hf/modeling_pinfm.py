@@ -45,8 +45,7 @@ logger = logging.get_logger(__name__)
 
 # Every saved folder serves every auto class (the files are copied beside it: see `save_pretrained`).
 PINFM_AUTO_MAP = {
-    "AutoConfig": "configuration_pinfm.PinFMConfig",
-    "AutoModel": "modeling_pinfm.PinFMModel",
+    "AutoConfig": "configuration_pinfm.PinFMConfig", "AutoModel": "modeling_pinfm.PinFMModel",
     "AutoModelForPreTraining": "modeling_pinfm.PinFMForPretraining",
     "AutoModelForSequenceClassification": "modeling_pinfm_ctr.PinFMForCTR",
 }
@@ -116,6 +115,10 @@ class PinFMForPretrainingOutput(ModelOutput):
     attentions: Optional[tuple[torch.FloatTensor, ...]] = None
 
 
+# A layer's output `(B, T, hidden)`, its attention probabilities (or None) and its rotated keys and values (or None).
+LayerOutput = tuple[torch.Tensor, Optional[torch.Tensor], Optional[tuple[torch.Tensor, torch.Tensor]]]
+
+
 def last_valid_index(attention_mask: torch.Tensor) -> torch.LongTensor:
     """`(B,)` index of each row's last real (non-padding) position, for either padding side; 0 for an empty row."""
     T = attention_mask.shape[1]
@@ -160,14 +163,9 @@ class PinFMAttention(nn.Module):
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
 
     def forward(
-        self,
-        hidden_states: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        attention_mask: torch.BoolTensor,
-        output_attentions: bool = False,
-        return_key_value: bool = False,
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[tuple[torch.Tensor, torch.Tensor]]]:
+        self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention_mask: torch.BoolTensor,
+        output_attentions: bool = False, return_key_value: bool = False,
+    ) -> LayerOutput:
         q, k, v = self.project(hidden_states, cos, sin)  # (B, H, T, D) each
         dropout = self.dropout if self.training else 0.0
         if output_attentions:
@@ -227,14 +225,9 @@ class PinFMLayer(GradientCheckpointingLayer):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(
-        self,
-        hidden_states: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        attention_mask: torch.BoolTensor,
-        output_attentions: bool = False,
-        return_key_value: bool = False,
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[tuple[torch.Tensor, torch.Tensor]]]:
+        self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention_mask: torch.BoolTensor,
+        output_attentions: bool = False, return_key_value: bool = False,
+    ) -> LayerOutput:
         attn_out, probs, key_value = self.self_attn(
             self.input_layernorm(hidden_states), cos, sin, attention_mask, output_attentions, return_key_value
         )

@@ -424,21 +424,13 @@ class EventTable:
         )
 
 
-def make_event_table(
-    table: pa.Table,
-    *,
-    source: str,
-    allowed_actions: Optional[Iterable[str]] = None,
-    line_offset: Optional[int] = None,
-    item_features: Optional[Sequence[str]] = None,
-    timestamp_unit: str = "auto",
-) -> EventTable:
-    """Validate `table` (see `validate_events`), drop exact duplicates (counted and logged) and wrap the result in an
-    `EventTable`."""
-    valid = validate_events(
-        table, source=source, allowed_actions=allowed_actions, line_offset=line_offset, item_features=item_features,
-        timestamp_unit=timestamp_unit,
-    )
+def make_event_table(table: pa.Table, *, source: str, **validation: Any) -> EventTable:
+    """
+    Validate `table` (`validate_events`, which takes `source` and the `validation` options: `allowed_actions`,
+    `line_offset`, `item_features`, `timestamp_unit`), drop exact duplicates (counted and logged) and wrap the result
+    in an `EventTable`.
+    """
+    valid = validate_events(table, source=source, **validation)
     deduplicated, num_dropped = drop_duplicate_events(valid, source=source)
     features = tuple(c for c in valid.column_names if c not in EVENT_COLUMNS and c != SURFACE_COLUMN)
     events = EventTable(deduplicated, source, table.num_rows, num_dropped, features)
