@@ -80,6 +80,11 @@ def ctr_loader(args, folder: Path, tokenizer: PinFMTokenizer) -> tuple[DataLoade
     return DataLoader(dataset, batch_size=args.ctr_batch_size, collate_fn=collator), data.test.num_rows
 
 
+def change(value) -> str:
+    """A relative change for the table; n/a when the fp32 figure is 0 (no change is defined)."""
+    return "n/a" if value is None else f"{value:+.2%}"
+
+
 def markdown(rows: dict[str, dict]) -> str:
     has_ctr = any("auc" in r for r in rows.values())
     header = "| variant | item table | ratio | rel. L2 | NDCG@10 | HR@10 |" + (" AUC |" if has_ctr else "")
@@ -87,8 +92,8 @@ def markdown(rows: dict[str, dict]) -> str:
     for name, r in rows.items():
         line = (
             f"| {name} | {r['item_table_bytes'] / 1024:.1f} KiB | {r['bytes_ratio_to_fp32']:.3f} | "
-            f"{r['vector_rel_l2']:.4f} | {r['ndcg@10']:.4f} ({r['ndcg@10_rel_change']:+.2%}) | "
-            f"{r['hr@10']:.4f} ({r['hr@10_rel_change']:+.2%}) |"
+            f"{r['vector_rel_l2']:.4f} | {r['ndcg@10']:.4f} ({change(r['ndcg@10_rel_change'])}) | "
+            f"{r['hr@10']:.4f} ({change(r['hr@10_rel_change'])}) |"
         )
         if has_ctr:
             line += f" {r['auc']:.4f} ({r['auc'] - rows['fp32']['auc']:+.4f}) |"

@@ -33,12 +33,12 @@ from pinfm_hf.data import (
     collate_impression_groups,
     ctr_splits,
     load_user_features_from_args,
-    randomize_candidate_ids,
     side_feature_fields,
 )
 from pinfm_hf.evaluation import evaluate_ctr
 from pinfm_hf.hub import HubArguments, is_local_folder
 from pinfm_hf.model_card import render_ctr_card
+from pinfm_hf.modeling_pinfm_ctr import randomize_candidate_ids
 from pinfm_hf.training_loop import TrainingLoop, start_run
 from pinfm_hf.training_utils import cosine_schedule, parameter_checksums, parse_recipe_args, peak_rss_gib
 from pinfm_hf.transfer import (

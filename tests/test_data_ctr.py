@@ -20,7 +20,6 @@ from pinfm_hf.data import (
     build_ctr_samples,
     collate_impression_groups,
     load_movielens_users,
-    randomize_candidate_ids,
     make_event_table,
     quantile_timestamp,
     split_ctr_samples,
@@ -381,21 +380,3 @@ def test_item_first_seen_is_the_first_event_of_the_item_anywhere(ml1m_events, ml
     assert all(row["item_first_seen"] == expected[row["item_id"]] for row in rows)
     ages = pc.subtract(samples["timestamp"], samples["item_first_seen"])
     assert pc.min(ages).as_py() == 0  # never negative, and some impression is the item's first event
-
-
-def test_randomize_candidate_ids_touches_only_candidates():
-    ids = torch.tensor([[0, 0, 5, 6, 7], [4, 5, 6, 7, 8], [9, 9, 0, 0, 0]])
-    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])  # left, none, right padding
-    assert randomize_candidate_ids(ids, mask, fraction=0.0, first_bucket_id=100, num_buckets=10) is ids
-    torch.manual_seed(0)
-    out = randomize_candidate_ids(ids, mask, fraction=1.0, first_bucket_id=100, num_buckets=10)
-    candidates = torch.tensor([[0, 4], [1, 4], [2, 1]])
-    for row, col in candidates.tolist():
-        assert 100 <= out[row, col] < 110
-        out[row, col] = ids[row, col]
-    assert torch.equal(out, ids)  # histories untouched
-    torch.manual_seed(0)
-    many = randomize_candidate_ids(torch.full((4000, 3), 5), torch.ones(4000, 3), fraction=0.1, first_bucket_id=100, num_buckets=10)
-    assert 0.08 < (many[:, -1] >= 100).float().mean() < 0.12 and (many[:, :-1] == 5).all()
-    with pytest.raises(ValueError, match="hash buckets"):
-        randomize_candidate_ids(ids, mask, fraction=0.5, first_bucket_id=100, num_buckets=0)

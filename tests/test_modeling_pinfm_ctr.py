@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification
 
 from pinfm_hf import PinFMConfig, PinFMForCTR, PinFMForPretraining, PretrainingObjective
+from pinfm_hf.modeling_pinfm_ctr import randomize_candidate_ids
 
 
 VOCAB, ACTIONS = 60, 6
@@ -299,3 +300,21 @@ def test_young_item_dropout_drops_only_young_items_in_training():
     assert (head_inputs(old).abs().sum(-1) > 0).all()  # items older than 7 days never do
     model.eval()
     assert (head_inputs(young).abs().sum(-1) > 0).all()  # and nothing is dropped at inference
+
+
+def test_randomize_candidate_ids_touches_only_candidates():
+    ids = torch.tensor([[0, 0, 5, 6, 7], [4, 5, 6, 7, 8], [9, 9, 0, 0, 0]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])  # left, none, right padding
+    assert randomize_candidate_ids(ids, mask, fraction=0.0, first_bucket_id=100, num_buckets=10) is ids
+    torch.manual_seed(0)
+    out = randomize_candidate_ids(ids, mask, fraction=1.0, first_bucket_id=100, num_buckets=10)
+    candidates = torch.tensor([[0, 4], [1, 4], [2, 1]])
+    for row, col in candidates.tolist():
+        assert 100 <= out[row, col] < 110
+        out[row, col] = ids[row, col]
+    assert torch.equal(out, ids)  # histories untouched
+    torch.manual_seed(0)
+    many = randomize_candidate_ids(torch.full((4000, 3), 5), torch.ones(4000, 3), fraction=0.1, first_bucket_id=100, num_buckets=10)
+    assert 0.08 < (many[:, -1] >= 100).float().mean() < 0.12 and (many[:, :-1] == 5).all()
+    with pytest.raises(ValueError, match="hash buckets"):
+        randomize_candidate_ids(ids, mask, fraction=0.5, first_bucket_id=100, num_buckets=0)

@@ -526,6 +526,28 @@ class PinFMForCTR(PinFMPreTrainedModel):
         return candidate_hidden
 
 
+def randomize_candidate_ids(
+    input_ids: torch.LongTensor, attention_mask: torch.Tensor, *, fraction: float, first_bucket_id: int, num_buckets: int
+) -> torch.LongTensor:
+    """
+    Cold start (PinFM): replace a `fraction` of the candidates' ids (each row's last real token) by random hash-bucket
+    ids, so the ranker learns to score an item it knows nothing about, as it must for fresh items. Training only;
+    draws from torch's global generator (seeded per step by the recipes, so resumes repeat it).
+    """
+    if fraction <= 0:
+        return input_ids
+    if num_buckets <= 0:
+        raise ValueError("Candidate-id randomisation needs hash buckets: build the tokenizer with `num_hash_buckets > 0`.")
+    B = input_ids.shape[0]
+    last = last_valid_index(attention_mask)
+    rows = torch.arange(B, device=input_ids.device)
+    replace = torch.rand(B, device=input_ids.device) < fraction
+    buckets = torch.randint(first_bucket_id, first_bucket_id + num_buckets, (B,), device=input_ids.device)
+    out = input_ids.clone()
+    out[rows[replace], last[replace]] = buckets[replace]
+    return out
+
+
 def unique_rows(columns: list[torch.Tensor], request_timestamps: Optional[torch.Tensor]) -> tuple[torch.LongTensor, torch.LongTensor]:
     """
     Distinct rows of the `(B, ...)` columns (plus the request time): `(first, inverse)` where `first` `(U,)` is the
@@ -540,4 +562,4 @@ def unique_rows(columns: list[torch.Tensor], request_timestamps: Optional[torch.
     return first.scatter_reduce(0, inverse, torch.arange(num_rows, device=inverse.device), reduce="amin"), inverse
 
 
-__all__ = ["PinFMDCATOutput", "PinFMForCTR", "PinFMForCTROutput"]
+__all__ = ["PinFMDCATOutput", "PinFMForCTR", "PinFMForCTROutput", "randomize_candidate_ids"]

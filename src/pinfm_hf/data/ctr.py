@@ -619,25 +619,3 @@ def collate_impression_groups(collator):
         return collator([example for group in groups for example in group])
 
     return collate
-
-
-def randomize_candidate_ids(
-    input_ids: torch.LongTensor, attention_mask: torch.Tensor, *, fraction: float, first_bucket_id: int, num_buckets: int
-) -> torch.LongTensor:
-    """
-    Cold start (PinFM): replace a `fraction` of the candidates' ids (each row's last real token) by random hash-bucket
-    ids, so the ranker learns to score an item it knows nothing about, as it must for fresh items. Training only;
-    draws from torch's global generator (seeded per step by the recipes, so resumes repeat it).
-    """
-    if fraction <= 0:
-        return input_ids
-    if num_buckets <= 0:
-        raise ValueError("Candidate-id randomisation needs hash buckets: build the tokenizer with `num_hash_buckets > 0`.")
-    B, T = input_ids.shape
-    last = (attention_mask.long() * torch.arange(T, device=input_ids.device)).argmax(dim=1)
-    rows = torch.arange(B, device=input_ids.device)
-    replace = torch.rand(B, device=input_ids.device) < fraction
-    buckets = torch.randint(first_bucket_id, first_bucket_id + num_buckets, (B,), device=input_ids.device)
-    out = input_ids.clone()
-    out[rows[replace], last[replace]] = buckets[replace]
-    return out
