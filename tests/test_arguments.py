@@ -1,10 +1,12 @@
 """Recipe arguments (`pinfm_hf.arguments`): every flag is checked when parsed, before data loads, naming the flag."""
 
 import dataclasses
+from pathlib import Path
 from typing import Optional
 
 import pyarrow as pa
 import pytest
+import yaml
 
 from pinfm_hf import PinFMConfig, PretrainingObjective
 from pinfm_hf.arguments import (
@@ -119,3 +121,15 @@ def test_sample_requests_keeps_whole_requests():
         rows = sample_requests(samples, 3, seed)["row"].to_pylist()
         assert rows == sorted(rows) and 3 <= len(rows) <= 4  # whole requests: at most one row over
         assert (0 in rows) == (1 in rows) and (6 in rows) == (7 in rows)
+
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "recipes" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_every_shipped_config_parses(config):
+    # A renamed or removed flag would otherwise surface only when someone runs that config.
+    is_ctr = "use_case" in yaml.safe_load(config.read_text())
+    classes = (CTRDataArguments, CTRModelArguments, PretrainingObjective, CTRTrainingArguments, HubArguments) if is_ctr else PRETRAINING
+    parsed = parse_recipe_args(classes, ["--config", str(config)])
+    assert len(parsed) == len(classes)
