@@ -537,7 +537,7 @@ def _(b: Bench):
 
 def nan_buffer_resume(b: Bench, name: str, index: int) -> tuple[str, str, str]:
     out = b.copy(b.stopped(), b.work / name)
-    b.python(nan_into_checkpoint(out / "checkpoints" / "checkpoint-4", "item_log_probs", index))
+    b.python(nan_into_checkpoint(out / "checkpoints" / "checkpoint-4", "next_item_head.item_log_probs", index))
     proc = b.recipe("pretrain.py", "--output_dir", str(out), *FLAGS, "--resume_from_checkpoint", "latest")
     # Either skip the damaged checkpoint as for NaN weights, or stop naming it and what is wrong with it.
     return judge_process(proc, words=["checkpoint-4", "non-finite"], checks=b.resumed_checks(out))
@@ -824,7 +824,7 @@ flag_case("gradient_accumulation_steps_0", ["--gradient_accumulation_steps", "0"
 flag_case("max_length_negative", ["--max_length", "-5"], ["--max_length must be > 0, got -5"])
 flag_case("initial_temperature_0", ["--initial_temperature", "0"], ["--initial_temperature must be > 0, got 0.0"])
 flag_case("learning_rate_nan", ["--learning_rate", "nan"], ["--learning_rate must be > 0, got nan"])
-flag_case("hidden_dropout_prob_1_5", ["--hidden_dropout_prob", "1.5"], ["--hidden_dropout_prob must be in [0, 1), got 1.5"])
+flag_case("hidden_dropout_prob_1_5", ["--hidden_dropout_prob", "1.5"], ["`hidden_dropout_prob` (1.5) must be in [0, 1)"])
 flag_case("max_steps_0", ["--max_steps", "0"], ["--max_steps must be -1", "got 0"])
 flag_case("train_holdout_0", ["--train_holdout", "0"], ["--train_holdout must be > 0, got 0"])
 flag_case("time_cut_quantile_1", ["--time_cut_quantile", "1"], ["--time_cut_quantile must be strictly between 0 and 1"])
@@ -844,15 +844,15 @@ flag_case("timestamp_unit_unknown", ["--timestamp_unit", "seconds"],
           ["`timestamp_unit` ('seconds') must be one of", "--timestamp_unit"])
 flag_case("full_softmax_over_limit", ["--full_softmax", "true", "--full_softmax_max_items", "100"],
           ["--full_softmax scores all", "--full_softmax_max_items (100)"])
-flag_case("negative_sampling_unknown", ["--negative_sampling", "bogus"], ["`negative_sampling`", "'bogus'"])
+flag_case("negative_sampling_unknown", ["--negative_sampling", "bogus"], ["--negative_sampling must be 'uniform' or 'popularity', got 'bogus'"])
 flag_case("positive_actions_unknown", ["--positive_actions", "rating_5,like"], ["Unknown action 'like'"])
 flag_case("ctr_use_case_unknown", ["--use_case", "likes"], ["Unknown --use_case 'likes'"], script="finetune_ctr.py",
           needs_base=True)
 flag_case("ctr_cut_quantile_1_5", ["--cut_quantile", "1.5"], ["--cut_quantile must be strictly between 0 and 1, got 1.5"],
           script="finetune_ctr.py", needs_base=True)
 flag_case("ctr_head_hidden_size_0", ["--ctr_head_hidden_sizes", "32", "0"],
-          ["--ctr_head_hidden_sizes must be > 0, got [32, 0]"], script="finetune_ctr.py", needs_base=True)
-flag_case("ctr_transfer_unknown", ["--transfer", "bogus"], ["Unknown transfer strategy 'bogus'"],
+          ["`ctr_head_hidden_sizes` ([32, 0]) must be positive"], script="finetune_ctr.py", needs_base=True)
+flag_case("ctr_transfer_unknown", ["--transfer", "bogus"], ["--transfer must be one of", "got 'bogus'"],
           script="finetune_ctr.py", needs_base=True)
 
 
@@ -1382,7 +1382,7 @@ snippet_case("quantise_twice", "model_api", "model.quantize_item_embeddings('int
              MODEL + 'model.quantize_item_embeddings("int8")\nmodel.quantize_item_embeddings("int4")\n',
              words=["already quantised (int8)"])
 for name, tensor, short in [("from_pretrained_nan_weights", "pinfm.norm.weight", "NaN weight"),
-                            ("from_pretrained_nan_buffer", "item_log_probs", "NaN item_log_probs buffer")]:
+                            ("from_pretrained_nan_buffer", "next_item_head.item_log_probs", "NaN item_log_probs buffer")]:
     snippet_case(
         name, "model_api", f"AutoModel.from_pretrained(<folder with a {short}>)",
         f"""
@@ -1498,7 +1498,7 @@ snippet_case("pipeline_model_with_inf_weight", "pipeline", "pipeline(model=<mode
              from transformers import AutoModelForPreTraining, AutoTokenizer, pipeline
              model = AutoModelForPreTraining.from_pretrained("reference/model")
              with torch.no_grad():
-                 model.query_proj.weight[0, 0] = float("inf")
+                 model.next_item_head.query_proj.weight[0, 0] = float("inf")
              recommend = pipeline("pinfm-recommendation", model=model,
                                   tokenizer=AutoTokenizer.from_pretrained("reference/model"), device="cpu")
              recommend([{"item_id": "Heat (1995)", "action": "rating_4", "timestamp": 978300760}])
@@ -1543,7 +1543,7 @@ snippet_case(
     model = PinFMForPretraining(PinFMConfig(item_vocab_size=len(tokenizer), action_vocab_size=tokenizer.action_vocab_size,
                                             hidden_size=16, num_hidden_layers=1, num_attention_heads=2)).eval()
     with torch.no_grad():
-        model.query_proj.weight[0, 0] = float("nan")
+        model.next_item_head.query_proj.weight[0, 0] = float("nan")
     metrics = evaluate_next_item(model, loader, Accelerator(cpu=True),
                                  num_special_tokens=model.config.num_special_item_tokens,
                                  num_scored_ids=tokenizer.first_bucket_id, show_progress=False)

@@ -20,6 +20,7 @@ from transformers import AutoModelForPreTraining, AutoTokenizer
 
 from pinfm_hf.data import EventSourceArguments, build_user_sequences
 from pinfm_hf.embedding_export import export_item_embeddings, export_user_embeddings
+from pinfm_hf.hub import check_model_reference
 from pinfm_hf.io_utils import atomic_write, atomic_write_json, atomic_write_text
 from pinfm_hf.training_utils import configure_recipe_logging, parse_recipe_args
 
@@ -63,6 +64,7 @@ class ExportArguments:
 
 def main(args: Optional[list[str]] = None) -> dict:
     data_args, export_args = parse_recipe_args((DataArguments, ExportArguments), args)
+    check_model_reference(export_args.model, flag="--model")
     configure_recipe_logging()
     output_dir = Path(export_args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,7 @@ from pinfm_hf.data import (
     side_feature_fields,
 )
 from pinfm_hf.evaluation import evaluate_ctr
-from pinfm_hf.hub import HubArguments, is_local_folder
+from pinfm_hf.hub import HubArguments, check_model_reference, is_local_folder
 from pinfm_hf.model_card import render_ctr_card
 from pinfm_hf.modeling_pinfm_ctr import randomize_candidate_ids
 from pinfm_hf.training_loop import TrainingLoop, start_run
@@ -140,6 +140,7 @@ def main(args: Optional[list[str]] = None) -> dict:
     data_args, model_args, objective, train_args, hub_args = parse_recipe_args(
         (CTRDataArguments, CTRModelArguments, PretrainingObjective, CTRTrainingArguments, HubArguments), args
     )
+    check_model_reference(model_args.base, flag="--base")
     if hub_args.push_to_hub and model_args.transfer == "lora" and is_local_folder(model_args.base):
         raise ValueError(
             f"--push_to_hub of a LoRA adapter needs --base to be a hub repo id: the adapter names its base, and the "

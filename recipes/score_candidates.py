@@ -31,7 +31,7 @@ from pinfm_hf.data import (
     split_ctr_samples,
 )
 from pinfm_hf.evaluate_metrics import load_ctr_metric
-from pinfm_hf.hub import cached_file_from
+from pinfm_hf.hub import cached_file_from, check_model_reference
 from pinfm_hf.training_utils import parse_recipe_args
 from pinfm_hf.transfer import load_ctr_adapters
 
@@ -55,6 +55,8 @@ def main(args: Optional[list[str]] = None) -> dict:
     if args.use_case not in CTR_USE_CASES:
         raise ValueError(f"Unknown --use_case {args.use_case!r}; choose one of {sorted(CTR_USE_CASES)}.")
     use_case = CTR_USE_CASES[args.use_case]
+    check_model_reference(args.base, flag="--base")
+    check_model_reference(args.adapter, flag="--adapter")
 
     # ----- model: the base loaded once, the use case's adapter on it -----
     model = load_ctr_adapters(

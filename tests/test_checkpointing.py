@@ -129,6 +129,23 @@ def test_non_finite_weights_are_never_checkpointed_and_never_resumed(tmp_path, t
         torch.testing.assert_close(p, at_step_1[name])
 
 
+def test_a_checkpoint_with_a_non_finite_buffer_is_skipped_too(tmp_path):
+    # A float buffer (the item popularity the losses read) is state like a weight: a NaN there must not be resumed.
+    torch.manual_seed(0)
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(4, 3)
+    model.register_buffer("popularity", torch.zeros(3))
+    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=0.1))
+    run = RunFolder(tmp_path)
+    run.claim()
+    run.save_checkpoint(accelerator, model, LoopPosition(step=1), 5)
+    with torch.no_grad():
+        model.popularity[0] = float("nan")
+    with pytest.raises(TrainingDivergedError, match="first: popularity"):
+        run.save_checkpoint(accelerator, model, LoopPosition(step=2), 5)
+    assert run.resume(accelerator, model, "latest").step == 1 and torch.isfinite(model.popularity).all()
+
+
 def test_check_finite_step_names_the_step_and_the_last_good_checkpoint():
     check_finite_step(3, {"loss": 1.5}, 2.0, None)  # finite: nothing happens
     with pytest.raises(TrainingDivergedError, match="diverged at step 7: loss = nan.*last good checkpoint is /x/checkpoint-5"):

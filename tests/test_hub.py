@@ -6,6 +6,7 @@ Every hub call runs in a child process: `huggingface_hub` reads `HF_ENDPOINT` at
 """
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -180,6 +181,7 @@ def push(folder: Path, repo: str, env: dict, cwd: Path, *, revision: str = "-", 
 
 LOAD_ERROR = """
 import json
+import os
 from transformers import AutoModel
 try:
     AutoModel.from_pretrained("{repo}", revision={revision!r}, trust_remote_code=True)
@@ -257,6 +259,7 @@ def test_adapter_push_with_a_local_base_is_refused(pushed_base, hub, tmp_path):
 
 PEFT_WITHOUT_PINFM_HF = """
 import json
+import os
 import torch
 from huggingface_hub import hf_hub_download
 from peft import PeftModel
@@ -274,6 +277,7 @@ print(json.dumps({{"active": model.active_adapter}}))
 
 ADAPTERS_WITH_PINFM_HF = """
 import json
+import os
 import torch
 from pinfm_hf.data import FEATURES_FILE_NAME, CTRFeatureEncoder
 from pinfm_hf.hub import cached_file_from
@@ -324,3 +328,18 @@ def test_cached_file_from_names_what_is_missing(tmp_path):
         cached_file_from(tmp_path / "model", "b.json")
     with pytest.raises(FileNotFoundError, match="'a.json': .*nowhere' is neither a folder nor a hub repo id"):
         cached_file_from(tmp_path / "nowhere", "a.json")
+
+
+def test_a_model_flag_that_is_neither_a_folder_nor_a_repo_id_is_named(tmp_path):
+    from pinfm_hf.hub import check_model_reference
+
+    with pytest.raises(FileNotFoundError, match=r"--base '.*missing/model': no such folder, and not a hub repo id"):
+        check_model_reference(str(tmp_path / "missing" / "model"), flag="--base")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="--model .* is a folder without config.json"):
+        check_model_reference(tmp_path / "empty", flag="--model")
+    check_model_reference("org/pinfm-base", flag="--base")  # a repo id: checked when it is loaded
+    result = run_recipe("finetune_ctr.py", TINY_CTR, tmp_path / "ctr", dict(os.environ, HF_HUB_OFFLINE="1"),
+                        "--base", str(tmp_path / "missing" / "model"), check=False)
+    assert result.returncode != 0 and "--base" in result.stderr and "no such folder" in result.stderr
+    assert "CTR data" not in result.stderr  # refused before the data was read

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import itertools
 import os
 import re
 import shutil
@@ -134,17 +135,19 @@ def verify_checkpoint(checkpoint: PathLike) -> Optional[str]:
 
 
 def non_finite_parameters(model: torch.nn.Module) -> list[str]:
-    """Names of the parameters holding NaN or infinity."""
-    return [name for name, param in model.named_parameters() if not bool(torch.isfinite(param.detach()).all())]
+    """Names of the parameters and float buffers (e.g. the item popularity the losses read) holding NaN or infinity."""
+    tensors = itertools.chain(model.named_parameters(), model.named_buffers())
+    return [name for name, tensor in tensors if tensor.is_floating_point() and not bool(torch.isfinite(tensor.detach()).all())]
 
 
 def check_finite_parameters(model: torch.nn.Module, *, when: str) -> None:
-    """Raise `TrainingDivergedError` if any weight is NaN or infinite, so nothing is saved or scored from them."""
+    """Raise `TrainingDivergedError` if any weight or float buffer is NaN or infinite, so nothing is saved from them."""
     bad = non_finite_parameters(model)
     if bad:
         raise TrainingDivergedError(
-            f"{len(bad)} parameter tensor(s) hold NaN or infinity {when} (first: {bad[0]}); nothing was written "
-            "from them. Lower --learning_rate or set --max_grad_norm, then resume from the last good checkpoint."
+            f"{len(bad)} parameter tensor(s) or buffer(s) hold NaN or infinity {when} (first: {bad[0]}); nothing was "
+            "written from them. "
+            "Lower --learning_rate or set --max_grad_norm, then resume from the last good checkpoint."
         )
 
 

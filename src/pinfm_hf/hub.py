@@ -75,6 +75,34 @@ def is_local_folder(path_or_repo_id: Union[str, Path]) -> bool:
     return Path(path_or_repo_id).is_dir()
 
 
+def looks_like_repo_id(name: str) -> bool:
+    """`namespace/name` and valid as a hub repo id (not a path such as `./x`, `/x` or `a/b/c`)."""
+    if name.startswith(("/", ".", "~")) or name.count("/") != 1:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def check_model_reference(path_or_repo_id: Union[str, Path], *, flag: str) -> None:
+    """
+    Refuse, before any data is read, a model flag (`--base`, `--model`, `--adapter`) that is neither a saved folder
+    nor a hub repo id, naming the flag: otherwise the failure comes from the loader, minutes later.
+    """
+    name = str(path_or_repo_id)
+    path = Path(name)
+    if path.is_dir():
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{flag} {name!r} is a folder without config.json: not a saved model or adapter.")
+        return
+    if path.exists():
+        raise FileNotFoundError(f"{flag} {name!r} is a file: give the saved model's folder or a hub repo id.")
+    if not looks_like_repo_id(name):
+        raise FileNotFoundError(f"{flag} {name!r}: no such folder, and not a hub repo id ('namespace/name').")
+
+
 def _files_to_push(folder: Path) -> list[Path]:
     return sorted(
         p for p in folder.rglob("*")
@@ -127,7 +155,7 @@ def cached_file_from(path_or_repo_id: Union[str, Path], filename: str, revision:
     error that names the repo, revision and file when it is not there.
     """
     name = str(path_or_repo_id)
-    if not is_local_folder(name) and (name.startswith(("/", ".", "~")) or name.count("/") != 1):
+    if not is_local_folder(name) and not looks_like_repo_id(name):
         raise FileNotFoundError(f"Cannot read {filename!r}: {name!r} is neither a folder nor a hub repo id ('namespace/name').")
     try:
         path = cached_file(name, filename, revision=revision, _raise_exceptions_for_missing_entries=False)
@@ -139,4 +167,4 @@ def cached_file_from(path_or_repo_id: Union[str, Path], filename: str, revision:
     return Path(path)
 
 
-__all__ = ["HubArguments", "cached_file_from", "is_local_folder", "push_folder"]
+__all__ = ["HubArguments", "cached_file_from", "check_model_reference", "is_local_folder", "looks_like_repo_id", "push_folder"]
