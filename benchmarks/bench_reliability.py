@@ -1576,7 +1576,7 @@ snippet_case(
         model.weight[0, 0] = float("nan")
     run.save_checkpoint(accelerator, model, LoopPosition(step=2), 5)
     """,
-    words=["1 parameter tensor(s) hold NaN or infinity at step 2", "first: weight"],
+    words=["1 parameter tensor(s) or buffer(s) hold NaN or infinity at step 2", "first: weight"],
     after=[("checkpoint-1 kept, no checkpoint-2",
             lambda s: [c.name for c in list_checkpoints("nan_save/checkpoints")] == ["checkpoint-1"])],
 )
