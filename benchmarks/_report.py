@@ -27,6 +27,14 @@ def emit(report: dict[str, Any], output: Optional[Path]) -> None:
         output.write_text(text)
 
 
+def add_run_arguments(parser, runs_dir: Path, recipe: str) -> None:
+    """The flags of a benchmark that runs a recipe per row: where the runs go, rerun or reuse, the JSON, extra flags."""
+    parser.add_argument("--runs_dir", type=Path, default=runs_dir)
+    parser.add_argument("--rerun", action="store_true", help="Train again even when a finished run exists.")
+    parser.add_argument("--output", type=Path, default=None, help="Write the collected figures as JSON.")
+    parser.add_argument("extra", nargs="...", help=f"After `--`: more {recipe} flags for every run.")
+
+
 def run_once(command: list[str], results_path: Path, rerun: bool, cwd: Path) -> dict:
     """Run a recipe `command` unless its `results_path` exists already (or `rerun`), then return those results."""
     if rerun or not results_path.exists():

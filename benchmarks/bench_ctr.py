@@ -23,7 +23,7 @@ import json
 import sys
 from pathlib import Path
 
-from _report import emit, run_once
+from _report import add_run_arguments, emit, run_once
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,10 +95,7 @@ def main() -> None:
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     parser.add_argument("--scaling", action="store_true", help="GPSD's scaling check instead of the strategy table.")
     parser.add_argument("--cold_start", action="store_true", help="Cold-start switches, with the fresh-item slice.")
-    parser.add_argument("--runs_dir", type=Path, default=ROOT / "outputs" / "bench_ctr")
-    parser.add_argument("--rerun", action="store_true", help="Train again even when a finished run exists.")
-    parser.add_argument("--output", type=Path, default=None, help="Write the collected figures as JSON.")
-    parser.add_argument("extra", nargs=argparse.REMAINDER, help="After `--`: more finetune_ctr.py flags for every run.")
+    add_run_arguments(parser, ROOT / "outputs" / "bench_ctr", "finetune_ctr.py")
     args = parser.parse_args()
     extra = [a for a in args.extra if a != "--"]
     config, base_config = USE_CASES[args.use_case]

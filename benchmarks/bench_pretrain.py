@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from _report import run_once
+from _report import add_run_arguments, run_once
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,10 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=["sasrec_like", "pinfm_small"], choices=sorted(VARIANTS))
     parser.add_argument("--epochs", type=int, default=None, help="Override num_train_epochs for every variant.")
-    parser.add_argument("--runs_dir", type=Path, default=ROOT / "outputs" / "bench_pretrain")
-    parser.add_argument("--rerun", action="store_true", help="Train again even when a finished run exists.")
-    parser.add_argument("--output", type=Path, default=None, help="Write the collected figures as JSON.")
-    parser.add_argument("extra", nargs=argparse.REMAINDER, help="After `--`: more recipe flags for every variant.")
+    add_run_arguments(parser, ROOT / "outputs" / "bench_pretrain", "pretrain.py")
     args = parser.parse_args()
     extra = [a for a in args.extra if a != "--"]
     rows = {name: run_variant(name, args.runs_dir, args.epochs, extra, args.rerun) for name in args.variants}

@@ -618,44 +618,30 @@ def damaged_resume(b: Bench, name: str, damage: str, warning: str) -> tuple[str,
     return judge_process(proc, checks=[warned, *b.resumed_checks(out)])
 
 
-@case("truncated_checkpoint_weights", "checkpoint", "truncate checkpoint-4/model.safetensors; resume latest")
-def _(b: Bench):
-    return damaged_resume(b, "trunc_weights", "open(CHECKPOINT + '/model.safetensors', 'r+b').truncate(100)",
-                          "model.safetensors has 100 bytes")
-
-
-@case("truncated_checkpoint_optimizer", "checkpoint", "truncate checkpoint-4/optimizer.bin; resume latest")
-def _(b: Bench):
-    return damaged_resume(b, "trunc_optimizer", "open(CHECKPOINT + '/optimizer.bin', 'r+b').truncate(1000)",
-                          "optimizer.bin has 1000 bytes")
-
-
-@case("truncated_checkpoint_state", "checkpoint", "truncate checkpoint-4/training_state.json; resume latest")
-def _(b: Bench):
-    return damaged_resume(b, "trunc_state", "open(CHECKPOINT + '/training_state.json', 'r+b').truncate(30)",
-                          "no readable training_state.json")
-
-
-@case("corrupted_checkpoint_weights", "checkpoint", "flip bytes of checkpoint-4/model.safetensors; resume latest")
-def _(b: Bench):
-    damage = """
-        path = CHECKPOINT + '/model.safetensors'
-        data = bytearray(open(path, 'rb').read())
-        data[-64:] = bytes(64)
-        open(path, 'wb').write(bytes(data))
-    """
-    return damaged_resume(b, "corrupt_weights", textwrap.dedent(damage), "does not match its SHA-256")
-
-
-@case("checkpoint_without_state_file", "checkpoint", "delete checkpoint-4/training_state.json; resume latest")
-def _(b: Bench):
-    return damaged_resume(b, "no_state", "import os; os.remove(CHECKPOINT + '/training_state.json')",
-                          "no readable training_state.json")
-
-
-@case("checkpoint_missing_a_file", "checkpoint", "delete checkpoint-4/scheduler.bin; resume latest")
-def _(b: Bench):
-    return damaged_resume(b, "missing_file", "import os; os.remove(CHECKPOINT + '/scheduler.bin')", "misses scheduler.bin")
+# The newest checkpoint damaged, then resume latest: (name, what is done, the damage (code), the warning expected).
+CORRUPT_BYTES = """
+path = CHECKPOINT + '/model.safetensors'
+data = bytearray(open(path, 'rb').read())
+data[-64:] = bytes(64)
+open(path, 'wb').write(bytes(data))
+"""
+for name, what, damage, warning in [
+    ("truncated_checkpoint_weights", "truncate checkpoint-4/model.safetensors",
+     "open(CHECKPOINT + '/model.safetensors', 'r+b').truncate(100)", "model.safetensors has 100 bytes"),
+    ("truncated_checkpoint_optimizer", "truncate checkpoint-4/optimizer.bin",
+     "open(CHECKPOINT + '/optimizer.bin', 'r+b').truncate(1000)", "optimizer.bin has 1000 bytes"),
+    ("truncated_checkpoint_state", "truncate checkpoint-4/training_state.json",
+     "open(CHECKPOINT + '/training_state.json', 'r+b').truncate(30)", "no readable training_state.json"),
+    ("corrupted_checkpoint_weights", "flip bytes of checkpoint-4/model.safetensors", CORRUPT_BYTES,
+     "does not match its SHA-256"),
+    ("checkpoint_without_state_file", "delete checkpoint-4/training_state.json",
+     "import os; os.remove(CHECKPOINT + '/training_state.json')", "no readable training_state.json"),
+    ("checkpoint_missing_a_file", "delete checkpoint-4/scheduler.bin",
+     "import os; os.remove(CHECKPOINT + '/scheduler.bin')", "misses scheduler.bin"),
+]:
+    case(name, "checkpoint", f"{what}; resume latest")(
+        lambda b, name=name, damage=damage, warning=warning: damaged_resume(b, name, damage, warning)
+    )
 
 
 @case("leftover_tmp_checkpoint", "checkpoint", "a stale .tmp-checkpoint-6 beside checkpoints 2, 4; resume latest")
@@ -725,29 +711,17 @@ def kill_then_resume(b: Bench, name: str, fault: str, left: list[int], script: s
     ])
 
 
-@case("kill_at_step", "checkpoint", "PINFM_FAULT_AT=step@3 (kill -9 mid-step); resume latest")
-def _(b: Bench):
-    return kill_then_resume(b, "kill_step", "step@3", [2])
-
-
-@case("kill_at_checkpoint_start", "checkpoint", "PINFM_FAULT_AT=checkpoint-start@4; resume latest")
-def _(b: Bench):
-    return kill_then_resume(b, "kill_ckpt_start", "checkpoint-start@4", [2])
-
-
-@case("kill_at_checkpoint_files", "checkpoint", "PINFM_FAULT_AT=checkpoint-files@4 (files written, no manifest)")
-def _(b: Bench):
-    return kill_then_resume(b, "kill_ckpt_files", "checkpoint-files@4", [2])
-
-
-@case("kill_at_checkpoint_rename", "checkpoint", "PINFM_FAULT_AT=checkpoint-rename@4 (manifest written, not renamed)")
-def _(b: Bench):
-    return kill_then_resume(b, "kill_ckpt_rename", "checkpoint-rename@4", [2])
-
-
-@case("kill_at_checkpoint_rotate", "checkpoint", "PINFM_FAULT_AT=checkpoint-rotate@6 (before old ones are deleted)")
-def _(b: Bench):
-    return kill_then_resume(b, "kill_ckpt_rotate", "checkpoint-rotate@6", [2, 4, 6])
+# kill -9 at each fault point of a pretraining run, then resume: (name, PINFM_FAULT_AT, checkpoints left, what it means).
+for name, fault, left, meaning in [
+    ("kill_at_step", "step@3", [2], "kill -9 mid-step"),
+    ("kill_at_checkpoint_start", "checkpoint-start@4", [2], "as the save starts"),
+    ("kill_at_checkpoint_files", "checkpoint-files@4", [2], "files written, no manifest"),
+    ("kill_at_checkpoint_rename", "checkpoint-rename@4", [2], "manifest written, not renamed"),
+    ("kill_at_checkpoint_rotate", "checkpoint-rotate@6", [2, 4, 6], "before old ones are deleted"),
+]:
+    case(name, "checkpoint", f"PINFM_FAULT_AT={fault} ({meaning}); resume latest")(
+        lambda b, name=name, fault=fault, left=left: kill_then_resume(b, name.replace("kill_at_", "kill_"), fault, left)
+    )
 
 
 @case("ctr_kill_at_step", "checkpoint", "finetune_ctr.py with PINFM_FAULT_AT=step@3; resume latest")
@@ -892,26 +866,26 @@ def _(b: Bench):
     return judge_process(proc, words=["needs --base to be a hub repo id", str(base)])
 
 
-@case("push_to_hub_without_token", "hub", "pretrain.py --push_to_hub true, no HF_TOKEN, empty HF_HOME")
-def _(b: Bench):
-    out = b.work / "push_no_token"
-    env = {"HF_TOKEN": None, "HF_TOKEN_PATH": None, "HF_HOME": str(b.work / "hf_home_empty")}
+def push_refused_before_data(b: Bench, name: str, env: dict, words: list[str]) -> tuple[str, str, str]:
+    """`pretrain.py --push_to_hub` that cannot succeed must fail at start-up, before any data is read."""
+    out = b.work / name
     proc = b.recipe("pretrain.py", "--output_dir", str(out), "--push_to_hub", "true", "--hub_model_id", "pinfm-test/never",
                     env=env)
-    return judge_process(proc, words=["--push_to_hub needs a hub token", "HF_TOKEN"], after=[
+    return judge_process(proc, words=words, after=[
         ("before any data is read", lambda: "Events:" not in proc.stderr and not (out / "train_log.jsonl").exists())])
+
+
+@case("push_to_hub_without_token", "hub", "pretrain.py --push_to_hub true, no HF_TOKEN, empty HF_HOME")
+def _(b: Bench):
+    env = {"HF_TOKEN": None, "HF_TOKEN_PATH": None, "HF_HOME": str(b.work / "hf_home_empty")}
+    return push_refused_before_data(b, "push_no_token", env, ["--push_to_hub needs a hub token", "HF_TOKEN"])
 
 
 @case("push_to_hub_rejected_token", "hub", "pretrain.py --push_to_hub true with a token the hub rejects")
 def _(b: Bench):
-    endpoint = b.hub()
-    out = b.work / "push_bad_token"
-    env = {"HF_HUB_OFFLINE": None, "TRANSFORMERS_OFFLINE": None, "HF_TOKEN_PATH": None, "HF_ENDPOINT": endpoint,
+    env = {"HF_HUB_OFFLINE": None, "TRANSFORMERS_OFFLINE": None, "HF_TOKEN_PATH": None, "HF_ENDPOINT": b.hub(),
            "HF_HOME": str(b.work / "hf_home_bad"), "HF_HUB_DISABLE_TELEMETRY": "1", "HF_TOKEN": "hf_not_the_right_token"}
-    proc = b.recipe("pretrain.py", "--output_dir", str(out), "--push_to_hub", "true", "--hub_model_id", "pinfm-test/never",
-                    env=env)
-    return judge_process(proc, words=["The hub rejected the token (HTTP 401)", "HF_TOKEN"], after=[
-        ("before any data is read", lambda: "Events:" not in proc.stderr and not (out / "train_log.jsonl").exists())])
+    return push_refused_before_data(b, "push_bad_token", env, ["The hub rejected the token (HTTP 401)", "HF_TOKEN"])
 
 
 @case("hub_repo_not_found", "hub", "cached_file_from('pinfm-test/no-such-repo', 'config.json') on the loopback hub")
@@ -1327,27 +1301,28 @@ snippet_case(
             ("the other rows unchanged (1e-5)", lambda s: torch.allclose(
                 s.ns["together"].query_embeddings[[0, 2]], s.ns["alone"].query_embeddings, atol=1e-5, rtol=1e-5))],
 )
-snippet_case("item_id_out_of_range", "model_api", "model(input_ids holding 50 = item_vocab_size)",
-             MODEL + 'model(**dict(inputs, input_ids=inputs["input_ids"].index_fill(1, torch.tensor([0]), 50)))\n',
-             words=["Item ids hold id 50", "`config.item_vocab_size`"])
-snippet_case("negative_item_id", "model_api", "model(input_ids holding -1)",
-             MODEL + 'model(**dict(inputs, input_ids=inputs["input_ids"].index_fill(1, torch.tensor([0]), -1)))\n',
-             words=["Item ids hold id -1"])
-snippet_case("action_id_out_of_range", "model_api", "model(action_ids holding 6 = action_vocab_size)",
-             MODEL + 'model(**dict(inputs, action_ids=inputs["action_ids"].index_fill(1, torch.tensor([0]), 6)))\n',
-             words=["`action_ids` hold id 6", "`config.action_vocab_size`"])
-snippet_case("label_out_of_range", "model_api", "model(..., labels holding 50)",
-             MODEL + 'model(**inputs, labels=inputs["input_ids"].index_fill(1, torch.tensor([2]), 50))\n',
-             words=["Item ids hold id 50"])
-snippet_case("decreasing_timestamps_in_model", "model_api", "model(timestamps [300, 200, 100] in row 0)",
-             MODEL + 'model(**dict(inputs, timestamps=torch.tensor([[300, 200, 100], [100, 150, 0]])))\n',
-             words=["`timestamps` must not decrease within a row", "row 0"])
-snippet_case("attention_mask_misshapen", "model_api", "model(attention_mask of shape (2, 2))",
-             MODEL + 'model(**dict(inputs, attention_mask=inputs["attention_mask"][:, :2]))\n',
-             words=["`attention_mask` has shape (2, 2), but `input_ids` has (2, 3)"])
-snippet_case("end_timestamps_wrong_length", "model_api", "model(..., end_timestamps of 3 for 2 rows)",
-             MODEL + "model(**inputs, end_timestamps=torch.tensor([1, 2, 3]))\n",
-             words=["`end_timestamps` has 3 values for a batch of 2 rows"])
+# Bad model inputs: (name, short command, the call on MODEL's `model` and `inputs`, words the error must hold).
+for name, short, call, words in [
+    ("item_id_out_of_range", "model(input_ids holding 50 = item_vocab_size)",
+     'model(**dict(inputs, input_ids=inputs["input_ids"].index_fill(1, torch.tensor([0]), 50)))',
+     ["Item ids hold id 50", "`config.item_vocab_size`"]),
+    ("negative_item_id", "model(input_ids holding -1)",
+     'model(**dict(inputs, input_ids=inputs["input_ids"].index_fill(1, torch.tensor([0]), -1)))', ["Item ids hold id -1"]),
+    ("action_id_out_of_range", "model(action_ids holding 6 = action_vocab_size)",
+     'model(**dict(inputs, action_ids=inputs["action_ids"].index_fill(1, torch.tensor([0]), 6)))',
+     ["`action_ids` hold id 6", "`config.action_vocab_size`"]),
+    ("label_out_of_range", "model(..., labels holding 50)",
+     'model(**inputs, labels=inputs["input_ids"].index_fill(1, torch.tensor([2]), 50))', ["Item ids hold id 50"]),
+    ("decreasing_timestamps_in_model", "model(timestamps [300, 200, 100] in row 0)",
+     "model(**dict(inputs, timestamps=torch.tensor([[300, 200, 100], [100, 150, 0]])))",
+     ["`timestamps` must not decrease within a row", "row 0"]),
+    ("attention_mask_misshapen", "model(attention_mask of shape (2, 2))",
+     'model(**dict(inputs, attention_mask=inputs["attention_mask"][:, :2]))',
+     ["`attention_mask` has shape (2, 2), but `input_ids` has (2, 3)"]),
+    ("end_timestamps_wrong_length", "model(..., end_timestamps of 3 for 2 rows)",
+     "model(**inputs, end_timestamps=torch.tensor([1, 2, 3]))", ["`end_timestamps` has 3 values for a batch of 2 rows"]),
+]:
+    snippet_case(name, "model_api", short, MODEL + call + "\n", words=words)
 snippet_case("config_heads_do_not_divide", "model_api", "PinFMConfig(hidden_size=30, num_attention_heads=4)",
              "from pinfm_hf import PinFMConfig\nPinFMConfig(hidden_size=30, num_attention_heads=4)\n",
              words=["`hidden_size` (30)", "divisible by `num_attention_heads` (4)"])
