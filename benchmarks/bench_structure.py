@@ -7,7 +7,8 @@ under src/ and the largest function under src/, recipes/ and benchmarks/ (lines,
 repeated-code pairs (six or more shared lines, same or same-shaped) reported by the `duplicates` command in the whole
 tree and in src/ + recipes/ + benchmarks/ alone (needs that command on PATH; null without it), the `sys.path`
 insertions outside tests/conftest.py, and the test count (`pytest --collect-only`); with `--run_tests`, the suite's
-wall time too (both trees run one after the other, so compare them within one invocation).
+wall time too, each tree with its own `.venv` (made by its `scripts/setup.sh` where missing, untimed) as CI runs it;
+both trees run one after the other, so compare them within one invocation.
 """
 
 import argparse
@@ -15,7 +16,6 @@ import ast
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -59,17 +59,20 @@ def duplicate_pairs(root: Path, only: Optional[tuple[str, ...]] = None) -> Optio
 
 
 def pytest_run(root: Path, run: bool) -> dict[str, Any]:
-    env_python = ROOT / ".venv" / "bin" / "python"
-    python = str(env_python) if env_python.is_file() else sys.executable
-    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(root / "src"),
-           "PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
-    collected = subprocess.run([python, "-m", "pytest", "tests", "--collect-only", "-q", "-p", "no:cacheprovider"],
+    """Collect (and with `run`, run and time) the tree's suite as CI does: its own `.venv` (made by its `scripts/setup.sh`
+    first, untimed, where missing), so that recipe and hub child processes import that tree's package."""
+    python = root / ".venv" / "bin" / "python"
+    if not python.is_file():
+        subprocess.run(["bash", "scripts/setup.sh"], cwd=root, check=True, capture_output=True)
+    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PATH": "/usr/bin:/bin",
+           "HOME": str(Path.home())}
+    collected = subprocess.run([str(python), "-m", "pytest", "tests", "--collect-only", "-q", "-p", "no:cacheprovider"],
                                cwd=root, capture_output=True, text=True, env=env).stdout
     match = re.search(r"(\d+) tests? collected", collected)
     figures: dict[str, Any] = {"test_count": int(match.group(1)) if match else None, "test_wall_s": None, "tests_passed": None}
     if run:
         start = time.time()
-        result = subprocess.run([python, "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider"], cwd=root,
+        result = subprocess.run([str(python), "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider"], cwd=root,
                                 capture_output=True, text=True, env=env)
         figures["test_wall_s"] = round(time.time() - start, 1)
         tail = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
