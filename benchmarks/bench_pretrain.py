@@ -35,8 +35,8 @@ VARIANTS = {
     "next_only_dropout": (PINFM, ["--multi_token_loss_weight", "0", "--future_token_loss_weight", "0",
                                   "--hidden_dropout_prob", "0.5", "--attention_dropout", "0.2"]),
     # Batches of similar-length sequences (less padding): speed and quality against the random batches above.
-    "sasrec_grouped": (CONFIGS / "ml1m_sasrec_like.yaml", ["--group_by_length", "true"]),
-    "pinfm_grouped": (PINFM, ["--group_by_length", "true"]),
+    "sasrec_grouped": (CONFIGS / "ml1m_sasrec_like.yaml", ["--packing", "false", "--group_by_length", "true"]),
+    "pinfm_grouped": (PINFM, ["--packing", "false", "--group_by_length", "true"]),
     # Loss ablations on the full-feature model.
     "next_only": (PINFM, ["--multi_token_loss_weight", "0", "--future_token_loss_weight", "0"]),
     "next_multi": (PINFM, ["--future_token_loss_weight", "0"]),

@@ -1315,7 +1315,7 @@ for name, short, call, words in [
      'model(**inputs, labels=inputs["input_ids"].index_fill(1, torch.tensor([2]), 50))', ["Item ids hold id 50"]),
     ("decreasing_timestamps_in_model", "model(timestamps [300, 200, 100] in row 0)",
      "model(**dict(inputs, timestamps=torch.tensor([[300, 200, 100], [100, 150, 0]])))",
-     ["`timestamps` must not decrease within a row", "row 0"]),
+     ["`timestamps` must not decrease within a sequence", "row 0"]),
     ("attention_mask_misshapen", "model(attention_mask of shape (2, 2))",
      'model(**dict(inputs, attention_mask=inputs["attention_mask"][:, :2]))',
      ["`attention_mask` has shape (2, 2), but `input_ids` has (2, 3)"]),

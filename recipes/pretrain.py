@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 import datasets
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
@@ -26,9 +27,11 @@ from torch.utils.data import DataLoader
 from pinfm_hf import PinFMConfig, PinFMForPretraining, PinFMTokenizer, PretrainingObjective
 from pinfm_hf.arguments import ModelArguments, PretrainingArguments, PretrainingDataArguments
 from pinfm_hf.data import (
+    EpochRandomSampler,
     EventTable,
     LengthGroupedEpochSampler,
     PinFMDataCollator,
+    TokenBudgetBatchSampler,
     build_user_sequences,
     leave_last_out_split,
     next_item_eval_dataset,
@@ -53,9 +56,10 @@ class PretrainingData:
     train_loader: DataLoader
     valid_loader: DataLoader
     test_loader: DataLoader
+    batch_tokens: Optional[int]  # events per packed batch (None: padded batches of a fixed number of users)
 
 
-def load_data(data_args: PretrainingDataArguments, train_args: PretrainingArguments) -> PretrainingData:
+def load_data(data_args: PretrainingDataArguments, train_args: PretrainingArguments, num_processes: int = 1) -> PretrainingData:
     """Events -> per-user sequences -> leave-last-out splits -> the tokenizer -> tokens -> loaders."""
     events = data_args.load_events()
     if data_args.time_cut_quantile is not None:
@@ -77,24 +81,34 @@ def load_data(data_args: PretrainingDataArguments, train_args: PretrainingArgume
     logger.info("Train rows %d, valid users %d, test users %d.", train_table.num_rows, len(evaluation["valid"]), len(evaluation["test"]))
 
     positives = data_args.positive_action_names(tokenizer.action_tokens[2:])
+    pack_length = data_args.max_length if train_args.packing else None
     collator = PinFMDataCollator(
         pad_token_id=tokenizer.pad_token_id, max_length=data_args.max_length, return_labels=True,
-        positive_action_ids=tokenizer.convert_actions_to_ids(positives) if positives else None,
+        positive_action_ids=tokenizer.convert_actions_to_ids(positives) if positives else None, pack_length=pack_length,
     )
-    sampler = None
-    if train_args.group_by_length:
-        lengths = pc.list_value_length(train_table.column("input_ids")).to_pylist()
-        sampler = LengthGroupedEpochSampler(lengths, train_args.per_device_train_batch_size, seed=train_args.seed)
-    train_loader = DataLoader(
-        datasets.Dataset(train_table), batch_size=train_args.per_device_train_batch_size, shuffle=sampler is None,
-        sampler=sampler, collate_fn=collator,
-    )
-    eval_collator = PinFMDataCollator(pad_token_id=tokenizer.pad_token_id, max_length=data_args.max_length)
+    train_dataset = datasets.Dataset(train_table)
+    lengths = np.minimum(pc.list_value_length(train_table.column("input_ids")).to_numpy(), data_args.max_length)
+    if train_args.packing:
+        # Random users, about as many events per step as padded batches of per_device_train_batch_size users hold.
+        max_tokens = train_args.per_device_train_batch_tokens or max(1, round(train_args.per_device_train_batch_size * lengths.mean()))
+        batches = TokenBudgetBatchSampler(
+            EpochRandomSampler(len(lengths), seed=train_args.seed), lengths, max_tokens, num_processes=num_processes
+        )
+        train_loader = DataLoader(train_dataset, batch_sampler=batches, collate_fn=collator)
+    else:
+        max_tokens, sampler = None, None
+        if train_args.group_by_length:
+            sampler = LengthGroupedEpochSampler(lengths.tolist(), train_args.per_device_train_batch_size, seed=train_args.seed)
+        train_loader = DataLoader(
+            train_dataset, batch_size=train_args.per_device_train_batch_size, shuffle=sampler is None, sampler=sampler,
+            collate_fn=collator,
+        )
+    eval_collator = PinFMDataCollator(pad_token_id=tokenizer.pad_token_id, max_length=data_args.max_length, pack_length=pack_length)
     valid_loader, test_loader = (
         DataLoader(evaluation[name], batch_size=train_args.per_device_eval_batch_size, collate_fn=eval_collator)
         for name in ("valid", "test")
     )
-    return PretrainingData(events, tokenizer, train_table, positives, train_loader, valid_loader, test_loader)
+    return PretrainingData(events, tokenizer, train_table, positives, train_loader, valid_loader, test_loader, max_tokens)
 
 
 def build_model(
@@ -134,7 +148,7 @@ def main(args: Optional[list[str]] = None) -> dict:
     start_time = time.time()
 
     # ----- data and model -----
-    data = load_data(data_args, train_args)
+    data = load_data(data_args, train_args, accelerator.num_processes)
     model = build_model(data, data_args, model_args, objective, train_args)
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "norm" in n]
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n]
@@ -207,6 +221,8 @@ def main(args: Optional[list[str]] = None) -> dict:
         "num_processes": accelerator.num_processes,
         "parameter_checksums": parameter_checksums(model, accelerator),
         "train_holdout": data_args.train_holdout,
+        "packing": train_args.packing,
+        "per_device_train_batch_tokens": data.batch_tokens,
         "periodic_validation": valid_name if train_args.eval_every_epochs else None,
         "eval_exclude_history": data_args.eval_exclude_history,
         "test": log_eval("test", test_loader),

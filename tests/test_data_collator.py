@@ -74,3 +74,34 @@ def test_tensor_inputs_and_dataloader():
     loader = torch.utils.data.DataLoader(feats, batch_size=2, collate_fn=PinFMDataCollator())
     batch = next(iter(loader))
     assert batch["surface_ids"].tolist() == [[1, 1], [2, 0]]
+
+
+def test_packing_fills_rows_in_order_with_restarting_positions():
+    examples = [{"input_ids": list(range(10, 10 + n)), "action_ids": [2] * n} for n in (3, 4, 2, 5, 1)]
+    batch = PinFMDataCollator(pad_token_id=0, return_labels=True, positive_action_ids=[2], pack_length=7)(examples)
+    # 3 + 4 fill the first row, 2 + 5 the second; 1 starts a third: in order, never reordered
+    assert batch["input_ids"].tolist() == [
+        [10, 11, 12, 10, 11, 12, 13],
+        [10, 11, 10, 11, 12, 13, 14],
+        [10, 0, 0, 0, 0, 0, 0],
+    ]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3], [0, 1, 0, 1, 2, 3, 4], [0] * 7]
+    assert batch["attention_mask"].tolist() == [[1] * 7, [1] * 7, [1, 0, 0, 0, 0, 0, 0]]
+    assert batch["labels"].tolist()[2] == [10, -100, -100, -100, -100, -100, -100]
+
+
+def test_packing_truncates_to_max_length_and_keeps_per_example_keys():
+    examples = features()
+    batch = PinFMDataCollator(max_length=2, pack_length=4)(examples)
+    assert batch["input_ids"].tolist() == [[6, 7, 8]]  # the 2 most recent events of u1, then u2
+    assert batch["position_ids"].tolist() == [[0, 1, 0]]
+    assert batch["target_ids"].tolist() == [9, 4]  # one per example, in order
+
+
+def test_packing_refuses_what_it_cannot_pack():
+    with pytest.raises(ValueError, match=r"`max_length` \(8\) must be at most `pack_length` \(4\)"):
+        PinFMDataCollator(max_length=8, pack_length=4)
+    with pytest.raises(ValueError, match="Example 0 has 3 events, more than `pack_length` \\(2\\)"):
+        PinFMDataCollator(pack_length=2)(features())
+    with pytest.raises(ValueError, match="Example 1 has no events"):
+        PinFMDataCollator(pack_length=4)([{"input_ids": [1]}, {"input_ids": []}])

@@ -98,3 +98,10 @@ def test_export_script_writes_parquet_and_temperature(tiny, items, shared_data_d
     saved_users = datasets.Dataset.from_parquet(str(output_dir / "user_embeddings.parquet"))
     assert len(saved_users) == saved_info["num_users"] == 25
     assert as_numpy(saved_users)["embedding"].shape == (25, tiny.model.config.projection_size)
+
+
+def test_packed_and_padded_user_embeddings_agree(tiny, users):
+    padded = export_user_embeddings(tiny.model, tiny.tokenizer, tiny.sequences.select(range(40)), batch_size=16, packing=False)
+    torch.testing.assert_close(
+        torch.tensor(padded["embedding"]), torch.tensor(users["embedding"][:40]), atol=1e-5, rtol=0
+    )

@@ -93,3 +93,26 @@ def test_a_model_with_nan_weights_is_refused_not_scored_as_perfect():
     with pytest.raises(ValueError, match="24 of 24 evaluation users have non-finite .*no metric is reported"):
         evaluate_next_item(model, loader, Accelerator(cpu=True), num_special_tokens=model.config.num_special_item_tokens,
                            num_scored_ids=tokenizer.first_bucket_id, show_progress=False)
+
+
+@pytest.mark.parametrize("exclude_history", [False, True])
+def test_packed_evaluation_gives_the_padded_figures(exclude_history):
+    model, tokenizer, _ = tiny_model_and_loader()
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(2, 10, (40,), generator=g).tolist()  # histories of different lengths: padding to save
+    items = [[f"m{int(i)}" for i in torch.randint(0, 30, (n,), generator=g)] for n in lengths]
+    times = [(1_000_000 + torch.randint(0, 10**6, (n,), generator=g).sort().values).tolist() for n in lengths]
+    sequences = pa.table({"item_ids": items, "actions": [["click"] * n for n in lengths], "timestamps": times})
+    encoded = tokenizer.encode_sequences(sequences, max_length=8, hold_out_last=True).to_pylist()
+    figures = []
+    for pack_length in (None, 16):
+        loader = DataLoader(encoded, batch_size=7, collate_fn=PinFMDataCollator(pack_length=pack_length))
+        figures.append(evaluate_next_item(
+            model, loader, Accelerator(cpu=True), num_special_tokens=model.config.num_special_item_tokens,
+            num_scored_ids=tokenizer.first_bucket_id, exclude_history=exclude_history, show_progress=False,
+        ))
+    padded, packed = figures
+    assert packed["num_users"] == padded["num_users"] == 40
+    assert next(iter(loader))["input_ids"].shape[0] < 7  # several users per packed row
+    for name, value in padded.items():
+        assert abs(packed[name] - value) < 1e-6, name

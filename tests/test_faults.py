@@ -103,10 +103,18 @@ def test_kills_and_a_damaged_checkpoint_recover_to_the_uninterrupted_result(refe
     # in backward), while a resume that replayed other data or other dropout masks would be off by ~1e-3 (lr 3e-3).
     assert [s for s, _ in losses(out)] == list(range(1, 9))
     torch.testing.assert_close(torch.tensor([l for _, l in losses(out)]), torch.tensor([l for _, l in losses(ref_dir)]))
+    # The weights too, but Adam divides by the gradient's own scale: an element whose gradient is ~0 at some step
+    # (by chance, e.g. one embedding entry) turns that noise into a step of up to lr, in uninterrupted runs too
+    # (1e-4 on 1 of 119,232 elements between two of them, seed 42). So: all but a few elements within the float noise,
+    # and none off by a step of its own; a resume that replayed other data moves thousands of elements by ~1e-3.
     resumed, uninterrupted = load_file(out / "model" / "model.safetensors"), load_file(ref_dir / "model" / "model.safetensors")
     assert resumed.keys() == uninterrupted.keys()
+    differs = 0
     for name in uninterrupted:
-        torch.testing.assert_close(resumed[name], uninterrupted[name], rtol=1e-4, atol=2e-5)
+        difference = (resumed[name] - uninterrupted[name]).abs()
+        assert float(difference.max()) < 1e-3, name
+        differs += int((difference > 2e-5 + 1e-4 * uninterrupted[name].abs()).sum())
+    assert differs <= 3, f"{differs} weights differ beyond float noise"
     results, reference_results = (json.loads((d / "results.json").read_text()) for d in (out, ref_dir))
     for name, value in reference_results["test"].items():
         assert abs(results["test"][name] - value) <= 0.005, name  # at most one of 200 users' ranks moves

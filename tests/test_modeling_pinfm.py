@@ -501,7 +501,7 @@ def test_timestamps_that_decrease_within_a_row_are_refused():
     model(**dict(inputs, timestamps=inputs["timestamps"][:, :1].expand(-1, 5) * inputs["attention_mask"]))  # ties
     swapped = inputs["timestamps"].clone()
     swapped[0, [1, 2]] = swapped[0, [2, 1]]
-    with pytest.raises(ValueError, match=r"`timestamps` must not decrease within a row .*row 0 goes from \d+ to \d+ at position 2"):
+    with pytest.raises(ValueError, match=r"`timestamps` must not decrease within a sequence .*row 0 goes from \d+ to \d+ at position 2"):
         model(**dict(inputs, timestamps=swapped))
 
 

@@ -51,6 +51,7 @@ def test_end_to_end_outputs_load_through_auto_classes(tiny_run):
     assert losses[-1][1] < losses[0][1]  # it learns
     results = json.loads((tiny_run / "results.json").read_text())
     assert results["test"]["num_users"] == 200 and results["eval_exclude_history"] is True
+    assert results["packing"] is True and results["per_device_train_batch_tokens"] > 0  # the default
     assert 0 <= results["test"]["ndcg@10"] <= results["test"]["hr@10"] <= 1
     assert isinstance(AutoModel.from_pretrained(model_dir), PinFMModel)
     model = AutoModelForPreTraining.from_pretrained(model_dir)
@@ -108,18 +109,34 @@ def test_full_softmax_over_a_large_vocabulary_is_refused(tmp_path):
     assert not (tmp_path / "o" / "checkpoints").exists()
 
 
-def test_two_processes_sync_gradients_and_gather_metrics_once(tmp_path, shared_data_dir):
+@pytest.mark.parametrize("batching", [
+    ("--packing", "true"),  # token-budget batches: an even number of them, so no rank waits or repeats a user
+    ("--packing", "false", "--group_by_length", "true"),  # every rank must draw the same length-grouped batches
+], ids=["packed", "grouped"])
+def test_two_processes_sync_gradients_and_gather_metrics_once(tmp_path, shared_data_dir, batching):
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
     output_dir = tmp_path / "ddp"
     run_recipe(
         output_dir,
         "--max_eval_users", "199",  # odd on purpose: gather_for_metrics must drop the padding duplicate
-        "--group_by_length", "true",  # every rank must draw the same length-grouped batches
+        *batching,
         launcher=(accelerate, "launch", "--config_file", str(ROOT / "recipes/accelerate/cpu_2proc.yaml")),
         env={"ACCELERATE_USE_CPU": "1"},
     )
     results = json.loads((output_dir / "results.json").read_text())
-    assert results["num_processes"] == 2
+    assert results["num_processes"] == 2 and results["packing"] == (batching[1] == "true")
     checksums = results["parameter_checksums"]
     assert len(checksums) == 2 and checksums[0] == checksums[1]  # ranks hold equal parameters after training
     assert results["test"]["num_users"] == 199  # every user counted exactly once
+
+
+def test_padded_batches_learn_like_packed_ones(tiny_run, tmp_path):
+    padded = tmp_path / "padded"
+    run_recipe(padded, "--eval_exclude_history", "true", "--packing", "false")
+    results = json.loads((padded / "results.json").read_text())
+    assert results["packing"] is False and results["per_device_train_batch_tokens"] is None
+    losses = step_losses(padded)
+    assert [s for s, _ in losses] == list(range(1, 9)) and losses[-1][1] < losses[0][1]
+    # Other users per step (a token budget, not a row count), so other losses, of the same size
+    packed_losses = [loss for _, loss in step_losses(tiny_run)]
+    assert abs(losses[-1][1] - packed_losses[-1]) < 0.25 * packed_losses[-1]

@@ -192,9 +192,19 @@ class PretrainingArguments(TrainingArguments):
     output_dir: str = field(default="outputs/pretrain", metadata={"help": "Run folder: model/, checkpoints/, logs."})
     num_train_epochs: int = 20
     adam_beta2: float = 0.98
+    packing: bool = field(
+        default=True,
+        metadata={"help": "Pack random users into rows of max_length events, attention kept within each user: no compute "
+                  "on padding, the same losses (benchmarks/RESULTS.md 'Packed batches'). false: one padded user per row."},
+    )
+    per_device_train_batch_tokens: Optional[int] = field(
+        default=None,
+        metadata={"help": "With --packing: events per batch (on average). Default: per_device_train_batch_size times the "
+                  "mean sequence length, i.e. as many users per step as padded batches."},
+    )
     group_by_length: bool = field(
         default=False,
-        metadata={"help": "Batch sequences of similar length together: less padding, 1.27x tokens/s on ML-1M, but lower "
+        metadata={"help": "Padded batches of sequences of similar length (needs --packing false): less padding, but lower "
                   "quality after equal epochs (benchmarks/RESULTS.md)."},
     )
     gradient_checkpointing: bool = False
@@ -207,7 +217,12 @@ class PretrainingArguments(TrainingArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_ranges(self, positive=("full_softmax_max_items",), non_negative=("eval_every_epochs",), fractions=("adam_beta2",))
+        check_ranges(
+            self, positive=("full_softmax_max_items", "per_device_train_batch_tokens"), non_negative=("eval_every_epochs",),
+            fractions=("adam_beta2",),
+        )
+        if self.packing and self.group_by_length:
+            raise ValueError("--group_by_length batches padded rows: use it with --packing false (packed rows have no padding to save).")
 
 
 # ----- CTR fine-tuning -------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Any, Union
 import datasets
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from tqdm.auto import tqdm
 
@@ -67,10 +68,12 @@ def export_user_embeddings(
     sequences: Union[datasets.Dataset, pa.Table],
     batch_size: int = 256,
     show_progress: bool = False,
+    packing: bool = True,
 ) -> datasets.Dataset:
     """
     Query embedding of each user: the model's normalised scoring projection at the last event of the user's history
-    (its `tokenizer.model_max_length` most recent events, the window the model was trained on).
+    (its `tokenizer.model_max_length` most recent events, the window the model was trained on). The users of a step
+    are packed into rows as long as the longest history (no compute on padding; the same embeddings as padded rows, to float rounding).
 
     Args:
         model ([`PinFMForPretraining`]): the model.
@@ -81,6 +84,7 @@ def export_user_embeddings(
             embeddings of the users' present state.
         batch_size (`int`, *optional*, defaults to 256): users encoded per forward pass.
         show_progress (`bool`, *optional*, defaults to `False`): show a progress bar.
+        packing (`bool`, *optional*, defaults to `True`): pack the users of a step into rows; False pads one per row.
 
     Returns:
         `datasets.Dataset` with `user_id` and `embedding` (`float32`, `projection_size` values, L2-normalised), in the
@@ -89,7 +93,8 @@ def export_user_embeddings(
     _check_pair(model, tokenizer)
     table = sequences.with_format("arrow")[:] if isinstance(sequences, datasets.Dataset) else sequences
     encoded = tokenizer.encode_sequences(table)
-    collator = PinFMDataCollator(pad_token_id=tokenizer.pad_token_id)
+    longest = pc.max(pc.list_value_length(encoded.column("input_ids"))).as_py() or 1  # <= model_max_length
+    collator = PinFMDataCollator(pad_token_id=tokenizer.pad_token_id, pack_length=longest if packing else None)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

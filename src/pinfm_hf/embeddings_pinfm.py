@@ -150,18 +150,27 @@ class PinFMEventEmbedding(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def time_features(
-        self, timestamps: torch.LongTensor, attention_mask: torch.Tensor, end_timestamps: Optional[torch.LongTensor] = None
+        self,
+        timestamps: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        end_timestamps: Optional[torch.LongTensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
     ) -> torch.Tensor:
         """
         Bucketed gaps of each event to the previous event and to the *next* one (for the last event: to the request
         time, `end_timestamps`, or else gap 0). Both are causal: position `i` predicts event `i + 1` at the time
         `t[i + 1]`, which is the request time of that prediction; every earlier gap is readable from the tokens. (A gap
-        to the sequence end would leak, to every position, how long the user stays after it.)
+        to the sequence end would leak, to every position, how long the user stays after it.) In packed rows
+        (`position_ids`), gaps stay within each sequence and `end_timestamps` has one value per sequence.
         """
         valid = attention_mask.bool()
         previous_valid, next_valid = torch.zeros_like(valid), torch.zeros_like(valid)
         previous_valid[:, 1:] = valid[:, :-1]
         next_valid[:, :-1] = valid[:, 1:]
+        if position_ids is not None:  # packed: no gap across the boundary of two users' sequences
+            starts = position_ids == 0
+            previous_valid &= ~starts
+            next_valid[:, :-1] &= ~starts[:, 1:]
         gap_prev = torch.zeros_like(timestamps)
         gap_prev[:, 1:] = timestamps[:, 1:] - timestamps[:, :-1]
         if checking_inputs():
@@ -169,15 +178,20 @@ class PinFMEventEmbedding(nn.Module):
             if backwards.any():
                 row, position = (int(i) for i in backwards.nonzero()[0])
                 raise ValueError(
-                    f"`timestamps` must not decrease within a row (oldest event first): row {row} goes from "
+                    f"`timestamps` must not decrease within a sequence (oldest event first): row {row} goes from "
                     f"{int(timestamps[row, position - 1])} to {int(timestamps[row, position])} at position {position}."
                 )
         prev_bucket = log_time_buckets(gap_prev, self.config.num_time_buckets)
         prev_bucket = prev_bucket.masked_fill(~previous_valid, self.config.num_time_buckets)
         # The last event is followed by the request: the latest valid timestamp, wherever the padding is, or later.
-        end = timestamps.masked_fill(~valid, torch.iinfo(timestamps.dtype).min).amax(dim=1, keepdim=True)  # (B, 1)
-        if end_timestamps is not None:
-            end = torch.maximum(end, end_timestamps.view(-1, 1))
+        if position_ids is None:
+            end = timestamps.masked_fill(~valid, torch.iinfo(timestamps.dtype).min).amax(dim=1, keepdim=True)  # (B, 1)
+            if end_timestamps is not None:
+                end = torch.maximum(end, end_timestamps.view(-1, 1))
+        else:  # packed: each sequence's last event (timestamps do not decrease within it), or its request time
+            end = timestamps
+            if end_timestamps is not None:
+                end = torch.maximum(end, end_timestamps.view(-1)[sequence_index(valid, position_ids)])
         next_time = end.expand_as(timestamps).clone()
         next_time[:, :-1] = torch.where(next_valid[:, :-1], timestamps[:, 1:], next_time[:, :-1])
         next_bucket = log_time_buckets(next_time - timestamps, self.config.num_time_buckets)
@@ -191,12 +205,13 @@ class PinFMEventEmbedding(nn.Module):
         surface_ids: Optional[torch.LongTensor] = None,
         timestamps: Optional[torch.LongTensor] = None,
         end_timestamps: Optional[torch.LongTensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
     ) -> torch.Tensor:
         time_embeddings = None
         if self.config.use_time_features:
             if timestamps is None:
                 raise ValueError("`timestamps` are required: this model was configured with `use_time_features=True`.")
-            time_embeddings = self.time_features(timestamps, attention_mask, end_timestamps)
+            time_embeddings = self.time_features(timestamps, attention_mask, end_timestamps, position_ids)
         return self.combine(input_ids, action_ids, surface_ids, time_embeddings)
 
     def combine(
@@ -237,8 +252,12 @@ def check_event_inputs(
     surface_ids: Optional[torch.Tensor] = None,
     timestamps: Optional[torch.Tensor] = None,
     end_timestamps: Optional[torch.Tensor] = None,
+    position_ids: Optional[torch.Tensor] = None,
 ) -> None:
-    """Shape checks of per-event inputs (no device read-back): `(batch_size, sequence_length)` each, with events."""
+    """
+    Checks of per-event inputs: `(batch_size, sequence_length)` each, with events; with `position_ids` (packed
+    rows), that they restart at each sequence (`check_packed_positions`, one device read-back).
+    """
     if input_ids is None:
         raise ValueError("`input_ids` are required.")
     if input_ids.dim() != 2:
@@ -252,8 +271,72 @@ def check_event_inputs(
                         ("timestamps", timestamps)):
         if value is not None and value.shape != input_ids.shape:
             raise ValueError(f"`{name}` has shape {tuple(value.shape)}, but `input_ids` has {(B, T)}.")
-    if end_timestamps is not None and end_timestamps.numel() != B:
+    if end_timestamps is not None and end_timestamps.numel() != B and position_ids is None:
         raise ValueError(f"`end_timestamps` has {end_timestamps.numel()} values for a batch of {B} rows.")
+    if position_ids is not None:
+        check_packed_positions(position_ids, input_ids.shape, attention_mask, end_timestamps)
+
+
+# ----- packed rows: several users' sequences concatenated in one row, `position_ids` restarting at 0 at each -----
+
+def event_positions(attention_mask: torch.Tensor) -> torch.LongTensor:
+    """`(B, T)` position of each event among its row's real events (padding on either side): one sequence per row."""
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+def packed_sequence_ids(position_ids: torch.LongTensor) -> torch.LongTensor:
+    """`(B, T)` ordinal of each position's sequence within its row: a new sequence starts wherever a position is 0."""
+    return (position_ids == 0).long().cumsum(dim=1)
+
+
+def packed_sequence_ends(valid: torch.BoolTensor, position_ids: torch.LongTensor) -> torch.BoolTensor:
+    """`(B, T)`: True at the last event of each packed sequence (in row-major order: the sequences' order)."""
+    following = torch.zeros_like(valid)
+    following[:, :-1] = valid[:, 1:] & (position_ids[:, 1:] != 0)
+    return valid & ~following
+
+
+def sequence_index(valid: torch.BoolTensor, position_ids: Optional[torch.LongTensor] = None) -> torch.LongTensor:
+    """
+    `(B, T)` index of each position's sequence in the batch, in row-major order: the row for unpacked rows; for packed
+    rows, the count of sequences that start before it (padding gets its neighbour's index, never read).
+    """
+    if position_ids is None:
+        return torch.arange(valid.shape[0], device=valid.device)[:, None].expand_as(valid)
+    starts = (position_ids == 0) & valid
+    return (starts.reshape(-1).long().cumsum(0) - 1).clamp(min=0).view_as(valid)
+
+
+def check_packed_positions(
+    position_ids: torch.Tensor,
+    shape: tuple[int, int],
+    attention_mask: Optional[torch.Tensor],
+    end_timestamps: Optional[torch.Tensor],
+) -> None:
+    """
+    Packed rows must be whole sequences: at every real event the position is 0 (a sequence starts) or one more than
+    at the real event before it; `end_timestamps` then has one value per sequence.
+    """
+    if position_ids.is_floating_point() or tuple(position_ids.shape) != tuple(shape):
+        raise ValueError(f"`position_ids` must be an integer tensor of shape {tuple(shape)}, got {position_ids.dtype} "
+                         f"{tuple(position_ids.shape)}.")
+    if not checking_inputs():
+        return
+    valid = torch.ones(shape, dtype=torch.bool, device=position_ids.device) if attention_mask is None else attention_mask.bool()
+    previous = torch.full_like(position_ids, -2)
+    previous[:, 1:] = position_ids[:, :-1].masked_fill(~valid[:, :-1], -2)
+    bad = valid & (position_ids != 0) & (position_ids != previous + 1)
+    if bad.any():
+        row, position = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"`position_ids` must restart at 0 for each packed sequence and count up by 1 over its events: row {row} "
+            f"has {int(position_ids[row, position])} at position {position} after "
+            f"{int(previous[row, position]) if previous[row, position] >= 0 else 'no event'}."
+        )
+    if end_timestamps is not None:
+        num_sequences = int(((position_ids == 0) & valid).sum())
+        if end_timestamps.numel() != num_sequences:
+            raise ValueError(f"`end_timestamps` has {end_timestamps.numel()} values for {num_sequences} packed sequences.")
 
 
 __all__ = [
@@ -263,5 +346,10 @@ __all__ = [
     "PinFMRMSNorm",
     "check_event_inputs",
     "check_ids_in_range",
+    "check_packed_positions",
+    "event_positions",
     "log_time_buckets",
+    "packed_sequence_ids",
+    "packed_sequence_ends",
+    "sequence_index",
 ]

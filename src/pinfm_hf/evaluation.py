@@ -5,15 +5,24 @@ from typing import Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .embeddings_pinfm import sequence_index
 from .metrics import rank_of_targets, retrieval_metrics, summarize
-from .modeling_pinfm import gather_last_valid
+from .modeling_pinfm import gather_last_valid, gather_sequence_ends
 
 
-def history_mask(input_ids: torch.LongTensor, attention_mask: torch.Tensor, num_ids: int) -> torch.BoolTensor:
-    """`(B, num_ids)`: True at every id row b holds among its real input events (ids `>= num_ids` are ignored)."""
-    seen = input_ids.masked_fill(~attention_mask.bool() | (input_ids >= num_ids), num_ids)  # padding -> spare column
-    mask = torch.zeros(input_ids.shape[0], num_ids + 1, dtype=torch.bool, device=input_ids.device)
-    return mask.scatter_(1, seen, True)[:, :num_ids]
+def history_mask(
+    input_ids: torch.LongTensor, attention_mask: torch.Tensor, num_ids: int, position_ids: Optional[torch.LongTensor] = None
+) -> torch.BoolTensor:
+    """
+    `(num_sequences, num_ids)`: True at every id each sequence holds among its real input events (ids `>= num_ids`
+    are ignored). A sequence is a row, or with `position_ids` one of the packed sequences, in order.
+    """
+    valid = attention_mask.bool()
+    rows = sequence_index(valid, position_ids)
+    num_sequences = input_ids.shape[0] if position_ids is None else int(((position_ids == 0) & valid).sum())
+    seen = input_ids.masked_fill(~valid | (input_ids >= num_ids), num_ids)  # padding -> spare column
+    mask = torch.zeros(num_sequences, num_ids + 1, dtype=torch.bool, device=input_ids.device)
+    return mask.index_put_((rows[valid], seen[valid]), torch.ones((), dtype=torch.bool, device=mask.device))[:, :num_ids]
 
 
 def check_finite_scores(num_bad: int, num_rows: int, accelerator, *, what: str) -> None:
@@ -51,7 +60,8 @@ def evaluate_next_item(
     without repeats, such as MovieLens, and the target itself always stays a candidate (see `rank_of_targets`). The
     target's timestamp, when the batch has `target_timestamps`, is passed as the request time (`end_timestamps`), as
     in training, where position `i` sees the time of event `i + 1`; the target's item and action are never seen.
-    Returns `hr@k`, `ndcg@k` and `mrr`, averaged over all users of all processes, each counted once.
+    Batches of packed rows (`position_ids`, `PinFMDataCollator(pack_length=...)`) are scored per sequence, with the
+    same figures. Returns `hr@k`, `ndcg@k` and `mrr`, averaged over all users of all processes, each counted once.
     """
     was_training = model.training
     model.eval()
@@ -65,11 +75,15 @@ def evaluate_next_item(
         batch.pop("target_action_ids", None)
         if "target_timestamps" in batch:
             batch["end_timestamps"] = batch.pop("target_timestamps")
-        query = gather_last_valid(model(**batch).query_embeddings, batch["attention_mask"])  # (B, P), through the wrapper
-        scores = unwrapped.score_next_items(query, num_scored_ids=num_scored_ids)[:, :num_scored_ids]  # (B, V')
+        position_ids = batch.get("position_ids")
+        query_embeddings = model(**batch).query_embeddings  # through the wrapper
+        query = gather_sequence_ends(query_embeddings, batch["attention_mask"], position_ids)  # (users, P)
+        scores = unwrapped.score_next_items(query, num_scored_ids=num_scored_ids)[:, :num_scored_ids]  # (users, V')
         num_bad += int((~torch.isfinite(scores[:, num_special_tokens:])).any(dim=1).sum())
         num_rows += scores.shape[0]
-        seen = history_mask(batch["input_ids"], batch["attention_mask"], num_scored_ids) if exclude_history else None
+        seen = None
+        if exclude_history:
+            seen = history_mask(batch["input_ids"], batch["attention_mask"], num_scored_ids, position_ids)
         ranks = rank_of_targets(scores, targets, exclude_mask=seen, invalid_ids=list(range(num_special_tokens)))
         all_ranks.append(accelerator.gather_for_metrics(ranks))
     model.train(was_training)

@@ -276,9 +276,13 @@ class PretrainingObjective:
 
 
 def offset_pairs(
-    valid_query: torch.BoolTensor, target: torch.BoolTensor, offsets: range
+    valid_query: torch.BoolTensor, target: torch.BoolTensor, offsets: range, sequence_ids: Optional[torch.LongTensor] = None
 ) -> tuple[torch.LongTensor, torch.LongTensor]:
-    """Flat `(query, target)` index pairs into `(B, T)` where the target sits `offset` events after a valid query."""
+    """
+    Flat `(query, target)` index pairs into `(B, T)` where the target sits `offset` events after a valid query, in
+    the same sequence (`sequence_ids` `(B, T)` for packed rows). Ordered by offset, then row-major: packed rows of
+    sequences in the same order as one per row give the same pairs in the same order.
+    """
     B, T = target.shape
     query_index, target_index = [], []
     flat = torch.arange(B * T, device=target.device).view(B, T)
@@ -286,6 +290,8 @@ def offset_pairs(
         if offset >= T:
             break
         ok = valid_query[:, :-offset] & target[:, offset:]  # (B, T - offset)
+        if sequence_ids is not None:
+            ok &= sequence_ids[:, :-offset] == sequence_ids[:, offset:]
         query_index.append(flat[:, :-offset][ok])
         target_index.append(flat[:, offset:][ok])
     if not query_index:
@@ -299,6 +305,7 @@ def next_item_losses(
     labels: torch.LongTensor,
     attention_mask: Optional[torch.Tensor],
     *,
+    position_ids: Optional[torch.LongTensor] = None,
     objective: PretrainingObjective,
     item_embeddings: Callable[[torch.LongTensor], torch.Tensor],
     temperature: torch.Tensor,
@@ -316,6 +323,8 @@ def next_item_losses(
         query (`torch.Tensor` of shape `(B, T, P)`): L2-normalised query embedding of every position.
         labels (`torch.LongTensor` of shape `(B, T)`): item id of every event, -100 where it is not a target.
         attention_mask (`torch.Tensor` of shape `(B, T)`, *optional*): 1 at real events (queries); defaults to `labels != -100`.
+        position_ids (`torch.LongTensor` of shape `(B, T)`, *optional*): packed rows, 0 where each sequence starts
+            (pairs stay within a sequence, windows count its events); None: one sequence per row.
         objective (`PretrainingObjective`): which losses, which negatives.
         item_embeddings (`Callable`): item ids `(...)` -> L2-normalised scoring embeddings `(..., P)`.
         temperature (0-d `torch.Tensor`): the (learnable) softmax temperature.
@@ -327,16 +336,19 @@ def next_item_losses(
     target = labels != -100  # (B, T)
     targets = labels.clamp(min=0)
 
+    sequence_ids = None if position_ids is None else (position_ids == 0).long().cumsum(dim=1)
+    window = range(1, objective.multi_token_window + 1)
     pairs = {}
     if objective.next_token_loss_weight > 0:
-        pairs["next_token"] = offset_pairs(valid_query, target, offsets=range(1, 2))
+        pairs["next_token"] = offset_pairs(valid_query, target, range(1, 2), sequence_ids)
     if objective.multi_token_loss_weight > 0:
-        pairs["multi_token"] = offset_pairs(valid_query, target, offsets=range(1, objective.multi_token_window + 1))
+        pairs["multi_token"] = offset_pairs(valid_query, target, window, sequence_ids)
     if objective.future_token_loss_weight > 0:
         # Query only at the ends of consecutive length-L_d windows: the model sees L_d events and predicts the
         # targets among the L' events after them, as when a cached sequence serves later requests.
-        window_end = (torch.arange(T, device=query.device) + 1) % objective.future_token_input_length == 0
-        pairs["future_token"] = offset_pairs(valid_query & window_end, target, offsets=range(1, objective.multi_token_window + 1))
+        positions = torch.arange(T, device=query.device) if position_ids is None else position_ids
+        window_end = (positions + 1) % objective.future_token_input_length == 0
+        pairs["future_token"] = offset_pairs(valid_query & window_end, target, window, sequence_ids)
 
     flat_query = query.reshape(B * T, -1)  # (B*T, P)
     flat_targets = targets.reshape(B * T)

@@ -36,6 +36,9 @@ from .embeddings_pinfm import (
     PinFMMLP,
     PinFMRMSNorm,
     check_event_inputs,
+    event_positions,
+    packed_sequence_ends,
+    packed_sequence_ids,
 )
 from .losses import PretrainingObjective, next_item_losses
 from .quantization_pinfm import QUANTIZATION_TYPES, PinFMQuantizedEmbedding
@@ -128,6 +131,32 @@ def last_valid_index(attention_mask: torch.Tensor) -> torch.LongTensor:
 def gather_last_valid(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """`values[b, last_valid_index(b)]`: `(B, T, ...)` -> `(B, ...)`."""
     return values[torch.arange(values.shape[0], device=values.device), last_valid_index(attention_mask)]
+
+
+def gather_sequence_ends(
+    values: torch.Tensor, attention_mask: torch.Tensor, position_ids: Optional[torch.LongTensor] = None
+) -> torch.Tensor:
+    """
+    `values` `(B, T, ...)` at each sequence's last event: `(B, ...)`, one per row, or with `position_ids` (packed
+    rows) `(num_sequences, ...)`, one per sequence in the order they were packed.
+    """
+    if position_ids is None:
+        return gather_last_valid(values, attention_mask)
+    return values[packed_sequence_ends(attention_mask.bool(), position_ids)]
+
+
+def sequence_attention_mask(valid: torch.BoolTensor, position_ids: Optional[torch.LongTensor] = None) -> torch.BoolTensor:
+    """
+    `(B, 1, T, T)` boolean SDPA mask: causal over real events, and with `position_ids` (packed rows) block-diagonal, so
+    each event sees only its own sequence. Padded queries attend to themselves only, so no softmax row is empty (no NaN).
+    """
+    T = valid.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=valid.device).tril()
+    mask = causal & valid[:, None, :]
+    if position_ids is not None:
+        sequence_ids = packed_sequence_ids(position_ids)
+        mask = mask & (sequence_ids[:, :, None] == sequence_ids[:, None, :])
+    return (mask | torch.eye(T, dtype=torch.bool, device=valid.device))[:, None]
 
 
 def rotary_cos_sin(
@@ -365,6 +394,11 @@ class PinFMModel(PinFMPreTrainedModel):
     the same outputs at real positions. A row with no real event (all padding, e.g. a user without history in a
     batch) is allowed: its `user_embedding` is zeros, its other outputs are finite and meaningless, and the other
     rows' outputs are those of the batch without it.
+
+    Packed rows (`position_ids`, from `PinFMDataCollator(pack_length=...)`) hold several users' sequences each, so
+    short histories cost no compute on padding: attention is block-diagonal (each event sees only the earlier events
+    of its own sequence), and positions and time features restart at each sequence, so every event's hidden state
+    is the one it has in a batch of one sequence per row.
     """
 
     # The encoder loads from head checkpoints (e.g. pretraining): their head weights are expected leftovers.
@@ -395,6 +429,7 @@ class PinFMModel(PinFMPreTrainedModel):
         end_timestamps: Optional[torch.LongTensor] = None,
         return_key_values: bool = False,
         extra_embeddings: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
     ) -> PinFMModelOutput:
         r"""
         Args:
@@ -415,29 +450,31 @@ class PinFMModel(PinFMPreTrainedModel):
                 Return each layer's keys and values (`key_values`) for [`PinFMModel.encode_candidates`].
             extra_embeddings (`torch.Tensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
                 Added to the event embeddings (e.g. a candidate's item side features, for cold start).
+            position_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Packed rows: each event's position within its own sequence, 0 where a sequence starts (padding, if
+                any, after the last sequence of a row). `end_timestamps` then has one value per sequence, and
+                `user_embedding` one row per sequence, in order. Without it each row is one sequence.
 
         Ids outside their vocabulary (`config.item_vocab_size`, `action_vocab_size`, `surface_vocab_size`) and
         timestamps that decrease within a row raise a `ValueError`, as does an input without events
         (`sequence_length` 0).
         """
-        check_event_inputs(input_ids, attention_mask, action_ids, surface_ids, timestamps, end_timestamps)
+        if attention_mask is None and input_ids is not None:
+            attention_mask = (input_ids != self.config.pad_token_id).long()
+        check_event_inputs(input_ids, attention_mask, action_ids, surface_ids, timestamps, end_timestamps, position_ids)
         output_hidden_states = bool(output_hidden_states)
         output_attentions = bool(output_attentions)
-        if attention_mask is None:
-            attention_mask = (input_ids != self.config.pad_token_id).long()
         valid = attention_mask.bool()  # (B, T)
-        B, T = input_ids.shape
 
-        hidden_states = self.embeddings(input_ids, attention_mask, action_ids, surface_ids, timestamps, end_timestamps)
+        hidden_states = self.embeddings(
+            input_ids, attention_mask, action_ids, surface_ids, timestamps, end_timestamps, position_ids
+        )
         if extra_embeddings is not None:
             hidden_states = hidden_states + extra_embeddings
-        position_ids = (valid.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T) real-event positions
-        hidden_states = self.add_position_embeddings(hidden_states, position_ids)
-        cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, hidden_states.dtype)
-        causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
-        # Padded queries attend to themselves only, so no softmax row is empty (no NaN).
-        mask = (causal & valid[:, None, :]) | torch.eye(T, dtype=torch.bool, device=input_ids.device)
-        mask = mask[:, None]  # (B, 1, T, T)
+        positions = event_positions(valid) if position_ids is None else position_ids  # (B, T)
+        hidden_states = self.add_position_embeddings(hidden_states, positions)
+        cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, hidden_states.dtype)
+        mask = sequence_attention_mask(valid, position_ids)  # (B, 1, T, T)
 
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
@@ -452,8 +489,11 @@ class PinFMModel(PinFMPreTrainedModel):
                 all_attentions += (probs,)
         hidden_states = self.norm(hidden_states)
 
-        has_events = valid.any(dim=1, keepdim=True).to(hidden_states.dtype)  # (B, 1): an all-padding row gets zeros
-        user_embedding = gather_last_valid(hidden_states, valid) * has_events  # (B, H)
+        if position_ids is None:
+            has_events = valid.any(dim=1, keepdim=True).to(hidden_states.dtype)  # (B, 1): an all-padding row gets zeros
+            user_embedding = gather_last_valid(hidden_states, valid) * has_events  # (B, H)
+        else:
+            user_embedding = gather_sequence_ends(hidden_states, valid, position_ids)  # (num_sequences, H)
         return PinFMModelOutput(
             last_hidden_state=hidden_states,
             user_embedding=user_embedding,
@@ -544,10 +584,14 @@ class PinFMNextItemHead(nn.Module):
         attention_mask: Optional[torch.Tensor],
         item_table: nn.Module,
         objective: PretrainingObjective,
+        position_ids: Optional[torch.LongTensor] = None,
     ) -> dict[str, torch.Tensor]:
-        """The unweighted losses of `objective` for queries `(B, T, P)` and `labels` `(B, T)` (-100: not a target)."""
+        """
+        The unweighted losses of `objective` for queries `(B, T, P)` and `labels` `(B, T)` (-100: not a target);
+        `position_ids` for packed rows (pairs never cross two sequences).
+        """
         return next_item_losses(
-            query, labels, attention_mask, objective=objective,
+            query, labels, attention_mask, position_ids=position_ids, objective=objective,
             item_embeddings=lambda ids: self.item_embeddings(ids, item_table), temperature=self.temperature,
             item_log_probs=self.item_log_probs if self.has_item_counts else None,
             num_special_tokens=self.config.num_special_item_tokens, vocab_size=self.config.item_vocab_size,
@@ -617,16 +661,23 @@ class PinFMForPretraining(PinFMPreTrainedModel):
             scores = scores.scatter(1, exclude_ids, float("-inf"))
         return scores
 
-    def next_item_query(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None, **event_inputs) -> torch.Tensor:
+    def next_item_query(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        **event_inputs,
+    ) -> torch.Tensor:
         """
         The L2-normalised query `(batch_size, projection_size)` at each user's last event (`end_timestamps` in
         `event_inputs` is the request time): the user embedding that [`~PinFMForPretraining.score_next_items`] scores.
+        With `position_ids` (packed rows), one query per sequence: `(num_sequences, projection_size)`.
         """
         if attention_mask is None:
             attention_mask = (input_ids != self.config.pad_token_id).long()
-        hidden = self.pinfm(input_ids, attention_mask=attention_mask, **event_inputs).last_hidden_state
+        hidden = self.pinfm(input_ids, attention_mask=attention_mask, position_ids=position_ids, **event_inputs).last_hidden_state
         # Projected at every position, as `forward` does, then gathered: the same numbers as `forward`'s query, to the bit.
-        return gather_last_valid(self.next_item_head.query(hidden), attention_mask)
+        return gather_sequence_ends(self.next_item_head.query(hidden), attention_mask, position_ids)
 
     def forward(
         self,
@@ -639,6 +690,7 @@ class PinFMForPretraining(PinFMPreTrainedModel):
         labels: Optional[torch.LongTensor] = None,
         output_hidden_states: Optional[bool] = None,
         output_attentions: Optional[bool] = None,
+        position_ids: Optional[torch.LongTensor] = None,
     ) -> PinFMForPretrainingOutput:
         r"""
         Args:
@@ -647,7 +699,8 @@ class PinFMForPretraining(PinFMPreTrainedModel):
                 target (padding, or an action that is not a positive: `PinFMDataCollator(positive_action_ids=...)`);
                 the model shifts them itself. The losses are those of `self.objective`.
             Other inputs: see [`PinFMModel.forward`]. An all-padding row is allowed (no loss term, zero
-            `user_embedding`) and leaves the other rows' outputs unchanged.
+            `user_embedding`) and leaves the other rows' outputs unchanged. Packed rows (`position_ids`) give the
+            same hidden states, query/target pairs and losses as the same sequences one per row.
         """
         if labels is not None and input_ids is not None and labels.shape != input_ids.shape:
             raise ValueError(f"`labels` has shape {tuple(labels.shape)}, but `input_ids` has {tuple(input_ids.shape)}.")
@@ -660,12 +713,13 @@ class PinFMForPretraining(PinFMPreTrainedModel):
             end_timestamps=end_timestamps,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
+            position_ids=position_ids,
         )
         query = self.next_item_head.query(outputs.last_hidden_state)  # (B, T, P)
         losses = {}
         if labels is not None:
             losses = self.next_item_head.losses(
-                query, labels, attention_mask, self.pinfm.embeddings.item_embeddings, self.objective
+                query, labels, attention_mask, self.pinfm.embeddings.item_embeddings, self.objective, position_ids
             )
         return PinFMForPretrainingOutput(
             loss=self.objective.weighted_sum(losses) if losses else None,
@@ -689,5 +743,6 @@ __all__ = [
     "PinFMNextItemHead",
     "PinFMPreTrainedModel",
     "gather_last_valid",
+    "gather_sequence_ends",
     "last_valid_index",
 ]

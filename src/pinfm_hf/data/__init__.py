@@ -42,7 +42,7 @@ from .loaders import (
     load_taobao,
     load_user_features_from_args,
 )
-from .sampler import LengthGroupedEpochSampler
+from .sampler import EpochRandomSampler, LengthGroupedEpochSampler, TokenBudgetBatchSampler
 from .sequences import (
     build_user_sequences,
     leave_last_out_split,
@@ -70,9 +70,11 @@ __all__ = [
     "EventValidationError",
     "FEATURES_FILE_NAME",
     "KNOWN_DATASETS",
+    "EpochRandomSampler",
     "LengthGroupedEpochSampler",
     "PinFMDataCollator",
     "TIMESTAMP_UNITS",
+    "TokenBudgetBatchSampler",
     "build_ctr_samples",
     "collate_impression_groups",
     "ctr_splits",

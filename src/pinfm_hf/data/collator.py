@@ -1,4 +1,4 @@
-"""`PinFMDataCollator`: pads and truncates tokenised event sequences into a batch of tensors."""
+"""`PinFMDataCollator`: pads (or packs) and truncates tokenised event sequences into a batch of tensors."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ IGNORE_INDEX = -100
 @dataclass
 class PinFMDataCollator:
     """
-    Pad a list of tokenised sequences to the batch's longest one, as `int64` tensors.
+    Pad a list of tokenised sequences to the batch's longest one, as `int64` tensors; or, with `pack_length`, pack
+    them into rows of several sequences each.
 
     Args:
         pad_token_id (`int`, *optional*, defaults to 0):
@@ -33,6 +34,13 @@ class PinFMDataCollator:
         positive_action_ids (`Sequence[int]`, *optional*):
             With `return_labels`: only events with one of these action ids are targets (the others get -100 in
             `labels`, and stay in the input); `None` makes every event a target.
+        pack_length (`int`, *optional*):
+            Pack the sequences, in order, into rows of at most this many events (a sequence goes to the current row
+            if it fits, else starts the next one), with `position_ids` restarting at 0 at each sequence and padding
+            only at the end of each row: for short histories, most of a padded batch is padding, which the model
+            computes on. [`PinFMModel`] keeps attention, positions and time features within each sequence, so the
+            outputs are those of the padded batch. Every sequence must fit (`max_length <= pack_length`) and hold an
+            event. `transformers.DataCollatorWithFlattening` does the same for language models, in one row.
 
     Keys other than the sequence keys (`target_ids`, `label`, ...) are stacked as they are (float64 becomes
     float32); string values (such as `user_id`) are left out, as `transformers.default_data_collator` does.
@@ -43,12 +51,21 @@ class PinFMDataCollator:
     max_length: Optional[int] = None
     return_labels: bool = False
     positive_action_ids: Optional[Sequence[int]] = None
+    pack_length: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.padding_side not in ("left", "right"):
             raise ValueError(f"`padding_side` ({self.padding_side!r}) must be 'left' or 'right'.")
         if self.max_length is not None and self.max_length < 1:
             raise ValueError(f"`max_length` ({self.max_length}) must be a positive integer or None.")
+        if self.pack_length is not None:
+            if self.pack_length < 1:
+                raise ValueError(f"`pack_length` ({self.pack_length}) must be a positive integer or None.")
+            if self.max_length is not None and self.max_length > self.pack_length:
+                raise ValueError(
+                    f"`max_length` ({self.max_length}) must be at most `pack_length` ({self.pack_length}): a sequence "
+                    "is never split across packed rows."
+                )
 
     def _sequences(self, features: Sequence[dict[str, Any]]) -> tuple[list[str], list[dict[str, np.ndarray]]]:
         keys = [k for k in SEQUENCE_KEYS if k in features[0]]
@@ -72,22 +89,52 @@ class PinFMDataCollator:
             rows.append(row)
         return keys, rows
 
+    def _pack(self, rows: list[dict[str, np.ndarray]], lengths: list[int]) -> list[dict[str, np.ndarray]]:
+        """Concatenate the sequences, in order, into rows of at most `pack_length` events, with `position_ids`."""
+        packs: list[list[int]] = []
+        fill = self.pack_length
+        for index, n in enumerate(lengths):
+            if n == 0:
+                raise ValueError(f"Example {index} has no events: a packed batch cannot hold an empty sequence.")
+            if n > self.pack_length:
+                raise ValueError(
+                    f"Example {index} has {n} events, more than `pack_length` ({self.pack_length}): set `max_length` "
+                    "to keep the most recent events, or pack into longer rows."
+                )
+            if fill + n > self.pack_length:
+                packs.append([])
+                fill = 0
+            packs[-1].append(index)
+            fill += n
+        keys = list(rows[0])
+        return [
+            {
+                **{key: np.concatenate([rows[i][key] for i in pack]) for key in keys},
+                "position_ids": np.concatenate([np.arange(lengths[i], dtype=np.int64) for i in pack]),
+            }
+            for pack in packs
+        ]
+
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if len(features) == 0:
             raise ValueError("Cannot collate an empty list of examples.")
         keys, rows = self._sequences(features)
         lengths = [len(row["input_ids"]) for row in rows]
-        width = max(lengths)
         if "attention_mask" not in keys:
             keys.append("attention_mask")
             for row, n in zip(rows, lengths):
                 row["attention_mask"] = np.ones(n, dtype=np.int64)
+        if self.pack_length is not None:
+            rows = self._pack(rows, lengths)
+            keys.append("position_ids")
+            lengths = [len(row["input_ids"]) for row in rows]
+        width = max(lengths)
         pad_values = {"input_ids": self.pad_token_id, "labels": IGNORE_INDEX}
         batch = {}
         for key in keys:
             padded = np.full((len(rows), width), pad_values.get(key, 0), dtype=np.int64)
             for i, (row, n) in enumerate(zip(rows, lengths)):
-                if self.padding_side == "right":
+                if self.padding_side == "right" or self.pack_length is not None:
                     padded[i, :n] = row[key]
                 else:
                     padded[i, width - n :] = row[key]
