@@ -57,6 +57,7 @@ class PretrainingData:
     valid_loader: DataLoader
     test_loader: DataLoader
     batch_tokens: Optional[int]  # events per packed batch (None: padded batches of a fixed number of users)
+    mean_train_events: float  # per training row, after max_length
 
 
 def load_data(data_args: PretrainingDataArguments, train_args: PretrainingArguments, num_processes: int = 1) -> PretrainingData:
@@ -66,6 +67,8 @@ def load_data(data_args: PretrainingDataArguments, train_args: PretrainingArgume
         events, _, cut = time_split(events, quantile=data_args.time_cut_quantile)
         logger.info("Pretraining on events before %d (quantile %s) only.", cut, data_args.time_cut_quantile)
     logger.info("Events: %s", events.describe())
+    exclude = data_args.resolve_eval_exclude_history(events.repeat_share())
+    logger.info("Evaluation ranks %s.", "items outside each user's history" if exclude else "every item")
     splits = leave_last_out_split(build_user_sequences(events), train_holdout=data_args.train_holdout)
     if data_args.max_train_users is not None:
         splits["train"] = splits["train"].select(range(min(data_args.max_train_users, len(splits["train"]))))
@@ -108,7 +111,9 @@ def load_data(data_args: PretrainingDataArguments, train_args: PretrainingArgume
         DataLoader(evaluation[name], batch_size=train_args.per_device_eval_batch_size, collate_fn=eval_collator)
         for name in ("valid", "test")
     )
-    return PretrainingData(events, tokenizer, train_table, positives, train_loader, valid_loader, test_loader, max_tokens)
+    return PretrainingData(
+        events, tokenizer, train_table, positives, train_loader, valid_loader, test_loader, max_tokens, float(lengths.mean())
+    )
 
 
 def build_model(
@@ -117,6 +122,9 @@ def build_model(
 ) -> PinFMForPretraining:
     """The architecture of `model_args` sized to the data's vocabularies, trained on `objective`."""
     tokenizer = data.tokenizer
+    if objective.full_softmax == "auto":
+        full = objective.resolve_full_softmax(len(tokenizer), train_args.full_softmax_max_items)
+        logger.info("--full_softmax auto: %s over %s item ids.", "every item" if full else "sampled negatives", f"{len(tokenizer):,}")
     if objective.full_softmax and len(tokenizer) > train_args.full_softmax_max_items:
         raise ValueError(
             f"--full_softmax scores all {len(tokenizer):,} item ids at every position, more than "
@@ -175,6 +183,9 @@ def main(args: Optional[list[str]] = None) -> dict:
     loop.init_trackers("pinfm-pretrain", data_args, model_args, objective, train_args)
     # With train_holdout 1 the validation targets are training targets: say so wherever those figures appear.
     valid_name = "valid" if data_args.train_holdout >= 2 else "valid_in_sample"
+    if train_args.load_best_model_at_end and valid_name == "valid_in_sample":
+        raise ValueError("--load_best_model_at_end chooses the epoch on validation: it needs --train_holdout 2 (with 1 "
+                         "the validation targets are trained on).")
     if train_args.eval_every_epochs and valid_name == "valid_in_sample":
         logger.warning("--train_holdout 1 trains on the validation targets: periodic figures are logged as "
                        "'valid_in_sample'; use --train_holdout 2 to validate out of sample.")
@@ -204,13 +215,17 @@ def main(args: Optional[list[str]] = None) -> dict:
         if loop.interrupted:
             break
         if train_args.eval_every_epochs and (epoch + 1) % train_args.eval_every_epochs == 0:
-            log_eval(valid_name, valid_loader)
+            with loop.paused():  # validation is not training time
+                metrics = log_eval(valid_name, valid_loader)
+                if train_args.load_best_model_at_end:
+                    loop.after_validation(metrics["ndcg@10"], accelerator.unwrap_model(model).save_pretrained)
     train_seconds = loop.finish()
     if loop.interrupted:
         loop.close()
         return {"step": loop.step, "interrupted": True}
 
     # ----- final evaluation and save -----
+    best_step = loop.load_best_model(accelerator.unwrap_model(model)) if train_args.load_best_model_at_end else None
     results = {
         "dataset": data_args.dataset,
         "steps": loop.step,
@@ -223,7 +238,11 @@ def main(args: Optional[list[str]] = None) -> dict:
         "train_holdout": data_args.train_holdout,
         "packing": train_args.packing,
         "per_device_train_batch_tokens": data.batch_tokens,
+        "train_rows": data.train_table.num_rows,
+        "mean_train_events": round(data.mean_train_events, 2),
         "periodic_validation": valid_name if train_args.eval_every_epochs else None,
+        "best_step": best_step,  # the tested and saved weights: the best validation's (None: the last step's)
+        "best_valid_ndcg@10": loop.position.best_metric if best_step is not None else None,
         "eval_exclude_history": data_args.eval_exclude_history,
         "test": log_eval("test", test_loader),
     }

@@ -133,3 +133,37 @@ def test_every_shipped_config_parses(config):
     classes = (CTRDataArguments, CTRModelArguments, PretrainingObjective, CTRTrainingArguments, HubArguments) if is_ctr else PRETRAINING
     parsed = parse_recipe_args(classes, ["--config", str(config)])
     assert len(parsed) == len(classes)
+
+
+@pytest.mark.parametrize("given, repeat_share, expected", [
+    ("auto", 0.0, True), ("auto", 0.2425, False),  # ML-1M and Amazon reviews never repeat; Taobao's sample does
+    ("true", 0.5, True), (False, 0.0, False), ("false", 0.0, False),
+])
+def test_history_exclusion_is_chosen_from_whether_items_repeat(given, repeat_share, expected):
+    data_args = PretrainingDataArguments(eval_exclude_history=given)
+    assert data_args.resolve_eval_exclude_history(repeat_share) is expected
+    assert data_args.eval_exclude_history is expected  # what results.json and the card then record
+
+
+def test_full_softmax_auto_follows_the_catalogue_size():
+    assert PretrainingObjective(full_softmax=True).full_softmax is True
+    assert PretrainingObjective(full_softmax="false").full_softmax is False
+    small, large = PretrainingObjective(full_softmax="auto"), PretrainingObjective(full_softmax="auto")
+    assert small.resolve_full_softmax(18_000, 100_000) is True and small.full_softmax is True
+    assert large.resolve_full_softmax(2_000_000, 100_000) is False
+    with pytest.raises(ValueError, match="--full_softmax must be 'true', 'false' or 'auto', got 'sometimes'"):
+        PretrainingObjective(full_softmax="sometimes")
+    with pytest.raises(ValueError, match="--eval_exclude_history must be 'auto', 'true' or 'false'"):
+        PretrainingDataArguments(eval_exclude_history="maybe")
+
+
+def test_unresolved_full_softmax_auto_is_refused_by_the_loss():
+    import torch
+
+    from pinfm_hf import PinFMConfig, PinFMForPretraining
+
+    model = PinFMForPretraining(PinFMConfig(item_vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2))
+    model.objective = PretrainingObjective(full_softmax="auto")
+    ids = torch.tensor([[4, 5, 6]])
+    with pytest.raises(ValueError, match="`objective.full_softmax` is 'auto'"):
+        model(input_ids=ids, action_ids=torch.full_like(ids, 2), timestamps=torch.tensor([[1, 2, 3]]), labels=ids)

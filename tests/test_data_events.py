@@ -236,3 +236,10 @@ def test_nul_byte_in_an_id():
 def test_nested_id_column():
     with pytest.raises(EventValidationError, match=r"column 'item_id': expected strings or integers, got list<.*flatten"):
         validate_events(events(item_id=[["a"], ["b"], ["a"]]), source="t")
+
+
+def test_repeat_share_counts_events_that_repeat_a_users_item():
+    table = events(user_id=["u1", "u1", "u1", "u2"], item_id=["a", "a", "b", "a"], action=["click"] * 4,
+                   timestamp=["10", "20", "30", "40"])
+    assert make_event_table(table, source="t").repeat_share() == pytest.approx(0.25)  # u1's second "a"; u2's "a" is new
+    assert make_event_table(events(), source="t").repeat_share() == 0.0

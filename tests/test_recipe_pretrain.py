@@ -140,3 +140,48 @@ def test_padded_batches_learn_like_packed_ones(tiny_run, tmp_path):
     # Other users per step (a token budget, not a row count), so other losses, of the same size
     packed_losses = [loss for _, loss in step_losses(tiny_run)]
     assert abs(losses[-1][1] - packed_losses[-1]) < 0.25 * packed_losses[-1]
+
+
+BEST_FLAGS = ("--train_holdout", "2", "--eval_every_epochs", "1", "--load_best_model_at_end", "true",
+              "--early_stopping_patience", "2", "--max_steps", "-1", "--num_train_epochs", "8", "--checkpointing_steps", "5")
+
+
+def test_best_validation_epoch_is_tested_saved_and_survives_a_resume(tmp_path):
+    from safetensors.torch import load_file
+
+    straight = tmp_path / "straight"
+    run_recipe(straight, *BEST_FLAGS)
+    results = json.loads((straight / "results.json").read_text())
+    valid = [(r["step"], r["valid/ndcg@10"]) for r in read_jsonl(straight / "train_log.jsonl") if "valid/ndcg@10" in r]
+    best_step, best_value = max(valid, key=lambda sv: (sv[1], -sv[0]))  # the first of equal bests
+    assert results["best_step"] == best_step and results["best_valid_ndcg@10"] == pytest.approx(best_value)
+    assert results["steps"] < 8 * valid[0][0] or len(valid) == 8  # early stopping, unless it kept improving
+    saved, best = load_file(straight / "model" / "model.safetensors"), load_file(straight / "best_model" / "model.safetensors")
+    assert saved.keys() == best.keys() and all(torch.equal(saved[k], best[k]) for k in saved)
+    if best_step != results["steps"]:  # the last step's weights were not the ones tested and saved
+        last = load_file(sorted((straight / "checkpoints").glob("checkpoint-*"))[-1] / "model.safetensors")
+        assert not all(torch.equal(saved[k], last[k]) for k in saved)
+
+    resumed = tmp_path / "resumed"
+    run_recipe(resumed, *BEST_FLAGS, "--stop_after_steps", str(valid[1][0] + 2))
+    run_recipe(resumed, *BEST_FLAGS, "--resume_from_checkpoint", "latest")
+    again = json.loads((resumed / "results.json").read_text())
+    assert (again["best_step"], again["steps"]) == (results["best_step"], results["steps"])
+    assert again["test"]["ndcg@10"] == pytest.approx(results["test"]["ndcg@10"], abs=0.005)
+
+
+def test_choosing_the_epoch_on_in_sample_validation_is_refused(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "pretrain.py"), "--config", str(TINY), "--output_dir", str(tmp_path / "o"),
+         "--eval_every_epochs", "1", "--load_best_model_at_end", "true", "--train_holdout", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0 and "--load_best_model_at_end chooses the epoch on validation" in result.stderr
+
+
+def test_a_training_time_budget_stops_the_run_and_still_tests_and_saves(tmp_path):
+    run_recipe(tmp_path, "--max_train_minutes", "0.0001")  # spent by the first step
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["steps"] == 1 and [s for s, _ in step_losses(tmp_path)] == [1]
+    assert results["test"]["num_users"] == 200 and (tmp_path / "model" / "model.safetensors").is_file()
+    assert list_checkpoints(tmp_path / "checkpoints")[-1].name == "checkpoint-1"

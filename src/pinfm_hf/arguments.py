@@ -95,6 +95,10 @@ ModelArguments = config_arguments(
 )
 
 
+# `--eval_exclude_history auto` drops the history's items from the ranking when fewer events than this repeat one.
+MAX_REPEAT_SHARE_TO_EXCLUDE_HISTORY = 0.01
+
+
 @dataclass
 class PretrainingDataArguments(EventSourceArguments):
     """Which events, how they become training sequences and evaluation targets."""
@@ -118,18 +122,28 @@ class PretrainingDataArguments(EventSourceArguments):
                   "(HSTU's protocol, so periodic validation is in-sample); 2 keeps them out (out-of-sample validation)."},
     )
     max_eval_users: Optional[int] = field(default=None, metadata={"help": "Evaluate on the first N users only."})
-    eval_exclude_history: bool = field(
-        default=False,
-        metadata={"help": "Do not rank the items of the user's input events (HSTU's protocol; data without repeats)."},
+    eval_exclude_history: str = field(
+        default="auto",
+        metadata={"help": "'true': do not rank the items of the user's input events (HSTU's protocol, for data without "
+                  "repeats); 'false': rank every item; 'auto': true when under 1% of the events repeat an item of "
+                  "the user's history.", "choices": ["auto", "true", "false"]},
     )
     max_train_users: Optional[int] = field(default=None, metadata={"help": "Train on the first N users only (tests)."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if str(self.eval_exclude_history).lower() not in ("auto", "true", "false"):
+            raise ValueError(f"--eval_exclude_history must be 'auto', 'true' or 'false', got {self.eval_exclude_history!r}.")
         check_ranges(
             self, positive=("max_length", "min_item_count", "max_vocab_size", "train_holdout", "max_eval_users", "max_train_users"),
             non_negative=("num_hash_buckets",), quantiles=("time_cut_quantile",),
         )
+
+    def resolve_eval_exclude_history(self, repeat_share: float) -> bool:
+        """Settle `eval_exclude_history` (True/False/'auto') for data whose events repeat an item at `repeat_share`."""
+        value = str(self.eval_exclude_history).lower()
+        self.eval_exclude_history = repeat_share < MAX_REPEAT_SHARE_TO_EXCLUDE_HISTORY if value == "auto" else value == "true"
+        return self.eval_exclude_history
 
     def positive_action_names(self, known_actions: Sequence[str]) -> Optional[list[str]]:
         """The actions whose events are pretraining targets (None: every event), checked against `known_actions`."""
@@ -172,13 +186,19 @@ class TrainingArguments:
     stop_after_steps: Optional[int] = field(
         default=None, metadata={"help": "Save a checkpoint and exit after N steps, as if interrupted (tests)."}
     )
+    max_train_minutes: Optional[float] = field(
+        default=None,
+        metadata={"help": "Stop training once this much training time is spent (validation not counted), then test and "
+                  "save as at the end of the plan: runs at a fixed wall-time budget."},
+    )
     report_to: Optional[str] = field(default=None, metadata={"help": "An Accelerate tracker, e.g. 'tensorboard'."})
 
     def __post_init__(self) -> None:
         check_ranges(
             self,
             positive=("per_device_train_batch_size", "per_device_eval_batch_size", "learning_rate", "num_train_epochs",
-                      "gradient_accumulation_steps", "logging_steps", "checkpointing_steps", "stop_after_steps"),
+                      "gradient_accumulation_steps", "logging_steps", "checkpointing_steps", "stop_after_steps",
+                      "max_train_minutes"),
             non_negative=("seed", "weight_decay", "warmup_steps", "max_grad_norm", "checkpoints_total_limit"),
         )
         if self.max_steps == 0 or self.max_steps < -1:
@@ -209,9 +229,18 @@ class PretrainingArguments(TrainingArguments):
     )
     gradient_checkpointing: bool = False
     eval_every_epochs: int = field(default=0, metadata={"help": "Validate every N epochs (0: only the final test)."})
+    load_best_model_at_end: bool = field(
+        default=False,
+        metadata={"help": "Keep the weights of the best validation NDCG@10 (<output_dir>/best_model) and test and save "
+                  "those: the epoch is chosen on validation only. Needs --eval_every_epochs and --train_holdout 2."},
+    )
+    early_stopping_patience: int = field(
+        default=0, metadata={"help": "With --load_best_model_at_end: stop after N validations without a better one (0: never)."}
+    )
     full_softmax_max_items: int = field(
         default=100_000,
-        metadata={"help": "Refuse --full_softmax above this many item ids: it scores every id at every position "
+        metadata={"help": "Refuse --full_softmax true above this many item ids (and --full_softmax auto samples negatives "
+                  "above it): it scores every id at every position "
                   "(batch tokens x ids floats, several times over), which runs out of memory on large catalogues."},
     )
 
@@ -221,6 +250,11 @@ class PretrainingArguments(TrainingArguments):
             self, positive=("full_softmax_max_items", "per_device_train_batch_tokens"), non_negative=("eval_every_epochs",),
             fractions=("adam_beta2",),
         )
+        check_ranges(self, non_negative=("early_stopping_patience",))
+        if (self.load_best_model_at_end or self.early_stopping_patience) and not self.eval_every_epochs:
+            raise ValueError("--load_best_model_at_end and --early_stopping_patience need --eval_every_epochs >= 1.")
+        if self.early_stopping_patience and not self.load_best_model_at_end:
+            raise ValueError("--early_stopping_patience stops at the best validation's patience: add --load_best_model_at_end true.")
         if self.packing and self.group_by_length:
             raise ValueError("--group_by_length batches padded rows: use it with --packing false (packed rows have no padding to save).")
 

@@ -24,7 +24,7 @@ import signal
 import socket
 import sys
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -41,7 +41,7 @@ STATE_FILE = "training_state.json"
 LOCK_FILE = "run.lock"
 RUN_FILE = "run.json"
 # What a run leaves in its folder: a new run must not mix its outputs with these of another run.
-RUN_OUTPUTS = ("checkpoints", "model", "adapter", "results.json", "train_log.jsonl", "training_curves.png")
+RUN_OUTPUTS = ("checkpoints", "model", "adapter", "best_model", "results.json", "train_log.jsonl", "training_curves.png")
 # `PINFM_FAULT_AT=<point>@<step>[,...]` kills the process with SIGKILL at that point (fault-injection tests).
 FAULT_ENV = "PINFM_FAULT_AT"
 
@@ -65,12 +65,18 @@ def fault_point(name: str, step: int) -> None:
 
 @dataclass
 class LoopPosition:
-    """Where a training loop stands: optimizer steps done, epoch, batches of that epoch consumed, micro-steps done."""
+    """
+    Where a training loop stands: optimizer steps done, epoch, batches of that epoch consumed, micro-steps done; and
+    the best validation so far (`--load_best_model_at_end`): its metric, its step, validations since.
+    """
 
     step: int = 0
     epoch: int = 0
     batches_in_epoch: int = 0
     micro_step: int = 0
+    best_metric: Optional[float] = None
+    best_step: Optional[int] = None
+    validations_since_best: int = 0
 
 
 def list_checkpoints(checkpoint_dir: PathLike) -> list[Path]:
@@ -336,7 +342,8 @@ class RunFolder:
                 state = read_training_state(checkpoint)
                 self.run_id = self.run_id or state.get("run_id")
                 self.last_checkpoint = checkpoint
-                position = LoopPosition(**{k: state[k] for k in ("step", "epoch", "batches_in_epoch", "micro_step")})
+                # Checkpoints written before best-model tracking have no `best_*` keys: their defaults apply.
+                position = LoopPosition(**{f.name: state[f.name] for f in fields(LoopPosition) if f.name in state})
                 if problems:
                     logger.warning(f"Resumed from {checkpoint} after skipping: {'; '.join(problems)}.")
                 logger.warning(f"Resumed from {checkpoint} at step {position.step} (epoch {position.epoch}, batch {position.batches_in_epoch}).")

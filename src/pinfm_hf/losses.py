@@ -252,7 +252,12 @@ class PretrainingObjective:
     use_log_q_correction: bool = field(
         default=True, metadata={"help": "Subtract each candidate's log sampling probability from its logit."}
     )
-    full_softmax: bool = field(default=False, metadata={"help": "Score every item instead of sampling (small vocabularies)."})
+    full_softmax: str = field(
+        default="false",
+        metadata={"help": "'true': score every item instead of sampling (small vocabularies); 'false': sampled negatives; "
+                  "'auto': every item when the catalogue is small enough (the recipe's --full_softmax_max_items).",
+                  "choices": ["auto", "true", "false"]},
+    )
     initial_temperature: float = field(default=0.05, metadata={"help": "Starting value of the learnable softmax temperature."})
 
     def __post_init__(self):
@@ -263,8 +268,19 @@ class PretrainingObjective:
             value = getattr(self, name)
             if isinstance(value, bool) or not value > 0:
                 raise ValueError(f"--{name} must be > 0, got {value!r}.")
+        # True/False (Python, YAML) or 'true'/'false' (a flag) become a bool; 'auto' stays until `resolve_full_softmax`.
+        value = str(self.full_softmax).lower()
+        if value not in ("true", "false", "auto"):
+            raise ValueError(f"--full_softmax must be 'true', 'false' or 'auto', got {self.full_softmax!r}.")
+        self.full_softmax = value == "true" if value != "auto" else "auto"
         if self.negative_sampling not in ("uniform", "popularity"):
             raise ValueError(f"--negative_sampling must be 'uniform' or 'popularity', got {self.negative_sampling!r}.")
+
+    def resolve_full_softmax(self, num_item_ids: int, max_items: int) -> bool:
+        """Settle `full_softmax='auto'`: every item when there are at most `max_items` ids, else sampled negatives."""
+        if self.full_softmax == "auto":
+            self.full_softmax = num_item_ids <= max_items
+        return self.full_softmax
 
     @property
     def weights(self) -> dict[str, float]:
@@ -352,6 +368,8 @@ def next_item_losses(
 
     flat_query = query.reshape(B * T, -1)  # (B*T, P)
     flat_targets = targets.reshape(B * T)
+    if objective.full_softmax == "auto":
+        raise ValueError("`objective.full_softmax` is 'auto': settle it with `objective.resolve_full_softmax(...)` first.")
     if objective.full_softmax:
         return _full_softmax_losses(flat_query, flat_targets, pairs, item_embeddings, temperature, num_special_tokens, vocab_size)
     num_items = vocab_size - num_special_tokens

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from .checkpointing import LoopPosition, RunFolder, check_finite_step, fault_point
-from .io_utils import atomic_folder, atomic_write_json
+from .io_utils import atomic_folder, atomic_write_json, read_json
 from .training_utils import (
     JsonlLogger,
     configure_recipe_logging,
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
     from .hub import HubArguments
 
 logger = logging.get_logger(__name__)
+
+BEST_STATE_FILE = "best_validation.json"
 
 
 def start_run(train_args: TrainingArguments, hub_args: HubArguments):
@@ -89,6 +92,7 @@ class TrainingLoop:
             total=total_steps, initial=self.position.step, desc=description, disable=not accelerator.is_main_process
         )
         self.start_time = time.time()
+        self.paused_seconds = 0.0  # validation time, kept out of the training time and the throughput
 
     @property
     def step(self) -> int:
@@ -159,9 +163,59 @@ class TrainingLoop:
         if self.position.step % self.args.logging_steps == 0 or self.position.step == 1:
             self._progress.set_postfix(loss=f"{record['loss']:.4f}", **{f"{self.unit}_s": f"{record[f'{self.unit}_per_s']:.0f}"})
         self.interrupted = self.args.stop_after_steps is not None and self.position.step >= self.args.stop_after_steps
+        if self.budget_spent():
+            logger.warning(f"Stopping after step {self.step}: the training time budget ({self.args.max_train_minutes} min) is spent.")
+            self.total_steps = self.position.step  # the plan ends here: a final checkpoint, then the outputs
         if self.position.step % self.args.checkpointing_steps == 0 or self.interrupted:
             self.checkpoint()
         self.done = self.position.step >= self.total_steps
+
+    def after_validation(self, value: float, save_best: Callable[[Path], None]) -> bool:
+        """
+        Track the best validation (`value`, higher is better) for `--load_best_model_at_end`: on a new best, the main
+        process writes it with `save_best(folder)` into `<output_dir>/best_model` (atomically); after
+        `--early_stopping_patience` validations without one, the run stops. Returns whether `value` is a new best.
+        """
+        position = self.position
+        improved = position.best_metric is None or value > position.best_metric
+        if improved:
+            position.best_metric, position.best_step, position.validations_since_best = value, position.step, 0
+            if self.accelerator.is_main_process:
+                with atomic_folder(self.best_model_dir) as folder:
+                    save_best(folder)
+                    atomic_write_json(folder / BEST_STATE_FILE, {"step": position.step, "metric": value})
+            self.accelerator.wait_for_everyone()
+        else:
+            position.validations_since_best += 1
+        patience = getattr(self.args, "early_stopping_patience", 0)
+        if patience and position.validations_since_best >= patience:
+            logger.warning(f"Early stopping at step {position.step}: no better validation in {patience} (best at step "
+                           f"{position.best_step}: {position.best_metric:.4f}).")
+            self.done = True
+        return improved
+
+    @property
+    def best_model_dir(self) -> Path:
+        return self.run.output_dir / "best_model"
+
+    def load_best_model(self, model: torch.nn.Module) -> Optional[int]:
+        """
+        Load the weights of the best validation into `model` (unwrapped; every process) and return its step, or
+        None when there was none. Refuses weights that are not that validation's.
+        """
+        if self.position.best_step is None:
+            return None
+        folder = self.best_model_dir
+        saved = read_json(folder / BEST_STATE_FILE) if (folder / BEST_STATE_FILE).is_file() else {}
+        if saved.get("step") != self.position.best_step:
+            raise RuntimeError(
+                f"{folder} holds the weights of step {saved.get('step')}, but the best validation was at step "
+                f"{self.position.best_step}: it was changed outside this run; rerun without --load_best_model_at_end."
+            )
+        best = type(model).from_pretrained(folder)
+        model.load_state_dict(best.state_dict())
+        logger.info(f"Loaded the weights of the best validation (step {self.position.best_step}) from {folder}.")
+        return self.position.best_step
 
     def log(self, record: dict[str, Any]) -> None:
         """One record (with its `step`) to the JSONL run log and the Accelerate trackers."""
@@ -177,7 +231,7 @@ class TrainingLoop:
         non-finite weights, so nothing after it is computed from them). Returns the training seconds.
         """
         self._progress.close()
-        seconds = time.time() - self.start_time
+        seconds = self.train_seconds
         if self.interrupted:
             logger.warning(f"Stopped after step {self.step} as asked (--stop_after_steps); resume with --resume_from_checkpoint latest.")
         elif self.position.step % self.args.checkpointing_steps != 0:
@@ -185,9 +239,29 @@ class TrainingLoop:
             self.checkpoint()
         return seconds
 
+    def budget_spent(self) -> bool:
+        """Whether `--max_train_minutes` of training time are spent, decided together (every process stops at one step)."""
+        if self.args.max_train_minutes is None:
+            return False
+        spent = torch.tensor(float(self.train_seconds >= 60 * self.args.max_train_minutes), device=self.accelerator.device)
+        return bool(self.accelerator.reduce(spent, reduction="sum") > 0)
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside (validation) does not count as training time, throughput or budget."""
+        start = time.time()
+        try:
+            yield
+        finally:
+            self.paused_seconds += time.time() - start
+
+    @property
+    def train_seconds(self) -> float:
+        return time.time() - self.start_time - self.paused_seconds
+
     @property
     def units_per_s(self) -> float:
-        return self.units_seen / max(time.time() - self.start_time, 1e-9)
+        return self.units_seen / max(self.train_seconds, 1e-9)
 
     def save(self, results: dict[str, Any], save_dir: Path, fill: Callable[[Path], None], hub_args: HubArguments) -> None:
         """

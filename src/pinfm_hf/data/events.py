@@ -415,6 +415,16 @@ class EventTable:
             "actions": {c["values"]: c["counts"] for c in sorted(counts, key=lambda c: c["values"])},
         }
 
+    def repeat_share(self) -> float:
+        """
+        Share of events whose item the same user already had: 0 for ratings and reviews (MovieLens, Amazon), large
+        for clicks and views (Taobao). It decides whether evaluation may drop the history's items from the ranking.
+        """
+        if self.table.num_rows == 0:
+            return 0.0
+        pairs = self.table.select(["user_id", "item_id"]).group_by(["user_id", "item_id"], use_threads=False).aggregate([])
+        return 1.0 - pairs.num_rows / self.table.num_rows
+
     def describe(self) -> str:
         """One line for logs."""
         s = self.summary()
