@@ -64,6 +64,8 @@ def test_end_to_end_outputs_load_through_auto_classes(tiny_run):
     assert card.data.eval_results and {r.metric_type for r in card.data.eval_results} >= {"ndcg@10", "hr@10"}
     assert f"{results['test']['ndcg@10']:.4f}" in card.text
     assert "items of the history masked (HSTU's protocol)" in card.text
+    assert "all but each user's last event (HSTU's protocol" in card.text  # --train_holdout 1 (tiny_test.yaml)
+    assert f"packed rows, {results['per_device_train_batch_tokens']:,} events per batch" in card.text
     assert len(list_checkpoints(tiny_run / "checkpoints")) == 2  # last K kept
 
 
@@ -158,6 +160,8 @@ def test_best_validation_epoch_is_tested_saved_and_survives_a_resume(tmp_path):
     assert results["steps"] < 8 * valid[0][0] or len(valid) == 8  # early stopping, unless it kept improving
     saved, best = load_file(straight / "model" / "model.safetensors"), load_file(straight / "best_model" / "model.safetensors")
     assert saved.keys() == best.keys() and all(torch.equal(saved[k], best[k]) for k in saved)
+    card = (straight / "model" / "README.md").read_text()
+    assert "all but each user's last two events" in card and f"best validation NDCG@10 (step {best_step})" in card
     if best_step != results["steps"]:  # the last step's weights were not the ones tested and saved
         last = load_file(sorted((straight / "checkpoints").glob("checkpoint-*"))[-1] / "model.safetensors")
         assert not all(torch.equal(saved[k], last[k]) for k in saved)

@@ -45,6 +45,18 @@ def _eval_results(task_type: str, dataset: str, metrics: dict[str, float]) -> li
     ]
 
 
+def _holdout_sentence(results: dict[str, Any]) -> str:
+    """How the evaluated events were kept out of training (`--train_holdout`) and how the weights were chosen."""
+    if results.get("train_holdout", 1) >= 2:
+        text = ("Trained on all but each user's last two events (validation on the second-to-last, test on the last, "
+                "the validation event in the test input)")
+    else:
+        text = "Trained on all but each user's last event (HSTU's protocol; no held-out validation)"
+    if results.get("best_step") is not None:
+        text += f"; weights of the best validation NDCG@10 (step {results['best_step']}) tested"
+    return text + "."
+
+
 def render_pretrained_card(
     *,
     model_dir: str | Path,
@@ -93,6 +105,9 @@ def render_pretrained_card(
         num_users=test.get("num_users"),
         history_masking="masked (HSTU's protocol)" if data_args.eval_exclude_history else "not masked",
         num_scored_items=events_summary.get("items", "?"),
+        holdout=_holdout_sentence(results),
+        batches=(f"packed rows, {results['per_device_train_batch_tokens']:,} events per batch" if results.get("packing")
+                 else "padded rows"),
         steps=results["steps"],
         train_seconds=results["train_seconds"],
         tokens_per_s=f"{results['tokens_per_s']:,.0f}",
