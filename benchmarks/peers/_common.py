@@ -234,6 +234,22 @@ def build_parser(library: str, default_batch_size: int) -> argparse.ArgumentPars
     return parser
 
 
+def run_figures(epochs_completed: float, seconds: float, stopped_by: str, supervised_targets: int, test_ranks: np.ndarray,
+                stopper: Optional["EarlyStopper"]) -> dict:
+    """The measured part of a result, in the same units for both peers (`stopper` None: no validation split)."""
+    return {
+        "epochs_completed": round(epochs_completed, 4),
+        "train_seconds": round(seconds, 2),
+        "stopped_by": stopped_by,
+        "supervised_targets": supervised_targets,
+        "targets_per_s": round(supervised_targets / max(seconds, 1e-9), 1),
+        "peak_rss_gib": round(peak_rss_gib(), 3),
+        "test": metrics_from_ranks(test_ranks),
+        "valid": stopper.best_metrics if stopper else None,
+        "best_epoch": stopper.best_epoch if stopper else None,
+    }
+
+
 def write_result(path: Optional[Path], result: dict) -> None:
     """Print the result and write it as JSON; keys are fixed so results of both peers line up."""
     expected = {"library", "dataset", "protocol", "config", "epochs_completed", "train_seconds", "stopped_by",

@@ -200,15 +200,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             "autograd_anomaly_detection": torch.is_anomaly_enabled(),
             "recbole_import_enabled_anomaly_detection": RECBOLE_IMPORT_ANOMALY_MODE,
         },
-        "epochs_completed": round(epochs_completed, 4),
-        "train_seconds": round(clock.seconds, 2),
-        "stopped_by": stopped_by,
-        "supervised_targets": supervised,
-        "targets_per_s": round(supervised / max(clock.seconds, 1e-9), 1),
-        "peak_rss_gib": round(C.peak_rss_gib(), 3),
-        "test": C.metrics_from_ranks(ranks),
-        "valid": stopper.best_metrics if spec.has_valid else None,
-        "best_epoch": stopper.best_epoch if spec.has_valid else None,
+        **C.run_figures(epochs_completed, clock.seconds, stopped_by, supervised, ranks, stopper if spec.has_valid else None),
     }
     print(f"[recbole] total wall {time.time() - t0:.0f}s (training + validation + test)", flush=True)
     C.write_result(args.output, result)

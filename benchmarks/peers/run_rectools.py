@@ -182,15 +182,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             "max_users": args.max_users, "torch": torch.__version__,
             "pytorch_lightning": importlib.metadata.version("pytorch-lightning"),
         },
-        "epochs_completed": round(budget.batches / max(budget.batches_per_epoch, 1), 4),
-        "train_seconds": round(clock.seconds, 2),
-        "stopped_by": stopped_by,
-        "supervised_targets": budget.targets,
-        "targets_per_s": round(budget.targets / max(clock.seconds, 1e-9), 1),
-        "peak_rss_gib": round(C.peak_rss_gib(), 3),
-        "test": C.metrics_from_ranks(ranks),
-        "valid": stopper.best_metrics if spec.has_valid else None,
-        "best_epoch": stopper.best_epoch if spec.has_valid else None,
+        **C.run_figures(budget.batches / max(budget.batches_per_epoch, 1), clock.seconds, stopped_by, budget.targets, ranks, stopper if spec.has_valid else None),
     }
     print(f"[rectools] total wall {time.time() - t0:.0f}s (training + validation + test)", flush=True)
     C.write_result(args.output, result)
