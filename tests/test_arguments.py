@@ -167,3 +167,15 @@ def test_unresolved_full_softmax_auto_is_refused_by_the_loss():
     ids = torch.tensor([[4, 5, 6]])
     with pytest.raises(ValueError, match="`objective.full_softmax` is 'auto'"):
         model(input_ids=ids, action_ids=torch.full_like(ids, 2), timestamps=torch.tensor([[1, 2, 3]]), labels=ids)
+
+
+@pytest.mark.parametrize("script", ["pretrain.py", "finetune_ctr.py"])
+def test_recipe_help_prints_every_flag(script):
+    # `--help` formats every help string with %-expansion: one stray '%' breaks it for the whole recipe.
+    import subprocess
+    import sys
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / script
+    result = subprocess.run([sys.executable, str(recipe), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--config" in result.stdout and "--learning_rate" in result.stdout

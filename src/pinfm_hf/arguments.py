@@ -125,7 +125,7 @@ class PretrainingDataArguments(EventSourceArguments):
     eval_exclude_history: str = field(
         default="auto",
         metadata={"help": "'true': do not rank the items of the user's input events (HSTU's protocol, for data without "
-                  "repeats); 'false': rank every item; 'auto': true when under 1% of the events repeat an item of "
+                  "repeats); 'false': rank every item; 'auto': true when under 1%% of the events repeat an item of "
                   "the user's history.", "choices": ["auto", "true", "false"]},
     )
     max_train_users: Optional[int] = field(default=None, metadata={"help": "Train on the first N users only (tests)."})
