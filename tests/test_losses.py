@@ -4,7 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pinfm_hf.losses import full_softmax_loss, masked_mean, sample_negatives, sampled_softmax_loss
+from pinfm_hf.losses import (
+    ScoresLogSumExp,
+    full_softmax_loss,
+    masked_mean,
+    sample_negatives,
+    sampled_softmax_loss,
+    scores_logsumexp,
+)
 
 
 def _manual_loss(pos_logit: float, neg_logits: list) -> float:
@@ -145,6 +152,34 @@ class TestFullSoftmaxLoss:
     def test_bad_shapes(self):
         with pytest.raises(ValueError, match="target_ids"):
             full_softmax_loss(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1]), temperature=1.0)
+
+
+class TestScoresLogSumExp:
+    """The full softmax's log-partition, a block of queries at a time, with gradients recomputed per block."""
+
+    @pytest.mark.parametrize("block_elements", [1, 40, 1 << 22])  # one query per block, a ragged last block, one block
+    def test_value_and_gradients_match_logsumexp(self, monkeypatch, block_elements):
+        monkeypatch.setattr(ScoresLogSumExp, "BLOCK_ELEMENTS", block_elements)
+        query = (_normed(7, 8, seed=1).float() * 5).requires_grad_()
+        items = _normed(13, 8, seed=2).float().requires_grad_()
+        weights = torch.rand(7, generator=torch.Generator().manual_seed(3))
+        (scores_logsumexp(query, items) * weights).sum().backward()
+        reference_query, reference_items = query.detach().clone().requires_grad_(), items.detach().clone().requires_grad_()
+        expected = torch.logsumexp(reference_query @ reference_items.T, dim=-1)
+        (expected * weights).sum().backward()
+        torch.testing.assert_close(scores_logsumexp(query, items), expected)
+        torch.testing.assert_close(query.grad, reference_query.grad)
+        torch.testing.assert_close(items.grad, reference_items.grad)
+
+    def test_autocast_runs_the_products_in_its_dtype(self):
+        query, items = (_normed(5, 8, seed=4).float() * 5).requires_grad_(), _normed(9, 8, seed=5).float().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = scores_logsumexp(query, items)
+        low.sum().backward()
+        assert low.dtype == torch.float32 and query.grad.dtype == torch.float32 and items.grad.dtype == torch.float32
+        exact = torch.logsumexp(query.detach() @ items.detach().T, dim=-1)
+        assert not torch.equal(low.detach(), exact)  # the products were rounded to bf16 ...
+        torch.testing.assert_close(low.detach(), exact, atol=0.05, rtol=0.01)  # ... and only that
 
 
 class TestSampleNegatives:

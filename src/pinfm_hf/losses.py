@@ -127,16 +127,74 @@ def full_softmax_loss(
         )
     if target_ids.shape != query.shape[:1]:
         raise ValueError(f"`target_ids` must have shape ({query.shape[0]},), got {tuple(target_ids.shape)}.")
-    logits = full_softmax_logits(query, item_emb, temperature=temperature)  # [N, V]
-    return F.cross_entropy(logits, target_ids, ignore_index=ignore_index, reduction="none")  # [N]
-
-
-def full_softmax_logits(query: torch.Tensor, item_emb: torch.Tensor, *, temperature: Union[float, torch.Tensor]) -> torch.Tensor:
-    """`(N, V)` float32 logits `query @ item_emb.T / temperature` of the full softmax."""
     _check_temperature(temperature)
-    # Dividing the (N, D) queries rather than the (N, V) logits saves passes over the logits in forward and
-    # backward: 1.66x faster at ML-1M's size (benchmarks/bench_loss.py).
-    return ((query / temperature) @ item_emb.T).float()
+    keep = target_ids != ignore_index
+    # Dividing the (N, D) queries rather than the (N, V) logits saves passes over the logits (bench_loss.py).
+    query = query[keep] / temperature
+    kept_targets = target_ids[keep]
+    # The target's logit as a dot product: indexing (N, V) logits would scatter its gradient into a dense (N, V) tensor.
+    target_logit = (query * item_emb[kept_targets]).sum(-1).float()
+    loss = torch.zeros(target_ids.shape, dtype=torch.float32, device=query.device)
+    return loss.masked_scatter(keep, scores_logsumexp(query, item_emb) - target_logit)
+
+
+def scores_logsumexp(query: torch.Tensor, item_emb: torch.Tensor) -> torch.Tensor:
+    """
+    `logsumexp(query @ item_emb.T, dim=-1)` in float32, `(N, D), (V, D) -> (N,)`, without an `(N, V)` tensor.
+
+    The log-partition of the full softmax, computed over blocks of queries and recomputed in backward
+    ([`ScoresLogSumExp`]): on a CPU the unfused version spends most of a pretraining step moving `(N, V)` logits,
+    their exponentials and their gradient through memory (benchmarks/RESULTS.md, "Packed batches"). Under autocast
+    the products run in the autocast dtype, as `query @ item_emb.T` would; the softmax stays in float32.
+    """
+    return ScoresLogSumExp.apply(query, item_emb)
+
+
+class ScoresLogSumExp(torch.autograd.Function):
+    """[`scores_logsumexp`]: blocks of about `BLOCK_ELEMENTS` logits at a time, exact in float32."""
+
+    BLOCK_ELEMENTS = 1 << 22  # 16 MiB of float32 logits: measured fastest on CPU between 2**20 and 2**24
+
+    @staticmethod
+    def _compute_dtype(query: torch.Tensor, item_emb: torch.Tensor) -> torch.dtype:
+        device_type = query.device.type
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return torch.promote_types(query.dtype, item_emb.dtype)
+
+    @staticmethod
+    def _blocks(num_queries: int, num_items: int) -> range:
+        return range(0, num_queries, max(1, ScoresLogSumExp.BLOCK_ELEMENTS // max(num_items, 1)))
+
+    @staticmethod
+    def forward(ctx, query: torch.Tensor, item_emb: torch.Tensor) -> torch.Tensor:
+        dtype = ScoresLogSumExp._compute_dtype(query, item_emb)
+        q, items = query.to(dtype), item_emb.to(dtype)
+        blocks = ScoresLogSumExp._blocks(q.shape[0], items.shape[0])
+        log_partition = torch.empty(q.shape[0], dtype=torch.float32, device=q.device)
+        for start in blocks:
+            logits = (q[start : start + blocks.step] @ items.T).float()  # (n, V)
+            log_partition[start : start + blocks.step] = torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(q, items, log_partition)
+        ctx.input_dtypes = (query.dtype, item_emb.dtype)
+        return log_partition
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q, items, log_partition = ctx.saved_tensors
+        grad_query = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        grad_items = torch.zeros(items.shape, dtype=torch.float32, device=q.device)
+        blocks = ScoresLogSumExp._blocks(q.shape[0], items.shape[0])
+        for start in blocks:
+            rows = slice(start, start + blocks.step)
+            # d logsumexp / d logits = softmax; made in place in one (n, V) buffer.
+            probs = (q[rows] @ items.T).float()
+            probs.sub_(log_partition[rows, None]).exp_().mul_(grad_output[rows, None].float())
+            probs = probs.to(q.dtype)
+            grad_query[rows] = probs @ items
+            grad_items += (probs.T @ q[rows]).float()
+        query_dtype, items_dtype = ctx.input_dtypes
+        return grad_query.to(query_dtype), grad_items.to(items_dtype)
 
 
 def sample_negatives(
@@ -459,16 +517,10 @@ def _full_softmax_losses(
         return losses
     first = num_special_tokens
     item_emb = item_embeddings(torch.arange(first, vocab_size, device=flat_query.device))
-    if len(pairs) == 1:  # one loss (next-token only): the fused cross-entropy is the fastest (bench_pretraining_losses.py)
-        (name, (query_index, target_index)), = pairs.items()
-        per_row = full_softmax_loss(flat_query[query_index], item_emb, flat_targets[target_index] - first, temperature=temperature)
-        return {**losses, name: per_row.mean()}
     queries = torch.unique(torch.cat([query_index for query_index, _ in pairs.values()]))  # sorted
-    logits = full_softmax_logits(flat_query[queries], item_emb, temperature=temperature)
-    log_partition = torch.logsumexp(logits, dim=-1)  # (N,)
+    log_partition = scores_logsumexp(flat_query[queries] / temperature, item_emb)  # (N,)
     for name, (query_index, target_index) in pairs.items():
-        # The target's logit as a dot product, not `logits[row, target]`: indexing the (N, V) logits would scatter
-        # its gradient into another dense (N, V) tensor in backward.
+        # The target's logit as a dot product: the (N, V) logits only ever exist a block at a time, in scores_logsumexp.
         target_emb = item_emb[flat_targets[target_index] - first]  # (M, P)
         target_logit = ((flat_query[query_index] / temperature) * target_emb).sum(-1).float()
         losses[name] = (log_partition[torch.searchsorted(queries, query_index)] - target_logit).mean()
