@@ -14,7 +14,7 @@ interrupted run exactly.
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import datasets
 import numpy as np
@@ -31,6 +31,7 @@ from pinfm_hf.data import (
     EventTable,
     LengthGroupedEpochSampler,
     PinFMDataCollator,
+    PreparedEvents,
     TokenBudgetBatchSampler,
     build_user_sequences,
     leave_last_out_split,
@@ -49,7 +50,7 @@ logger = get_logger("pretrain")
 
 @dataclass
 class PretrainingData:
-    events: EventTable
+    events: Union[EventTable, PreparedEvents]
     tokenizer: PinFMTokenizer
     train_table: pa.Table
     positive_actions: Optional[list[str]]  # None: every event is a target
@@ -60,27 +61,39 @@ class PretrainingData:
     mean_train_events: float  # per training row, after max_length
 
 
-def load_data(data_args: PretrainingDataArguments, train_args: PretrainingArguments, num_processes: int = 1) -> PretrainingData:
+def load_data(data_args: PretrainingDataArguments, train_args: PretrainingArguments, accelerator) -> PretrainingData:
     """Events -> per-user sequences -> leave-last-out splits -> the tokenizer -> tokens -> loaders."""
-    events = data_args.load_events()
-    if data_args.time_cut_quantile is not None:
-        events, _, cut = time_split(events, quantile=data_args.time_cut_quantile)
-        logger.info("Pretraining on events before %d (quantile %s) only.", cut, data_args.time_cut_quantile)
+    if data_args.prepared:  # a log prepared out of core (prepare_events.py): memory-mapped, encoded a batch at a time
+        events = PreparedEvents.load(data_args.prepared)
+    else:
+        events = data_args.load_events()
+        if data_args.time_cut_quantile is not None:
+            events, _, cut = time_split(events, quantile=data_args.time_cut_quantile)
+            logger.info("Pretraining on events before %d (quantile %s) only.", cut, data_args.time_cut_quantile)
     logger.info("Events: %s", events.describe())
     exclude = data_args.resolve_eval_exclude_history(events.repeat_share())
     logger.info("Evaluation ranks %s.", "items outside each user's history" if exclude else "every item")
-    splits = leave_last_out_split(build_user_sequences(events), train_holdout=data_args.train_holdout)
-    if data_args.max_train_users is not None:
-        splits["train"] = splits["train"].select(range(min(data_args.max_train_users, len(splits["train"]))))
-    tokenizer = PinFMTokenizer.from_events(
-        events, min_count=data_args.min_item_count, max_vocab_size=data_args.max_vocab_size,
-        num_hash_buckets=data_args.num_hash_buckets, model_max_length=data_args.max_length,
-    )
-    train_table = tokenizer.encode_sequences(splits["train"], windows=data_args.train_windows)
-    evaluation = {
-        name: next_item_eval_dataset(splits[name], tokenizer, max_length=data_args.max_length, max_users=data_args.max_eval_users)
-        for name in ("valid", "test")
-    }
+    vocabulary = dict(min_count=data_args.min_item_count, max_vocab_size=data_args.max_vocab_size,
+                      num_hash_buckets=data_args.num_hash_buckets, model_max_length=data_args.max_length)
+    if data_args.prepared:
+        tokenizer = events.tokenizer(**vocabulary)
+        with accelerator.main_process_first():  # the main process writes the encoded files, the others map them
+            encoded = events.encoded_splits(tokenizer, train_holdout=data_args.train_holdout, max_length=data_args.max_length,
+                                            windows=data_args.train_windows, max_train_users=data_args.max_train_users,
+                                            max_eval_users=data_args.max_eval_users)
+        train_dataset, train_table = encoded["train"], encoded["train"].data.table
+        evaluation = {name: encoded[name] for name in ("valid", "test")}
+    else:
+        splits = leave_last_out_split(build_user_sequences(events), train_holdout=data_args.train_holdout)
+        if data_args.max_train_users is not None:
+            splits["train"] = splits["train"].select(range(min(data_args.max_train_users, len(splits["train"]))))
+        tokenizer = PinFMTokenizer.from_events(events, **vocabulary)
+        train_table = tokenizer.encode_sequences(splits["train"], windows=data_args.train_windows)
+        train_dataset = datasets.Dataset(train_table)
+        evaluation = {
+            name: next_item_eval_dataset(splits[name], tokenizer, max_length=data_args.max_length, max_users=data_args.max_eval_users)
+            for name in ("valid", "test")
+        }
     logger.info("Train rows %d, valid users %d, test users %d.", train_table.num_rows, len(evaluation["valid"]), len(evaluation["test"]))
 
     positives = data_args.positive_action_names(tokenizer.action_tokens[2:])
@@ -89,13 +102,12 @@ def load_data(data_args: PretrainingDataArguments, train_args: PretrainingArgume
         pad_token_id=tokenizer.pad_token_id, max_length=data_args.max_length, return_labels=True,
         positive_action_ids=tokenizer.convert_actions_to_ids(positives) if positives else None, pack_length=pack_length,
     )
-    train_dataset = datasets.Dataset(train_table)
     lengths = np.minimum(pc.list_value_length(train_table.column("input_ids")).to_numpy(), data_args.max_length)
     if train_args.packing:
         # Random users, about as many events per step as padded batches of per_device_train_batch_size users hold.
         max_tokens = train_args.per_device_train_batch_tokens or max(1, round(train_args.per_device_train_batch_size * lengths.mean()))
         batches = TokenBudgetBatchSampler(
-            EpochRandomSampler(len(lengths), seed=train_args.seed), lengths, max_tokens, num_processes=num_processes
+            EpochRandomSampler(len(lengths), seed=train_args.seed), lengths, max_tokens, num_processes=accelerator.num_processes
         )
         train_loader = DataLoader(train_dataset, batch_sampler=batches, collate_fn=collator)
     else:
@@ -136,7 +148,7 @@ def build_model(
         action_vocab_size=tokenizer.action_vocab_size,
         surface_vocab_size=tokenizer.surface_vocab_size,
         max_position_embeddings=data_args.max_length + 1,
-        pretraining_max_timestamp=int(pc.max(data.events.table["timestamp"]).as_py()),
+        pretraining_max_timestamp=data.events.max_timestamp,
         **asdict(model_args),
     )
     model = PinFMForPretraining(config)
@@ -156,7 +168,7 @@ def main(args: Optional[list[str]] = None) -> dict:
     start_time = time.time()
 
     # ----- data and model -----
-    data = load_data(data_args, train_args, accelerator.num_processes)
+    data = load_data(data_args, train_args, accelerator)
     model = build_model(data, data_args, model_args, objective, train_args)
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "norm" in n]
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n]
@@ -227,7 +239,7 @@ def main(args: Optional[list[str]] = None) -> dict:
     # ----- final evaluation and save -----
     best_step = loop.load_best_model(accelerator.unwrap_model(model)) if train_args.load_best_model_at_end else None
     results = {
-        "dataset": data_args.dataset,
+        "dataset": data_args.prepared or data_args.dataset,
         "steps": loop.step,
         "train_seconds": round(train_seconds, 1),
         "tokens_per_s": round(loop.units_seen / max(train_seconds, 1e-9), 1),

@@ -103,6 +103,11 @@ MAX_REPEAT_SHARE_TO_EXCLUDE_HISTORY = 0.01
 class PretrainingDataArguments(EventSourceArguments):
     """Which events, how they become training sequences and evaluation targets."""
 
+    prepared: Optional[str] = field(
+        default=None,
+        metadata={"help": "A folder written by recipes/prepare_events.py (a log of any size, prepared on DuckDB or "
+                  "Spark): read memory-mapped instead of --dataset."},
+    )
     max_length: int = field(default=200, metadata={"help": "Most recent events per user the model sees."})
     min_item_count: int = field(default=1, metadata={"help": "Items seen fewer times go to hash buckets."})
     max_vocab_size: Optional[int] = field(default=None, metadata={"help": "Keep only the most frequent items."})
@@ -134,6 +139,9 @@ class PretrainingDataArguments(EventSourceArguments):
         super().__post_init__()
         if str(self.eval_exclude_history).lower() not in ("auto", "true", "false"):
             raise ValueError(f"--eval_exclude_history must be 'auto', 'true' or 'false', got {self.eval_exclude_history!r}.")
+        if self.prepared and self.time_cut_quantile is not None:
+            raise ValueError("--prepared data is cut in time when prepared (prepare_events.py --cut_timestamp): "
+                             "--time_cut_quantile applies to --dataset only.")
         check_ranges(
             self, positive=("max_length", "min_item_count", "max_vocab_size", "train_holdout", "max_eval_users", "max_train_users"),
             non_negative=("num_hash_buckets",), quantiles=("time_cut_quantile",),

@@ -74,7 +74,7 @@ def render_pretrained_card(
     actions whose events were targets, None for all), data summary and measured metrics.
     """
     template_path = _template(template_path, "pretrained_model_card.md")
-    dataset = data_args.dataset
+    dataset = getattr(data_args, "prepared", None) or data_args.dataset
     test = results["test"]
     model_name = repo_id or f"pinfm-{Path(dataset).stem}"
     eval_results = _eval_results("next-item-recommendation", dataset, {k: v for k, v in test.items() if k != "num_users"})

@@ -200,18 +200,47 @@ class PinFMTokenizer(PreTrainedTokenizer):
         _require_pyarrow()
 
         table = getattr(events, "table", events)
+        counts = pc.value_counts(table.column("item_id"))
+        return cls.from_item_counts(
+            counts.field("values"), counts.field("counts"), actions=pc.unique(table.column("action")).to_pylist(),
+            surfaces=pc.unique(table.column("surface")).to_pylist() if "surface" in table.column_names else (),
+            min_count=min_count, max_vocab_size=max_vocab_size, num_hash_buckets=num_hash_buckets,
+            model_max_length=model_max_length, **kwargs,
+        )
+
+    @classmethod
+    def from_item_counts(
+        cls,
+        item_ids: Any,
+        counts: Any,
+        *,
+        actions: Sequence[str],
+        surfaces: Sequence[str] = (),
+        min_count: int = 1,
+        max_vocab_size: Optional[int] = None,
+        num_hash_buckets: int = 1024,
+        model_max_length: int = 200,
+        **kwargs,
+    ) -> "PinFMTokenizer":
+        """
+        Build the vocabularies from item event counts (what an engine computed over a log too large to load: see
+        `pinfm_hf.data.prepare_events`), the action names and the surface names. Same rules as `from_events`: most
+        frequent first, ties by item id; items below `min_count` or past `max_vocab_size` go to the hash buckets.
+        """
+        _require_pyarrow()
         if min_count < 1:
             raise ValueError(f"`min_count` ({min_count}) must be >= 1.")
-        counts = pc.value_counts(table.column("item_id")).to_pylist()
-        ranked = sorted(((c["counts"], c["values"]) for c in counts if c["counts"] >= min_count), key=lambda x: (-x[0], x[1]))
+        ranked = pa.table({"item": pa.array(item_ids, pa.string()), "count": pa.array(counts, pa.int64())})
+        num_items = ranked.num_rows
+        ranked = ranked.filter(pc.greater_equal(ranked["count"], min_count))
+        ranked = ranked.take(pc.sort_indices(ranked, sort_keys=[("count", "descending"), ("item", "ascending")]))
         if max_vocab_size is not None:
-            ranked = ranked[:max_vocab_size]
-        items = [item for _, item in ranked]
-        actions = sorted(pc.unique(table.column("action")).to_pylist())
-        surfaces = sorted(pc.unique(table.column("surface")).to_pylist()) if "surface" in table.column_names else []
+            ranked = ranked.slice(0, max_vocab_size)
+        items = ranked["item"].to_pylist()
+        actions, surfaces = sorted(actions), sorted(surfaces)
         logger.info(
             "Built item vocabulary: %d items kept of %d (min_count=%d, max_vocab_size=%s), %d hash buckets, %d actions.",
-            len(items), len(counts), min_count, max_vocab_size, num_hash_buckets, len(actions),
+            len(items), num_items, min_count, max_vocab_size, num_hash_buckets, len(actions),
         )
         return cls(
             items=items, actions=actions, surfaces=surfaces, num_hash_buckets=num_hash_buckets,
@@ -507,8 +536,10 @@ class PinFMTokenizer(PreTrainedTokenizer):
     def item_counts(self, sequences: Any) -> np.ndarray:
         """Event count of every item token id in encoded sequences (`input_ids` column): popularity for sampling."""
         table = _as_arrow_table(sequences)
-        flat = table.column("input_ids").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        return np.bincount(flat, minlength=self.vocab_size)
+        counts = np.zeros(self.vocab_size, dtype=np.int64)
+        for chunk in table.column("input_ids").chunks:  # a chunk at a time: the table may be memory-mapped and large
+            counts += np.bincount(chunk.flatten().to_numpy(zero_copy_only=False), minlength=self.vocab_size)
+        return counts
 
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""Raw events -> validated event table -> per-user sequences -> collator."""
+"""Raw events -> validated event table -> per-user sequences -> collator (`prepare` does the first steps out of core)."""
 
 from .collator import PinFMDataCollator
 from .ctr import (
@@ -42,6 +42,7 @@ from .loaders import (
     load_taobao,
     load_user_features_from_args,
 )
+from .prepare import PreparedEvents, event_files, prepare_events, prepared_split
 from .sampler import EpochRandomSampler, LengthGroupedEpochSampler, TokenBudgetBatchSampler
 from .sequences import (
     build_user_sequences,
@@ -73,6 +74,7 @@ __all__ = [
     "EpochRandomSampler",
     "LengthGroupedEpochSampler",
     "PinFMDataCollator",
+    "PreparedEvents",
     "TIMESTAMP_UNITS",
     "TokenBudgetBatchSampler",
     "build_ctr_samples",
@@ -82,6 +84,7 @@ __all__ = [
     "sample_requests",
     "build_user_sequences",
     "drop_duplicate_events",
+    "event_files",
     "leave_last_out_split",
     "load_amazon_sports",
     "load_dataset_by_name",
@@ -95,6 +98,8 @@ __all__ = [
     "load_user_features_from_args",
     "make_event_table",
     "next_item_eval_dataset",
+    "prepare_events",
+    "prepared_split",
     "quantile_timestamp",
     "save_sequences",
     "sequence_table",

@@ -405,6 +405,11 @@ class EventTable:
     def __len__(self) -> int:
         return self.table.num_rows
 
+    @property
+    def max_timestamp(self) -> int:
+        """The last event's time (unix seconds): the model's `pretraining_max_timestamp`."""
+        return int(pc.max(self.table["timestamp"]).as_py())
+
     def summary(self) -> dict[str, Any]:
         """Counts of events, distinct users and items, and events per action."""
         counts = pc.value_counts(self.table["action"]).to_pylist()
