@@ -11,6 +11,7 @@ Bad input stops with the file, row and column at fault; exact duplicates are dro
 """
 
 import json
+import logging as pylogging
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -43,6 +44,7 @@ class PrepareEventsArguments:
 
 def main(args: Optional[list[str]] = None) -> dict:
     (prepare_args,) = HfArgumentParser(PrepareEventsArguments).parse_args_into_dataclasses(args=args)
+    pylogging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=pylogging.INFO)
     logging.set_verbosity_info()
     columns = json.loads(prepare_args.columns) if prepare_args.columns else None
     prepared = prepare_events(

@@ -93,6 +93,7 @@ def test_duckdb_matches_in_memory_on_a_synthetic_log_with_duplicates_and_ties(sy
     expected, events = _in_memory(table)
     assert events.num_duplicates_dropped > 0  # the generator wrote some, and both paths must drop the same ones
     prepared = prepare_events(str(synthetic_log / "*.parquet"), tmp_path / "prepared", engine="duckdb", memory_limit="500MB")
+    assert len(prepared.sequence_files) == 2  # 10^6 events over 0.5 GB: grouped in two user ranges
     _assert_same_sequences(prepared, expected, events)
     assert prepared.duplicates_dropped == events.num_duplicates_dropped
     # Ties: events in one second keep their file order; the log has many of them.

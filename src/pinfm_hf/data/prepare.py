@@ -23,6 +23,9 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
+import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -47,6 +50,9 @@ PREPARED_FILE = "prepared.json"
 SEQUENCES_DIR = "sequences"
 ITEM_COUNTS_FILE = "item_counts.parquet"
 ROW_FACTOR = 1 << 40  # event order = file index * 2**40 + row: up to a trillion rows per file
+# DuckDB groups at most this many events per GB of --memory_limit at once (measured: 10^7 events fail at 0.4 GB).
+EVENTS_PER_GB = 1_500_000
+SAMPLED_USERS = 100_000  # rows sampled for the user ranges' boundaries
 
 
 @dataclass(frozen=True)
@@ -56,31 +62,35 @@ class Dialect:
     integer_divide: str  # `{a}` divided by `{b}`, rounded down (both non-negative)
     ordered_list: str  # each user's `{value}`s ordered by (timestamp, event_order)
     epoch_seconds: str  # unix seconds of a TIMESTAMP column `{value}`
+    parquet_files: str  # a table of the Parquet files in `{folder}`
 
 
 DIALECTS = {
     "duckdb": Dialect(
         integer_divide="({a} // {b})",
         ordered_list="list({value} ORDER BY timestamp, event_order)",
-        epoch_seconds="CAST(epoch({value}) AS BIGINT)",
+        epoch_seconds="CAST(floor(epoch({value})) AS BIGINT)",
+        parquet_files="read_parquet('{folder}/*.parquet')",
     ),
     "spark": Dialect(
         integer_divide="({a} div {b})",
         # collect_list keeps no order: sort (timestamp, order, value) structs, then keep the value.
         ordered_list="transform(array_sort(collect_list(struct(timestamp, event_order, {value} AS v))), x -> x.v)",
         epoch_seconds="CAST(unix_timestamp({value}) AS BIGINT)",
+        parquet_files="parquet.`{folder}`",
     ),
 }
 
 # Canonical columns of every row, with its order key. `{columns}` casts ids to strings, as the in-memory path holds them.
-EVENTS_SQL = "SELECT {columns}, file_index * {row_factor} + file_row AS event_order FROM raw_events"
+EVENTS_SQL = "SELECT * FROM (SELECT {columns}, file_index * {row_factor} + file_row AS event_order FROM raw_events) rows {where}"
 # One pass over the log for the checks: counts of bad values per column, and the range of the timestamps.
 CHECKS_SQL = "SELECT COUNT(*), MIN(timestamp), MAX(timestamp), {bad_counts} FROM raw_events"
 FIRST_BAD_SQL = "SELECT file_index, file_row, {column} FROM raw_events WHERE {bad} ORDER BY file_index, file_row LIMIT 1"
 # Exact duplicates (every column equal) keep their first occurrence.
-DEDUPLICATED_SQL = "SELECT {names}, MIN(event_order) AS event_order FROM events {where} GROUP BY {names}"
+DEDUPLICATED_SQL = "SELECT {names}, MIN(event_order) AS event_order FROM {source} GROUP BY {names}"
 SEQUENCES_SQL = "SELECT user_id, {lists} FROM deduplicated GROUP BY user_id ORDER BY user_id"
-ITEM_COUNTS_SQL = "SELECT item_id, COUNT(*) AS count FROM deduplicated GROUP BY item_id ORDER BY count DESC, item_id"
+ITEM_COUNTS_SQL = "SELECT item_id, COUNT(*) AS count FROM deduplicated GROUP BY item_id"
+ITEM_TOTALS_SQL = "SELECT item_id, CAST(SUM(count) AS BIGINT) AS count FROM {source} GROUP BY item_id ORDER BY count DESC, item_id"
 SUMMARY_SQL = "SELECT COUNT(*), COUNT(DISTINCT user_id), MAX(timestamp) FROM deduplicated"
 ACTIONS_SQL = "SELECT action, COUNT(*) FROM deduplicated GROUP BY action ORDER BY action"
 SURFACES_SQL = "SELECT DISTINCT surface FROM deduplicated ORDER BY surface"
@@ -301,31 +311,49 @@ def _prepare(sql, dialect: Dialect, files, fmt, out: Path, columns, timestamp_un
     unit = _timestamp_unit(types["timestamp"], low, high, timestamp_unit, _source(files))
     timestamp = _seconds(dialect, types["timestamp"], unit)
     casts = {name: (timestamp if name == "timestamp" else _as_string(name, types[name])) for name in names}
-    sql.view("events", EVENTS_SQL.format(columns=", ".join(f"{e} AS {n}" for n, e in casts.items()), row_factor=ROW_FACTOR))
     where = "" if cut_timestamp is None else f"WHERE timestamp < {int(cut_timestamp)}"
-    sql.view("deduplicated", DEDUPLICATED_SQL.format(names=", ".join(names), where=where))
+    sql.view("events", EVENTS_SQL.format(columns=", ".join(f"{e} AS {n}" for n, e in casts.items()), row_factor=ROW_FACTOR,
+                                         where=where))
 
-    logger.info("Grouping per-user sequences ...")
+    # Users in ranges small enough for the engine's memory (one range on Spark, which partitions on its own), each
+    # deduplicated and grouped on its own: a user's events, duplicates included, all fall in one range.
     lists = ", ".join(
         f"{dialect.ordered_list.format(value=name)} AS {SEQUENCE_COLUMNS[name]}" for name in names if name != "user_id"
     )
-    sql.write_parquet(SEQUENCES_SQL.format(lists=lists), out / SEQUENCES_DIR)
-    sql.write_parquet(ITEM_COUNTS_SQL, out / ITEM_COUNTS_FILE, single_file=True)
-    events, users, max_timestamp = sql.rows(SUMMARY_SQL)[0]
-    if not events:
+    total = {"events": 0, "users": 0, "pairs": 0, "max_timestamp": None, "actions": {}, "surfaces": set()}
+    ranges = sql.user_ranges(names, num_rows, out / ".buckets")
+    for index, source in enumerate(ranges):
+        logger.info(f"Grouping per-user sequences ({index + 1}/{len(ranges)}) ...")
+        sql.view("deduplicated", DEDUPLICATED_SQL.format(names=", ".join(names), source=source))
+        sql.write_sequences(SEQUENCES_SQL.format(lists=lists), out / SEQUENCES_DIR, index)
+        sql.write_parquet(ITEM_COUNTS_SQL, out / ".item_counts" / f"part-{index:05d}.parquet")
+        events, users, max_timestamp = sql.rows(SUMMARY_SQL)[0]
+        total["events"] += events
+        total["users"] += users
+        total["pairs"] += sql.rows(USER_ITEM_PAIRS_SQL)[0][0]
+        if max_timestamp is not None:
+            total["max_timestamp"] = max(max_timestamp, total["max_timestamp"] or max_timestamp)
+        for action, count in sql.rows(ACTIONS_SQL):
+            total["actions"][action] = total["actions"].get(action, 0) + count
+        if SURFACE_COLUMN in names:
+            total["surfaces"].update(row[0] for row in sql.rows(SURFACES_SQL))
+    if not total["events"]:
         raise ValueError(f"No event before the cut {cut_timestamp}: {num_rows:,} events from {low} to {high} ({unit}).")
-    kept_before_cut = num_rows if cut_timestamp is None else sql.rows(
-        f"SELECT COUNT(*) FROM events WHERE timestamp < {int(cut_timestamp)}")[0][0]
-    duplicates = kept_before_cut - events
+    sql.write_parquet(ITEM_TOTALS_SQL.format(source=dialect.parquet_files.format(folder=out / ".item_counts")),
+                      out / ITEM_COUNTS_FILE)
+    kept = num_rows if cut_timestamp is None else sql.rows("SELECT COUNT(*) FROM events")[0][0]
+    duplicates = kept - total["events"]
     if duplicates:
-        logger.warning(f"{_source(files)}: dropped {duplicates:,} exact duplicate event(s) out of {kept_before_cut:,}.")
+        logger.warning(f"{_source(files)}: dropped {duplicates:,} exact duplicate event(s) out of {kept:,}.")
+    for scratch in (".buckets", ".item_counts"):
+        shutil.rmtree(out / scratch, ignore_errors=True)
     return {
         "engine": sql.name, "sources": files, "events_read": int(num_rows), "duplicates_dropped": int(duplicates),
-        "events": int(events), "users": int(users), "items": pq.read_metadata(out / ITEM_COUNTS_FILE).num_rows,
-        "actions": {a: int(n) for a, n in sql.rows(ACTIONS_SQL)}, "timestamp_unit": unit,
-        "max_timestamp": int(max_timestamp), "item_repeat_share": 1.0 - sql.rows(USER_ITEM_PAIRS_SQL)[0][0] / events,
+        "events": int(total["events"]), "users": int(total["users"]), "items": pq.read_metadata(out / ITEM_COUNTS_FILE).num_rows,
+        "actions": {a: int(total["actions"][a]) for a in sorted(total["actions"])}, "timestamp_unit": unit,
+        "max_timestamp": int(total["max_timestamp"]), "item_repeat_share": 1.0 - total["pairs"] / total["events"],
         "cut_timestamp": cut_timestamp,
-        "surfaces": [row[0] for row in sql.rows(SURFACES_SQL)] if SURFACE_COLUMN in names else None,
+        "surfaces": sorted(total["surfaces"]) if SURFACE_COLUMN in names else None,
     }
 
 
@@ -403,6 +431,19 @@ def _seconds(dialect: Dialect, sql_type: str, unit: str) -> str:
     return value if factor == 1 else dialect.integer_divide.format(a=value, b=factor)
 
 
+def _gib(size: str) -> float:
+    """DuckDB's memory sizes ('3GB', '500MB', '2GiB') in GiB."""
+    match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)i?B?\s*", size, flags=re.IGNORECASE)
+    if not match:
+        raise ValueError(f"--memory_limit {size!r} is not a size such as '3GB' or '500MB'.")
+    return float(match.group(1)) * 1024.0 ** ("KMGT".index(match.group(2).upper()) - 2 if match.group(2) else -3)
+
+
+def _default_memory_gib() -> float:
+    """DuckDB's default memory limit: 80% of the physical memory (GiB)."""
+    return 0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
 def _quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
@@ -422,6 +463,7 @@ class _DuckDB:
         except ImportError:
             raise ImportError("--engine duckdb needs DuckDB: pip install 'pinfm-hf[scale]' (or pip install duckdb).") from None
         self.con = duckdb.connect()
+        self.memory_limit_gib = _gib(memory_limit) if memory_limit else _default_memory_gib()
         if memory_limit:
             self.con.execute(f"SET memory_limit = {_quote(memory_limit)}")
         if threads:
@@ -454,14 +496,33 @@ class _DuckDB:
     def rows(self, query: str) -> list[tuple]:
         return self.con.execute(query).fetchall()
 
-    def write_parquet(self, query: str, path: Path, *, single_file: bool = False) -> None:
-        if single_file:
-            self.con.execute(f"COPY ({query}) TO {_quote(str(path))} (FORMAT parquet)")
-            return
-        # Files of ~128 MB, written in order (data_0, data_1, ...): renamed part-00000, ... so that names sort.
-        self.con.execute(f"COPY ({query}) TO {_quote(str(path))} (FORMAT parquet, FILE_SIZE_BYTES '128MB', "
-                         "ROW_GROUP_SIZE 65536, PRESERVE_ORDER true)")
-        _number_parts(path, lambda p: int(p.stem.rsplit("_", 1)[-1]))
+    def user_ranges(self, names: list[str], num_rows: int, folder: Path) -> list[str]:
+        """
+        Sources of the events of consecutive user ranges, each about `EVENTS_PER_GB * memory_limit` events: DuckDB
+        spills sorts and hash tables to disk, but a user's ordered lists are built in memory, so a log larger than
+        memory is cut by user (ranges from a sample of the ids) into Parquet partitions in one pass, then each
+        partition is grouped on its own.
+        """
+        num_ranges = max(1, math.ceil(num_rows / (EVENTS_PER_GB * self.memory_limit_gib)))
+        if num_ranges == 1:
+            return ["events"]
+        sample = sorted(row[0] for row in self.rows(
+            f"SELECT user_id FROM events USING SAMPLE reservoir({SAMPLED_USERS} ROWS) REPEATABLE (0)"))
+        bounds = sorted({sample[len(sample) * k // num_ranges] for k in range(1, num_ranges)})
+        bucket = "CASE " + " ".join(f"WHEN user_id < {_quote(b)} THEN {k}" for k, b in enumerate(bounds)) + f" ELSE {len(bounds)} END"
+        logger.info(f"Cutting {num_rows:,} events into {len(bounds) + 1} user ranges ...")
+        self.con.execute(f"COPY (SELECT {', '.join(names)}, event_order, {bucket} AS bucket FROM events) TO "
+                         f"{_quote(str(folder))} (FORMAT parquet, PARTITION_BY (bucket))")
+        return [f"read_parquet({_quote(str(part / '*.parquet'))}, hive_partitioning = false)"
+                for part in sorted(folder.glob("bucket=*"), key=lambda part: int(part.name.split("=")[1]))]
+
+    def write_sequences(self, query: str, folder: Path, index: int) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.write_parquet(query, folder / f"part-{index:05d}.parquet")
+
+    def write_parquet(self, query: str, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.con.execute(f"COPY ({query}) TO {_quote(str(path))} (FORMAT parquet, ROW_GROUP_SIZE 65536)")
 
     def close(self) -> None:
         self.con.close()
@@ -510,20 +571,24 @@ class _Spark:
     def rows(self, query: str) -> list[tuple]:
         return [tuple(row) for row in self.spark.sql(query).collect()]
 
-    def write_parquet(self, query: str, path: Path, *, single_file: bool = False) -> None:
-        frame = self.spark.sql(query)
-        if single_file:
-            frame.coalesce(1).write.mode("overwrite").parquet(str(path) + ".spark")
-            (part,) = Path(str(path) + ".spark").glob("part-*.parquet")
-            part.rename(path)
-            shutil.rmtree(str(path) + ".spark")
-            return
+    def user_ranges(self, names: list[str], num_rows: int, folder: Path) -> list[str]:
+        return ["events"]  # Spark partitions the grouping itself, spilling where it must
+
+    def write_sequences(self, query: str, folder: Path, index: int) -> None:
         # A global ORDER BY writes range partitions in order: part-00000 holds the first users.
-        frame.write.mode("overwrite").parquet(str(path))
-        for junk in path.iterdir():
+        self.spark.sql(query).write.mode("overwrite").parquet(str(folder))
+        for junk in folder.iterdir():
             if not junk.name.endswith(".parquet"):
                 junk.unlink()
-        _number_parts(path, lambda p: int(p.name.split("-")[1]))
+        _number_parts(folder, lambda p: int(p.name.split("-")[1]))
+
+    def write_parquet(self, query: str, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(str(path) + ".spark")
+        self.spark.sql(query).coalesce(1).write.mode("overwrite").parquet(str(scratch))
+        (part,) = scratch.glob("part-*.parquet")
+        part.rename(path)
+        shutil.rmtree(scratch)
 
     def close(self) -> None:
         self.spark.stop()
