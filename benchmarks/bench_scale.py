@@ -10,8 +10,8 @@ every core; Spark in `local[*]` mode (its time only: its memory is a JVM's, size
 Writes `prepare` (rows of `size`, `engine`, `events`, `peak_rss_gib`, `seconds`, ...) and `prepare_seconds_ratio_1e8_vs_1e7`.
 
 Then, for each of `--stream_sizes`, `recipes/pretrain.py --prepared` trains `--stream_steps` steps of the generic
-`pinfm_small` config (the vocabulary capped at `--max_vocab_size` items plus hash buckets, so the model is the same at
-every size) from the DuckDB preparation, memory-mapped; on the smallest size the same run reads the event file in memory
+`pinfm_small` config with 1,024 sampled negatives (the vocabulary capped at `--max_vocab_size` items plus hash buckets,
+so the model and the loss are the same at every size) from the DuckDB preparation, memory-mapped; on the smallest size the same run reads the event file in memory
 (`--dataset`), for `stream.tokens_per_s_ratio` (memory-mapped / in memory). `stream` rows: `size`, `events`,
 `peak_rss_gib` (the whole training process), `tokens_per_s`, `prepare_for_training_seconds` (conversion and encoding).
 """
@@ -72,7 +72,8 @@ def pretrain(output_dir: Path, source: list[str], steps: int, max_vocab_size: in
     command = [sys.executable, str(ROOT / "recipes" / "pretrain.py"), "--config", str(ROOT / "recipes" / "configs" / "pinfm_small.yaml"),
                *source, "--output_dir", str(output_dir), "--overwrite_output_dir", "true", "--max_steps", str(steps),
                "--max_vocab_size", str(max_vocab_size), "--eval_every_epochs", "0", "--load_best_model_at_end", "false",
-               "--early_stopping_patience", "0", "--max_eval_users", "1000", "--checkpointing_steps", "1000000"]
+               "--early_stopping_patience", "0", "--max_eval_users", "1000", "--checkpointing_steps", "1000000",
+               "--full_softmax", "false"]
     print("$", " ".join(command), file=sys.stderr, flush=True)
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     results = json.loads((output_dir / "results.json").read_text())
@@ -88,7 +89,7 @@ def main() -> None:
     parser.add_argument("--memory_limit", default="3GB", help="DuckDB's --memory_limit.")
     parser.add_argument("--stream_sizes", type=float, nargs="*", default=[1e6, 1e8], help="Sizes pretrained from.")
     parser.add_argument("--stream_steps", type=int, default=100)
-    parser.add_argument("--max_vocab_size", type=int, default=100_000)
+    parser.add_argument("--max_vocab_size", type=int, default=50_000, help="Items kept in the vocabulary (the rest hashed).")
     parser.add_argument("--runs_dir", type=Path, default=ROOT / "benchmarks" / "runs" / "scale")
     parser.add_argument("--output", type=Path, default=None)
     parser.add_argument("--rerun", action="store_true", help="Prepare again even when a measured preparation exists.")

@@ -211,3 +211,24 @@ def test_spark_matches_duckdb_and_in_memory(synthetic_log, ml1m_parquet, tmp_pat
     (csv / "b.csv").write_text("user_id,item_id,action,timestamp\n1,9,view,5\n1,12,view,4\n")
     prepared = prepare_events(csv, tmp_path / "spark_csv", engine="spark", spark_master="local[2]")
     assert prepared.sequences()["item_ids"].to_pylist() == [["12", "10", "11", "9"]]
+
+
+def test_synthetic_log_has_the_shape_it_claims(synthetic_log, tmp_path):
+    import numpy as np
+
+    table = _concatenated(synthetic_log.glob("*.parquet"))
+    _, lengths = np.unique(table["user_id"].to_numpy(), return_counts=True)
+    assert 5 <= np.median(lengths) <= 7 and 35 <= np.percentile(lengths, 99) <= 60 and lengths.max() > 500
+    actions = {row["values"]: row["counts"] for row in pc.value_counts(table["action"]).to_pylist()}
+    assert actions["view"] > actions["click"] > actions["cart"] > actions["save"] > actions["buy"] > 0
+    _, item_counts = np.unique(table["item_id"].to_numpy(), return_counts=True)
+    item_counts.sort()
+    assert item_counts[-10:].sum() > 0.1 * table.num_rows  # Zipf: a few items hold a large share
+    # Seeded: the same flags write the same events.
+    again = tmp_path / "again"
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "make_synthetic_events.py"), "--events", "1e6", "--items", "20000",
+         "--shards", "3", "--duplicate_rate", "0.001", "--out_of_order_rate", "0.001", "--output_dir", str(again)],
+        check=True, capture_output=True,
+    )
+    assert _concatenated(again.glob("*.parquet")).equals(table)

@@ -74,6 +74,28 @@ def test_next_item_evaluation_can_mask_the_history_as_hstu_does():
     assert masked["mrr"] > unmasked["mrr"]  # fewer competitors for every target
 
 
+def test_targets_outside_the_vocabulary_are_misses():
+    # A capped vocabulary (--max_vocab_size) hashes the tail's items into buckets: such a target cannot be recommended,
+    # so it counts as a miss (rank behind every item), and the other users' figures are unchanged.
+    model, tokenizer, loader = tiny_model_and_loader()
+    kwargs = dict(num_special_tokens=model.config.num_special_item_tokens, num_scored_ids=tokenizer.first_bucket_id,
+                  show_progress=False)
+    def evaluate(batches):  # the evaluator pops the targets: fresh batches for every call
+        return evaluate_next_item(model, batches, Accelerator(cpu=True), **kwargs)
+
+    batches = list(loader)
+    batches[0]["target_ids"][0] = tokenizer.first_bucket_id + 3  # user 0's target: an item hashed into a bucket
+    first_user = {key: value[:1].clone() for key, value in batches[0].items()}
+    capped, alone = evaluate(batches), evaluate([first_user])
+    full = expected_metrics(model, tokenizer, loader, exclude_history=False)
+    assert capped["num_users"] == 24 and alone["num_users"] == 1
+    assert alone["hr@200"] == alone["ndcg@200"] == 0 and alone["mrr"] < 1e-9
+    others = evaluate(list(loader))  # the same 24 users with user 0's true target
+    for name in ("hr@10", "ndcg@10", "hr@200", "mrr"):
+        assert others[name] == pytest.approx(full[name], abs=1e-6)
+        assert capped[name] <= others[name] + 1e-9
+
+
 def test_history_mask_marks_the_real_input_items_only():
     input_ids = torch.tensor([[5, 6, 0, 0], [7, 9, 12, 5]])
     attention_mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])

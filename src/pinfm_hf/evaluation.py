@@ -39,6 +39,9 @@ def check_finite_scores(num_bad: int, num_rows: int, accelerator, *, what: str) 
         )
 
 
+MISS_RANK = 2**31 - 1  # the rank of a target that cannot be recommended
+
+
 @torch.no_grad()
 def evaluate_next_item(
     model,
@@ -55,7 +58,7 @@ def evaluate_next_item(
     Rank each example's `target_ids` among all known items, scored from the user's last position.
 
     Scored: item ids `[num_special_tokens, num_scored_ids)` (every item of the vocabulary); masked: special tokens and
-    hash buckets (ids from `num_scored_ids` on). With `exclude_history`, the items of the model's input events are masked
+    hash buckets (ids from `num_scored_ids` on). A target in a hash bucket (an item outside the vocabulary) is a miss. With `exclude_history`, the items of the model's input events are masked
     too, as HSTU's evaluation does (`filter_invalid_ids=True` drops the `past_ids` from its top-k); this suits data
     without repeats, such as MovieLens, and the target itself always stays a candidate (see `rank_of_targets`). The
     target's timestamp, when the batch has `target_timestamps`, is passed as the request time (`end_timestamps`), as
@@ -84,7 +87,12 @@ def evaluate_next_item(
         seen = None
         if exclude_history:
             seen = history_mask(batch["input_ids"], batch["attention_mask"], num_scored_ids, position_ids)
-        ranks = rank_of_targets(scores, targets, exclude_mask=seen, invalid_ids=list(range(num_special_tokens)))
+        # A target outside the vocabulary (a hash bucket: an item the tokenizer did not keep, e.g. past
+        # --max_vocab_size) cannot be recommended: a miss at every k (MISS_RANK: hr and ndcg 0, mrr ~0).
+        unknown = targets.to(scores.device) >= num_scored_ids
+        ranks = rank_of_targets(scores, targets.to(scores.device).masked_fill(unknown, num_special_tokens),
+                                exclude_mask=seen, invalid_ids=list(range(num_special_tokens)))
+        ranks = ranks.masked_fill(unknown, MISS_RANK)
         all_ranks.append(accelerator.gather_for_metrics(ranks))
     model.train(was_training)
     check_finite_scores(num_bad, num_rows, accelerator, what="evaluation users")
