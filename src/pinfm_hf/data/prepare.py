@@ -32,7 +32,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -53,6 +52,7 @@ ROW_FACTOR = 1 << 40  # event order = file index * 2**40 + row: up to a trillion
 # DuckDB groups at most this many events per GB of --memory_limit at once (measured: 10^7 events fail at 0.4 GB).
 EVENTS_PER_GB = 1_500_000
 SAMPLED_USERS = 100_000  # rows sampled for the user ranges' boundaries
+ENCODE_BATCH_USERS = 20_000  # users encoded at a time for training
 
 
 @dataclass(frozen=True)
@@ -155,34 +155,51 @@ class PreparedEvents:
         max_eval_users: Optional[int] = None,
     ) -> dict[str, "datasets.Dataset"]:
         """
-        `train`, `valid`, `test` encoded for pretraining as `recipes/pretrain.py` encodes in-memory splits, as
-        memory-mapped Arrow files (`datasets` caches them under `cache/` here): the sequences are converted and
-        encoded a batch of users at a time, never held in memory whole. Run it on the main process first.
+        `train`, `valid`, `test` encoded for pretraining as `recipes/pretrain.py` encodes in-memory splits, each an
+        Arrow file under `cache/` here that `datasets` memory-maps: the shards are read and encoded a batch of users at
+        a time (`ENCODE_BATCH_USERS`), never held in memory whole. Run it on the main process first: the other
+        processes then map the same files (their names hash the settings and the vocabulary).
         """
         import datasets
 
-        cache = Path(self.path) / "cache"
-        sequences = datasets.Dataset.from_parquet(self.sequence_files, cache_dir=str(cache), keep_in_memory=False)
-        # The same name in every process, so that the other ranks reuse the main process's files.
         vocabulary = hashlib.sha1("\x00".join(tokenizer.get_vocab()).encode()).hexdigest()[:16]
-
-        lengths = pc.list_value_length(sequences.data.table["item_ids"]).to_numpy(zero_copy_only=False)
-
-        def encoded(split: str, encode, users: Optional[int]) -> datasets.Dataset:
-            # The users long enough for the split, then the first `users` of them (as the in-memory path selects).
-            long_enough = np.flatnonzero(lengths >= SPLIT_MIN_LENGTH[split](train_holdout))[:users]
-            source = sequences if len(long_enough) == len(sequences) else sequences.select(long_enough)
-            return source.with_format("arrow").map(
-                lambda batch: encode(prepared_split(batch, split, train_holdout)), batched=True, batch_size=20_000,
-                remove_columns=sequences.column_names, desc=f"Encoding {split}",
-                new_fingerprint=f"{split}-{train_holdout}-{max_length}-{windows}-{users}-{vocabulary}",
-            ).with_format(None)
-
-        return {
-            "train": encoded("train", lambda t: tokenizer.encode_sequences(t, windows=windows), max_train_users),
-            **{split: encoded(split, lambda t: tokenizer.encode_sequences(t, max_length=max_length, hold_out_last=True),
-                              max_eval_users) for split in ("valid", "test")},
+        encoders = {
+            "train": (lambda t: tokenizer.encode_sequences(t, windows=windows), max_train_users),
+            "valid": (lambda t: tokenizer.encode_sequences(t, max_length=max_length, hold_out_last=True), max_eval_users),
         }
+        encoders["test"] = encoders["valid"]
+        splits = {}
+        for split, (encode, users) in encoders.items():
+            path = Path(self.path) / "cache" / f"{split}-{train_holdout}-{max_length}-{windows}-{users}-{vocabulary}.arrow"
+            if not path.exists():
+                self._encode(path, split, encode, train_holdout, users)
+            splits[split] = datasets.Dataset.from_file(str(path))
+        return splits
+
+    def _encode(self, path: Path, split: str, encode, train_holdout: int, max_users: Optional[int]) -> None:
+        """Write `encode(prepared_split(batch))` of every batch of users, in order, to one Arrow stream file (atomically)."""
+        from tqdm.auto import tqdm
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        writer, users = None, 0
+        with open(tmp, "wb") as sink, tqdm(total=self.users, desc=f"Encoding {split}", unit=" users") as progress:
+            for file in self.sequence_files:
+                for batch in pq.ParquetFile(file).iter_batches(batch_size=ENCODE_BATCH_USERS):
+                    progress.update(batch.num_rows)
+                    table = prepared_split(pa.Table.from_batches([batch]), split, train_holdout)
+                    if max_users is not None:
+                        table = table.slice(0, max_users - users)
+                    users += table.num_rows
+                    encoded = encode(table)
+                    writer = writer or pa.ipc.new_stream(sink, encoded.schema)
+                    writer.write_table(encoded)
+                    if max_users is not None and users >= max_users:
+                        break
+                if max_users is not None and users >= max_users:
+                    break
+            writer.close()
+        os.replace(tmp, path)
 
     def summary(self) -> dict:
         """Counts of events, distinct users and items, and events per action (as `EventTable.summary`)."""
