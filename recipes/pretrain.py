@@ -59,6 +59,7 @@ class PretrainingData:
     test_loader: DataLoader
     batch_tokens: Optional[int]  # events per packed batch (None: padded batches of a fixed number of users)
     mean_train_events: float  # per training row, after max_length
+    train_item_counts: np.ndarray  # events of each token id in the training rows (popularity for the loss)
 
 
 def load_data(data_args: PretrainingDataArguments, train_args: PretrainingArguments, accelerator) -> PretrainingData:
@@ -78,9 +79,11 @@ def load_data(data_args: PretrainingDataArguments, train_args: PretrainingArgume
     if data_args.prepared:
         tokenizer = events.tokenizer(**vocabulary)
         with accelerator.main_process_first():  # the main process writes the encoded files, the others map them
-            encoded = events.encoded_splits(tokenizer, train_holdout=data_args.train_holdout, max_length=data_args.max_length,
-                                            windows=data_args.train_windows, max_train_users=data_args.max_train_users,
-                                            max_eval_users=data_args.max_eval_users)
+            encoded, train_item_counts = events.encoded_splits(
+                tokenizer, train_holdout=data_args.train_holdout, max_length=data_args.max_length,
+                windows=data_args.train_windows, max_train_users=data_args.max_train_users,
+                max_eval_users=data_args.max_eval_users,
+            )
         train_dataset, train_table = encoded["train"], encoded["train"].data.table
         evaluation = {name: encoded[name] for name in ("valid", "test")}
     else:
@@ -89,7 +92,7 @@ def load_data(data_args: PretrainingDataArguments, train_args: PretrainingArgume
             splits["train"] = splits["train"].select(range(min(data_args.max_train_users, len(splits["train"]))))
         tokenizer = PinFMTokenizer.from_events(events, **vocabulary)
         train_table = tokenizer.encode_sequences(splits["train"], windows=data_args.train_windows)
-        train_dataset = datasets.Dataset(train_table)
+        train_dataset, train_item_counts = datasets.Dataset(train_table), tokenizer.item_counts(train_table)
         evaluation = {
             name: next_item_eval_dataset(splits[name], tokenizer, max_length=data_args.max_length, max_users=data_args.max_eval_users)
             for name in ("valid", "test")
@@ -124,7 +127,8 @@ def load_data(data_args: PretrainingDataArguments, train_args: PretrainingArgume
         for name in ("valid", "test")
     )
     return PretrainingData(
-        events, tokenizer, train_table, positives, train_loader, valid_loader, test_loader, max_tokens, float(lengths.mean())
+        events, tokenizer, train_table, positives, train_loader, valid_loader, test_loader, max_tokens, float(lengths.mean()),
+        train_item_counts,
     )
 
 
@@ -154,7 +158,7 @@ def build_model(
     model = PinFMForPretraining(config)
     model.objective = objective
     model.next_item_head.init_temperature(objective.initial_temperature)
-    model.set_item_counts(torch.from_numpy(tokenizer.item_counts(data.train_table)))
+    model.set_item_counts(torch.from_numpy(data.train_item_counts))
     if train_args.gradient_checkpointing:
         model.activation_checkpointing_enable()
     return model

@@ -32,12 +32,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from transformers.utils import logging
 
-from ..io_utils import atomic_folder, atomic_write_json
+from ..io_utils import atomic_folder, atomic_write, atomic_write_json
 from .events import _UNIT_FACTORS, _UNIT_NAMES, EVENT_COLUMNS, SURFACE_COLUMN, EventValidationError, _unit_of
 from .sequences import SEQUENCE_COLUMNS, _drop_last
 
@@ -153,12 +154,14 @@ class PreparedEvents:
     def encoded_splits(
         self, tokenizer, *, train_holdout: int, max_length: int, windows: bool, max_train_users: Optional[int] = None,
         max_eval_users: Optional[int] = None,
-    ) -> dict[str, "datasets.Dataset"]:
+    ) -> tuple[dict[str, "datasets.Dataset"], np.ndarray]:
         """
         `train`, `valid`, `test` encoded for pretraining as `recipes/pretrain.py` encodes in-memory splits, each an
         Arrow file under `cache/` here that `datasets` memory-maps: the shards are read and encoded a batch of users at
         a time (`ENCODE_BATCH_USERS`), never held in memory whole. Run it on the main process first: the other
-        processes then map the same files (their names hash the settings and the vocabulary).
+        processes then map the same files (their names hash the settings and the vocabulary). Also returns the count
+        of every token id in the training rows (`tokenizer.item_counts` of `train`), counted while encoding: reading
+        them back would bring the whole memory-mapped column into the process's resident memory.
         """
         import datasets
 
@@ -172,17 +175,22 @@ class PreparedEvents:
         for split, (encode, users) in encoders.items():
             path = Path(self.path) / "cache" / f"{split}-{train_holdout}-{max_length}-{windows}-{users}-{vocabulary}.arrow"
             if not path.exists():
-                self._encode(path, split, encode, train_holdout, users)
+                self._encode(path, split, encode, train_holdout, users, tokenizer.vocab_size)
             splits[split] = datasets.Dataset.from_file(str(path))
-        return splits
+        train_item_counts = np.load(Path(splits["train"].cache_files[0]["filename"] + ".counts.npy"))
+        return splits, train_item_counts
 
-    def _encode(self, path: Path, split: str, encode, train_holdout: int, max_users: Optional[int]) -> None:
-        """Write `encode(prepared_split(batch))` of every batch of users, in order, to one Arrow stream file (atomically)."""
+    def _encode(self, path: Path, split: str, encode, train_holdout: int, max_users: Optional[int], vocab_size: int) -> None:
+        """
+        Write `encode(prepared_split(batch))` of every batch of users, in order, to one Arrow stream file, and the count
+        of each token id in its `input_ids` beside it (`<file>.counts.npy`); atomically, the counts first.
+        """
         from tqdm.auto import tqdm
 
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         writer, users = None, 0
+        counts = np.zeros(vocab_size, dtype=np.int64)
         with open(tmp, "wb") as sink, tqdm(total=self.users, desc=f"Encoding {split}", unit=" users") as progress:
             for file in self.sequence_files:
                 for batch in pq.ParquetFile(file).iter_batches(batch_size=ENCODE_BATCH_USERS):
@@ -192,6 +200,8 @@ class PreparedEvents:
                         table = table.slice(0, max_users - users)
                     users += table.num_rows
                     encoded = encode(table)
+                    ids = encoded["input_ids"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+                    counts += np.bincount(ids, minlength=vocab_size)
                     writer = writer or pa.ipc.new_stream(sink, encoded.schema)
                     writer.write_table(encoded)
                     if max_users is not None and users >= max_users:
@@ -199,6 +209,12 @@ class PreparedEvents:
                 if max_users is not None and users >= max_users:
                     break
             writer.close()
+
+        def save_counts(name: str) -> None:
+            with open(name, "wb") as file:
+                np.save(file, counts)
+
+        atomic_write(Path(str(path) + ".counts.npy"), save_counts)
         os.replace(tmp, path)
 
     def summary(self) -> dict:
