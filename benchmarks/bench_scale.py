@@ -12,8 +12,9 @@ Writes `prepare` (rows of `size`, `engine`, `events`, `peak_rss_gib`, `seconds`,
 Then, for each of `--stream_sizes`, `recipes/pretrain.py --prepared` trains `--stream_steps` steps of the generic
 `pinfm_small` config with 1,024 sampled negatives (the vocabulary capped at `--max_vocab_size` items plus hash buckets,
 so the model and the loss are the same at every size) from the DuckDB preparation, memory-mapped; on the smallest size the same run reads the event file in memory
-(`--dataset`), for `stream.tokens_per_s_ratio` (memory-mapped / in memory). `stream` rows: `size`, `events`,
-`peak_rss_gib` (the whole training process), `tokens_per_s`, `prepare_for_training_seconds` (conversion and encoding).
+(`--dataset`), for `stream.tokens_per_s_ratio` (memory-mapped / in memory); `stream.peak_rss_gib` per size (the whole
+training process), and `stream.rows`: `size`, `events`, `peak_rss_gib`, `tokens_per_s`, `prepare_for_training_seconds`
+(encoding, tokenizer and evaluation: everything but training).
 """
 
 import argparse
@@ -121,12 +122,15 @@ def main() -> None:
         "memory_limit": args.memory_limit,
         "prepare": rows,
         "prepare_seconds_ratio_1e8_vs_1e7": round(seconds[10**8] / seconds[10**7], 2) if {10**7, 10**8} <= set(seconds) else None,
-        "stream": stream,
-        "in_memory": in_memory,
-        "stream_tokens_per_s_ratio": (
-            round(next(r for r in stream if r["size"] == in_memory["size"])["tokens_per_s"] / in_memory["tokens_per_s"], 3)
-            if in_memory else None
-        ),
+        "stream": {
+            "peak_rss_gib": {str(row["size"]): row["peak_rss_gib"] for row in stream},
+            "tokens_per_s_ratio": (
+                round(next(r for r in stream if r["size"] == in_memory["size"])["tokens_per_s"] / in_memory["tokens_per_s"], 3)
+                if in_memory else None
+            ),
+            "rows": stream,
+            "in_memory": in_memory,
+        },
         "seconds": round(time.perf_counter() - started, 1),
     }
     emit(report, args.output)

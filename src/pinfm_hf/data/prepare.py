@@ -54,6 +54,8 @@ ROW_FACTOR = 1 << 40  # event order = file index * 2**40 + row: up to a trillion
 EVENTS_PER_GB = 1_500_000
 SAMPLED_USERS = 100_000  # rows sampled for the user ranges' boundaries
 ENCODE_BATCH_USERS = 20_000  # users encoded at a time for training
+# Rows per record batch of the encoded files, as `datasets` writes them: a random row read maps its batch in memory.
+ENCODED_BATCH_ROWS = 1_000
 
 
 @dataclass(frozen=True)
@@ -203,7 +205,7 @@ class PreparedEvents:
                     ids = encoded["input_ids"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
                     counts += np.bincount(ids, minlength=vocab_size)
                     writer = writer or pa.ipc.new_stream(sink, encoded.schema)
-                    writer.write_table(encoded)
+                    writer.write_table(encoded, max_chunksize=ENCODED_BATCH_ROWS)
                     if max_users is not None and users >= max_users:
                         break
                 if max_users is not None and users >= max_users:
