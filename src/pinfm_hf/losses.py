@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
 import torch
-import torch.nn.functional as F
 
 
 def _check_temperature(temperature: Union[float, torch.Tensor]) -> None:

@@ -7,7 +7,10 @@ memory are prepared here, on an engine the user already runs: DuckDB in this pro
 `DIALECTS`, so that the two cannot drift. The result is the in-memory path's: the same users in the same (string)
 order, each user's events ordered by time and, within a second, by file then row (every row gets an explicit order
 key), exact duplicates dropped and counted. Leave-last-out splits are a slice of each row ([`prepared_split`]), taken
-when the sequences are read; a global time cut (`cut_timestamp`) keeps the events before it.
+when the sequences are read; a global time cut (`cut_timestamp`) keeps the events before it. On DuckDB, a log larger
+than `memory_limit` allows is cut into user ranges in one partitioned pass, and each range is grouped on its own.
+Training reads the result through [`PreparedEvents.encoded_splits`]: the shards encoded a batch of users at a time
+into Arrow files that `datasets` memory-maps.
 
 Output folder (written atomically: a crash leaves the previous folder or none):
     sequences/part-00000.parquet, ...   user_id, item_ids, actions, timestamps (and surfaces): one row per user
@@ -28,9 +31,9 @@ import os
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
@@ -41,6 +44,12 @@ from transformers.utils import logging
 from ..io_utils import atomic_folder, atomic_write, atomic_write_json
 from .events import _UNIT_FACTORS, _UNIT_NAMES, EVENT_COLUMNS, SURFACE_COLUMN, EventValidationError, _unit_of
 from .sequences import SEQUENCE_COLUMNS, _drop_last
+
+
+if TYPE_CHECKING:
+    import datasets
+
+    from ..tokenization_pinfm import PinFMTokenizer
 
 
 logger = logging.get_logger(__name__)
