@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Set-up, then the whole test suite (slow end-to-end checks on ../shared/data included). Extra args go to pytest.
+# Set-up, then the whole test suite (slow end-to-end checks on ../shared/data included), in 2 worker processes
+# (pytest-xdist: much of the suite is process start-up and data loading, which overlap). Extra args go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec .venv/bin/python -m pytest tests "$@"
+exec .venv/bin/python -m pytest tests -n 2 "$@"

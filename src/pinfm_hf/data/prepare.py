@@ -585,7 +585,10 @@ class _Spark:
         self.spark = (
             SparkSession.builder.master(master or "local[*]").appName("pinfm-prepare-events")
             .config("spark.sql.session.timeZone", "UTC").config("spark.ui.enabled", "false")
-            .config("spark.sql.ansi.enabled", "false").getOrCreate()
+            .config("spark.sql.ansi.enabled", "false")
+            # On one machine, 200 shuffle partitions (the cluster default) is mostly task overhead.
+            .config("spark.sql.shuffle.partitions", "8" if (master or "local").startswith("local") else "200")
+            .getOrCreate()
         )
 
     def register(self, files: list[str], fmt: str, wanted: dict[str, str]) -> dict[str, str]:
