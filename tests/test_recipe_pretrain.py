@@ -191,9 +191,8 @@ def test_a_training_time_budget_stops_the_run_and_still_tests_and_saves(tmp_path
     assert list_checkpoints(tmp_path / "checkpoints")[-1].name == "checkpoint-1"
 
 
-def test_prepared_events_train_exactly_like_the_event_file(tmp_path, shared_data_dir):
-    # The same events as an event file (in memory) and prepared out of core on DuckDB (memory-mapped): same tokenizer,
-    # same training rows in the same order, so the same weights and test figures.
+def _prepared_slice(tmp_path: Path, data_dir: Path) -> Path:
+    """The first 300 ML-1M users' events as an event file of one's own, and that file prepared on DuckDB."""
     pytest.importorskip("duckdb")
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -201,11 +200,18 @@ def test_prepared_events_train_exactly_like_the_event_file(tmp_path, shared_data
 
     from pinfm_hf.data import load_dataset_by_name, prepare_events
 
-    events = load_dataset_by_name("ml-1m", shared_data_dir).table.select(["user_id", "item_id", "action", "timestamp"])
+    events = load_dataset_by_name("ml-1m", data_dir).table.select(["user_id", "item_id", "action", "timestamp"])
     users = pa.array(sorted(set(events["user_id"].to_pylist()))[:300])
     path = tmp_path / "events.parquet"
     pq.write_table(events.filter(pc.is_in(events["user_id"], value_set=users)), path)
     prepare_events(path, tmp_path / "prepared")
+    return path
+
+
+def test_prepared_events_train_exactly_like_the_event_file(tmp_path, shared_data_dir):
+    # The same events as an event file (in memory) and prepared out of core on DuckDB (memory-mapped): same tokenizer,
+    # same training rows in the same order, so the same weights and test figures.
+    path = _prepared_slice(tmp_path, shared_data_dir)
     run_recipe(tmp_path / "memory", "--dataset", str(path))
     run_recipe(tmp_path / "prepared_run", "--prepared", str(tmp_path / "prepared"))
     in_memory, prepared = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("memory", "prepared_run"))
@@ -215,3 +221,20 @@ def test_prepared_events_train_exactly_like_the_event_file(tmp_path, shared_data
     assert len(losses["memory"]) == 8 and losses["prepared_run"] == pytest.approx(losses["memory"], rel=1e-6)
     assert prepared["parameter_checksums"] == pytest.approx(in_memory["parameter_checksums"], rel=1e-6)
     assert prepared["test"] == pytest.approx(in_memory["test"], rel=1e-4)
+
+
+def test_prepared_events_in_two_processes(tmp_path, shared_data_dir):
+    # The main process encodes the prepared shards, the other maps the same files; the ranks share the rows, keep
+    # equal weights and count every test user once.
+    _prepared_slice(tmp_path, shared_data_dir)
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
+    run_recipe(
+        tmp_path / "ddp", "--prepared", str(tmp_path / "prepared"), "--max_eval_users", "199",
+        launcher=(accelerate, "launch", "--config_file", str(ROOT / "recipes/accelerate/cpu_2proc.yaml")),
+        env={"ACCELERATE_USE_CPU": "1"},
+    )
+    results = json.loads((tmp_path / "ddp" / "results.json").read_text())
+    checksums = results["parameter_checksums"]
+    assert results["num_processes"] == 2 and len(checksums) == 2 and checksums[0] == checksums[1]
+    assert results["test"]["num_users"] == 199
+    assert len(list((tmp_path / "prepared" / "cache").glob("train-*.arrow"))) == 1  # encoded once, shared
