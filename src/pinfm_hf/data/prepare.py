@@ -43,7 +43,7 @@ from transformers.utils import logging
 
 from ..io_utils import atomic_folder, atomic_write, atomic_write_json
 from .events import _UNIT_FACTORS, _UNIT_NAMES, EVENT_COLUMNS, SURFACE_COLUMN, EventValidationError, _unit_of
-from .sequences import SEQUENCE_COLUMNS, _drop_last
+from .sequences import SEQUENCE_COLUMNS, _drop_last, split_rules
 
 
 if TYPE_CHECKING:
@@ -270,19 +270,14 @@ def _format(name: str) -> Optional[str]:
     return None
 
 
-# Events a user needs to be in each leave-last-out split (the rules of `leave_last_out_split`).
-SPLIT_MIN_LENGTH = {"train": lambda holdout: holdout + 1, "valid": lambda holdout: 3, "test": lambda holdout: 2}
-SPLIT_DROP = {"train": lambda holdout: holdout, "valid": lambda holdout: 1, "test": lambda holdout: 0}
-
-
 def prepared_split(sequences: pa.Table, split: str, train_holdout: int = 2) -> pa.Table:
     """
     The leave-last-out split of prepared sequences, by the rules of `leave_last_out_split`: `train` drops each user's
     last `train_holdout` events, `valid` the last one, `test` none; users too short for a split are left out of it.
     """
-    lengths = pc.list_value_length(sequences["item_ids"])
-    kept = sequences.filter(pc.greater_equal(lengths, SPLIT_MIN_LENGTH[split](train_holdout)))
-    return _drop_last(kept, SPLIT_DROP[split](train_holdout))
+    drop, min_length = split_rules(train_holdout)[split]
+    kept = sequences.filter(pc.greater_equal(pc.list_value_length(sequences["item_ids"]), min_length))
+    return _drop_last(kept, drop)
 
 
 def prepare_events(
@@ -492,8 +487,8 @@ def _quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _ident(name: str, quote: str = '"') -> str:
-    return quote + name.replace(quote, quote * 2) + quote
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 class _DuckDB:

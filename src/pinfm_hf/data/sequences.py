@@ -95,6 +95,11 @@ def _drop_last(table: pa.Table, n: int) -> pa.Table:
     return pa.table(columns)
 
 
+def split_rules(train_holdout: int) -> dict[str, tuple[int, int]]:
+    """Leave-last-out: each split's `(events dropped from the end, events a user needs)`."""
+    return {"train": (train_holdout, train_holdout + 1), "valid": (1, 3), "test": (0, 2)}
+
+
 def leave_last_out_split(
     sequences: Union[datasets.Dataset, pa.Table], *, train_holdout: int = 1
 ) -> datasets.DatasetDict:
@@ -122,7 +127,7 @@ def leave_last_out_split(
             f"(train_holdout={train_holdout}). Give a log with user histories, or check the user_id column."
         )
     splits, left_out = {}, {}
-    for split, drop, min_length in (("train", train_holdout, train_holdout + 1), ("valid", 1, 3), ("test", 0, 2)):
+    for split, (drop, min_length) in split_rules(train_holdout).items():
         long_enough = pc.greater_equal(lengths, min_length)
         kept = table.filter(long_enough)
         left_out[split] = table.num_rows - kept.num_rows
