@@ -11,10 +11,14 @@ Writes `prepare` (rows of `size`, `engine`, `events`, `peak_rss_gib`, `seconds`,
 
 Then, for each of `--stream_sizes`, `recipes/pretrain.py --prepared` trains `--stream_steps` steps of the generic
 `pinfm_small` config with 1,024 sampled negatives (the vocabulary capped at `--max_vocab_size` items plus hash buckets,
-so the model and the loss are the same at every size) from the DuckDB preparation, memory-mapped; on the smallest size the same run reads the event file in memory
-(`--dataset`), for `stream.tokens_per_s_ratio` (memory-mapped / in memory); `stream.peak_rss_gib` per size (the whole
-training process), and `stream.rows`: `size`, `events`, `peak_rss_gib`, `tokens_per_s`, `prepare_for_training_seconds`
-(encoding, tokenizer and evaluation: everything but training).
+so the model and the loss are the same at every size) from the DuckDB preparation, streamed (encoded shards read
+through a shuffle buffer); on the smallest size the same run reads the event file in memory (`--dataset`), for
+`stream.tokens_per_s_ratio` (streamed / in memory); `stream.peak_rss_gib` per size (the whole training process), and
+`stream.rows`: `size`, `events`, `peak_rss_gib`, `tokens_per_s`, `prepare_for_training_seconds` (encoding, tokenizer
+and evaluation: everything but training).
+
+With `--sizes` empty nothing is prepared or measured again: the stream runs use the prepared folders under
+`--runs_dir`, and the report keeps the `prepare` rows of the `--output` file it replaces (their date is in RESULTS.md).
 """
 
 import argparse
@@ -85,7 +89,8 @@ def pretrain(output_dir: Path, source: list[str], steps: int, max_vocab_size: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=float, nargs="+", default=[1e6, 1e7, 1e8], help="Events per synthetic log.")
+    parser.add_argument("--sizes", type=float, nargs="*", default=[1e6, 1e7, 1e8],
+                        help="Events per synthetic log, prepared and measured (none: keep --output's figures).")
     parser.add_argument("--spark_sizes", type=float, nargs="*", default=[1e7], help="Sizes also prepared on Spark.")
     parser.add_argument("--memory_limit", default="3GB", help="DuckDB's --memory_limit.")
     parser.add_argument("--stream_sizes", type=float, nargs="*", default=[1e6, 1e8], help="Sizes pretrained from.")
@@ -104,6 +109,8 @@ def main() -> None:
             row = prepare(log, args.runs_dir / f"prepared_{engine}_{size:.0e}".replace("+", ""), engine, args.memory_limit, args.rerun)
             rows.append({"size": size, **row})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    if not args.sizes and args.output is not None and args.output.exists():
+        rows = json.loads(args.output.read_text())["prepare"]  # kept: see the docstring
     seconds = {row["size"]: row["seconds"] for row in rows if row["engine"] == "duckdb"}
     stream = []
     for size in map(int, args.stream_sizes):

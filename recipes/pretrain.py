@@ -18,7 +18,6 @@ from typing import Optional, Union
 
 import datasets
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from accelerate.logging import get_logger
@@ -32,6 +31,8 @@ from pinfm_hf.data import (
     LengthGroupedEpochSampler,
     PinFMDataCollator,
     PreparedEvents,
+    StreamingBatches,
+    StreamingDataLoader,
     TokenBudgetBatchSampler,
     build_user_sequences,
     leave_last_out_split,
@@ -52,52 +53,53 @@ logger = get_logger("pretrain")
 class PretrainingData:
     events: Union[EventTable, PreparedEvents]
     tokenizer: PinFMTokenizer
-    train_table: pa.Table
     positive_actions: Optional[list[str]]  # None: every event is a target
-    train_loader: DataLoader
+    train_loader: DataLoader  # a StreamingDataLoader for --prepared: each process reads its own shards
     valid_loader: DataLoader
     test_loader: DataLoader
-    batch_tokens: Optional[int]  # events per packed batch (None: padded batches of a fixed number of users)
+    batch_tokens: Optional[int]  # events per batch (None: padded batches of a fixed number of users)
+    train_rows: int
     mean_train_events: float  # per training row, after max_length
     train_item_counts: np.ndarray  # events of each token id in the training rows (popularity for the loss)
 
 
 def load_data(data_args: PretrainingDataArguments, train_args: PretrainingArguments, accelerator) -> PretrainingData:
     """Events -> per-user sequences -> leave-last-out splits -> the tokenizer -> tokens -> loaders."""
-    if data_args.prepared:  # a log prepared out of core (prepare_events.py): memory-mapped, encoded a batch at a time
+    vocabulary = dict(min_count=data_args.min_item_count, max_vocab_size=data_args.max_vocab_size,
+                      num_hash_buckets=data_args.num_hash_buckets, model_max_length=data_args.max_length)
+    if data_args.prepared:  # a log prepared out of core (prepare_events.py): encoded into shards once, then streamed
         events = PreparedEvents.load(data_args.prepared)
+        tokenizer = events.tokenizer(**vocabulary)
+        with accelerator.main_process_first():  # the main process writes the encoded files, the others read them
+            encoded = events.encoded_splits(
+                tokenizer, train_holdout=data_args.train_holdout, max_length=data_args.max_length,
+                windows=data_args.train_windows, max_train_users=data_args.max_train_users,
+                max_eval_users=data_args.max_eval_users,
+            )
+        train_shards, train_item_counts = encoded.train, encoded.train_item_counts
+        train_rows, train_events = train_shards.num_rows, train_shards.num_tokens
+        evaluation = {"valid": encoded.valid, "test": encoded.test}
     else:
         events = data_args.load_events()
         if data_args.time_cut_quantile is not None:
             events, _, cut = time_split(events, quantile=data_args.time_cut_quantile)
             logger.info("Pretraining on events before %d (quantile %s) only.", cut, data_args.time_cut_quantile)
-    logger.info("Events: %s", events.describe())
-    exclude = data_args.resolve_eval_exclude_history(events.repeat_share())
-    logger.info("Evaluation ranks %s.", "items outside each user's history" if exclude else "every item")
-    vocabulary = dict(min_count=data_args.min_item_count, max_vocab_size=data_args.max_vocab_size,
-                      num_hash_buckets=data_args.num_hash_buckets, model_max_length=data_args.max_length)
-    if data_args.prepared:
-        tokenizer = events.tokenizer(**vocabulary)
-        with accelerator.main_process_first():  # the main process writes the encoded files, the others map them
-            encoded, train_item_counts = events.encoded_splits(
-                tokenizer, train_holdout=data_args.train_holdout, max_length=data_args.max_length,
-                windows=data_args.train_windows, max_train_users=data_args.max_train_users,
-                max_eval_users=data_args.max_eval_users,
-            )
-        train_dataset, train_table = encoded["train"], encoded["train"].data.table
-        evaluation = {name: encoded[name] for name in ("valid", "test")}
-    else:
         splits = leave_last_out_split(build_user_sequences(events), train_holdout=data_args.train_holdout)
         if data_args.max_train_users is not None:
             splits["train"] = splits["train"].select(range(min(data_args.max_train_users, len(splits["train"]))))
         tokenizer = PinFMTokenizer.from_events(events, **vocabulary)
         train_table = tokenizer.encode_sequences(splits["train"], windows=data_args.train_windows)
         train_dataset, train_item_counts = datasets.Dataset(train_table), tokenizer.item_counts(train_table)
+        lengths = pc.list_value_length(train_table.column("input_ids")).to_numpy()  # each row within max_length
+        train_rows, train_events = len(lengths), int(lengths.sum())
         evaluation = {
             name: next_item_eval_dataset(splits[name], tokenizer, max_length=data_args.max_length, max_users=data_args.max_eval_users)
             for name in ("valid", "test")
         }
-    logger.info("Train rows %d, valid users %d, test users %d.", train_table.num_rows, len(evaluation["valid"]), len(evaluation["test"]))
+    logger.info("Events: %s", events.describe())
+    logger.info("Train rows %d, valid users %d, test users %d.", train_rows, len(evaluation["valid"]), len(evaluation["test"]))
+    exclude = data_args.resolve_eval_exclude_history(events.repeat_share())
+    logger.info("Evaluation ranks %s.", "items outside each user's history" if exclude else "every item")
 
     positives = data_args.positive_action_names(tokenizer.action_tokens[2:])
     pack_length = data_args.max_length if train_args.packing else None
@@ -105,12 +107,18 @@ def load_data(data_args: PretrainingDataArguments, train_args: PretrainingArgume
         pad_token_id=tokenizer.pad_token_id, max_length=data_args.max_length, return_labels=True,
         positive_action_ids=tokenizer.convert_actions_to_ids(positives) if positives else None, pack_length=pack_length,
     )
-    lengths = np.minimum(pc.list_value_length(train_table.column("input_ids")).to_numpy(), data_args.max_length)
-    if train_args.packing:
-        # Random users, about as many events per step as padded batches of per_device_train_batch_size users hold.
-        max_tokens = train_args.per_device_train_batch_tokens or max(1, round(train_args.per_device_train_batch_size * lengths.mean()))
+    # Random users, about as many events per step as padded batches of per_device_train_batch_size users hold.
+    max_tokens = train_args.per_device_train_batch_tokens or max(1, round(train_args.per_device_train_batch_size * train_events / train_rows))
+    if data_args.prepared:
+        batches = StreamingBatches(
+            train_shards, max_tokens, seed=train_args.seed, buffer_size=data_args.shuffle_buffer_size,
+            num_processes=accelerator.num_processes, process_index=accelerator.process_index,
+            multiple_of=train_args.gradient_accumulation_steps,
+        )
+        train_loader = StreamingDataLoader(batches, collate_fn=collator)
+    elif train_args.packing:
         batches = TokenBudgetBatchSampler(
-            EpochRandomSampler(len(lengths), seed=train_args.seed), lengths, max_tokens, num_processes=accelerator.num_processes
+            EpochRandomSampler(train_rows, seed=train_args.seed), lengths, max_tokens, num_processes=accelerator.num_processes
         )
         train_loader = DataLoader(train_dataset, batch_sampler=batches, collate_fn=collator)
     else:
@@ -127,8 +135,8 @@ def load_data(data_args: PretrainingDataArguments, train_args: PretrainingArgume
         for name in ("valid", "test")
     )
     return PretrainingData(
-        events, tokenizer, train_table, positives, train_loader, valid_loader, test_loader, max_tokens, float(lengths.mean()),
-        train_item_counts,
+        events, tokenizer, positives, train_loader, valid_loader, test_loader, max_tokens, train_rows,
+        train_events / train_rows, train_item_counts,
     )
 
 
@@ -181,9 +189,9 @@ def main(args: Optional[list[str]] = None) -> dict:
         lr=train_args.learning_rate,
         betas=(0.9, train_args.adam_beta2),
     )
-    model, optimizer, train_loader, valid_loader, test_loader = accelerator.prepare(
-        model, optimizer, data.train_loader, data.valid_loader, data.test_loader
-    )
+    model, optimizer, valid_loader, test_loader = accelerator.prepare(model, optimizer, data.valid_loader, data.test_loader)
+    streaming = isinstance(data.train_loader, StreamingDataLoader)  # each process already reads its own shards
+    train_loader = data.train_loader if streaming else accelerator.prepare(data.train_loader)
     scheduler, steps_per_epoch, total_steps, num_epochs = cosine_schedule(
         optimizer, accelerator, num_batches=len(train_loader), gradient_accumulation_steps=train_args.gradient_accumulation_steps,
         num_train_epochs=train_args.num_train_epochs, max_steps=train_args.max_steps, warmup_steps=train_args.warmup_steps,
@@ -253,8 +261,9 @@ def main(args: Optional[list[str]] = None) -> dict:
         "parameter_checksums": parameter_checksums(model, accelerator),
         "train_holdout": data_args.train_holdout,
         "packing": train_args.packing,
+        "streaming": streaming,
         "per_device_train_batch_tokens": data.batch_tokens,
-        "train_rows": data.train_table.num_rows,
+        "train_rows": data.train_rows,
         "mean_train_events": round(data.mean_train_events, 2),
         "periodic_validation": valid_name if train_args.eval_every_epochs else None,
         "best_step": best_step,  # the tested and saved weights: the best validation's (None: the last step's)

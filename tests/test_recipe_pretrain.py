@@ -208,33 +208,61 @@ def _prepared_slice(tmp_path: Path, data_dir: Path) -> Path:
     return path
 
 
-def test_prepared_events_train_exactly_like_the_event_file(tmp_path, shared_data_dir):
-    # The same events as an event file (in memory) and prepared out of core on DuckDB (memory-mapped): same tokenizer,
-    # same training rows in the same order, so the same weights and test figures.
-    path = _prepared_slice(tmp_path, shared_data_dir)
-    run_recipe(tmp_path / "memory", "--dataset", str(path))
-    run_recipe(tmp_path / "prepared_run", "--prepared", str(tmp_path / "prepared"))
-    in_memory, prepared = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("memory", "prepared_run"))
-    assert prepared["dataset"] == str(tmp_path / "prepared") and prepared["train_rows"] == in_memory["train_rows"]
-    # Equal up to the last bits that two runs of either path already differ by (threaded CPU reductions).
-    losses = {name: [loss for _, loss in step_losses(tmp_path / name)] for name in ("memory", "prepared_run")}
-    assert len(losses["memory"]) == 8 and losses["prepared_run"] == pytest.approx(losses["memory"], rel=1e-6)
-    assert prepared["parameter_checksums"] == pytest.approx(in_memory["parameter_checksums"], rel=1e-6)
-    assert prepared["test"] == pytest.approx(in_memory["test"], rel=1e-4)
+# Streamed from a prepared log: about 5 batches an epoch in one process, 3 in two, so that 8 steps cross an epoch and
+# every kill below resumes mid-epoch (checkpoints every 2 steps).
+STREAM_FLAGS = ("--per_device_train_batch_tokens", "8000", "--checkpointing_steps", "2", "--train_holdout", "2")
 
 
-def test_prepared_events_in_two_processes(tmp_path, shared_data_dir):
-    # The main process encodes the prepared shards, the other maps the same files; the ranks share the rows, keep
-    # equal weights and count every test user once.
+def _kill_at(step: int) -> dict:
+    from pinfm_hf.checkpointing import FAULT_ENV
+
+    return {FAULT_ENV: f"step@{step}"}
+
+
+def test_prepared_events_stream_and_a_killed_run_resumes_exactly(tmp_path, shared_data_dir):
+    _prepared_slice(tmp_path, shared_data_dir)
+    prepared = ("--prepared", str(tmp_path / "prepared"), *STREAM_FLAGS)
+    run_recipe(tmp_path / "uninterrupted", *prepared)
+    results = json.loads((tmp_path / "uninterrupted" / "results.json").read_text())
+    assert results["streaming"] is True and results["dataset"] == str(tmp_path / "prepared")
+    losses = step_losses(tmp_path / "uninterrupted")
+    assert [s for s, _ in losses] == list(range(1, 9)) and losses[-1][1] < losses[0][1]
+    # Killed in step 8 (SIGKILL): checkpoint-6 is one batch into the second epoch; the resume reads that epoch's
+    # stream again and skips the batch.
+    killed = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "pretrain.py"), "--config", str(TINY), "--output_dir",
+         str(tmp_path / "killed"), *prepared],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", **_kill_at(8)},
+    )
+    assert killed.returncode != 0 and [s for s, _ in step_losses(tmp_path / "killed")] == list(range(1, 8))
+    run_recipe(tmp_path / "killed", *prepared, "--resume_from_checkpoint", "latest")
+    resumed = step_losses(tmp_path / "killed")
+    assert [s for s, _ in resumed] == list(range(1, 9))
+    torch.testing.assert_close(torch.tensor([l for _, l in resumed]), torch.tensor([l for _, l in losses]))
+
+
+def test_prepared_events_in_two_processes_share_the_stream_and_resume_exactly(tmp_path, shared_data_dir):
+    # The main process encodes the shards, the other reads the same files; each streams its own shards, the ranks keep
+    # equal weights, count every test user once, and a run killed mid-epoch resumes to the same losses.
     _prepared_slice(tmp_path, shared_data_dir)
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
-    run_recipe(
-        tmp_path / "ddp", "--prepared", str(tmp_path / "prepared"), "--max_eval_users", "199",
-        launcher=(accelerate, "launch", "--config_file", str(ROOT / "recipes/accelerate/cpu_2proc.yaml")),
-        env={"ACCELERATE_USE_CPU": "1"},
-    )
+    launcher = (accelerate, "launch", "--config_file", str(ROOT / "recipes/accelerate/cpu_2proc.yaml"))
+    prepared = ("--prepared", str(tmp_path / "prepared"), "--max_eval_users", "199", *STREAM_FLAGS)
+    run_recipe(tmp_path / "ddp", *prepared, launcher=launcher, env={"ACCELERATE_USE_CPU": "1"})
     results = json.loads((tmp_path / "ddp" / "results.json").read_text())
     checksums = results["parameter_checksums"]
-    assert results["num_processes"] == 2 and len(checksums) == 2 and checksums[0] == checksums[1]
-    assert results["test"]["num_users"] == 199
-    assert len(list((tmp_path / "prepared" / "cache").glob("train-*.arrow"))) == 1  # encoded once, shared
+    assert results["num_processes"] == 2 and results["streaming"] is True and len(checksums) == 2
+    assert checksums[0] == checksums[1] and results["test"]["num_users"] == 199
+    assert len(list((tmp_path / "prepared" / "cache").glob("train-*"))) == 1  # encoded once, shared
+    # Killed in step 6 on both ranks: checkpoint-4 is one batch into the second epoch.
+    command = [*launcher, str(ROOT / "recipes" / "pretrain.py"), "--config", str(TINY), "--output_dir",
+               str(tmp_path / "killed"), *prepared]
+    killed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", **_kill_at(6)})
+    assert killed.returncode != 0 and [s for s, _ in step_losses(tmp_path / "killed")] == list(range(1, 6))
+    run_recipe(tmp_path / "killed", *prepared, "--resume_from_checkpoint", "latest", launcher=launcher,
+               env={"ACCELERATE_USE_CPU": "1"})
+    resumed, uninterrupted = step_losses(tmp_path / "killed"), step_losses(tmp_path / "ddp")
+    assert [s for s, _ in resumed] == list(range(1, 9))
+    torch.testing.assert_close(torch.tensor([l for _, l in resumed]), torch.tensor([l for _, l in uninterrupted]))
+    assert json.loads((tmp_path / "killed" / "results.json").read_text())["parameter_checksums"] == pytest.approx(checksums, rel=1e-5)

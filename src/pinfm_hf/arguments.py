@@ -106,7 +106,13 @@ class PretrainingDataArguments(EventSourceArguments):
     prepared: Optional[str] = field(
         default=None,
         metadata={"help": "A folder written by recipes/prepare_events.py (a log of any size, prepared on DuckDB or "
-                  "Spark): read memory-mapped instead of --dataset."},
+                  "Spark), instead of --dataset: encoded once into shards, then streamed (each process its own shards, "
+                  "through a shuffle buffer), never held in memory whole."},
+    )
+    shuffle_buffer_size: int = field(
+        default=10_000,
+        metadata={"help": "With --prepared: training rows each process holds to shuffle the stream (memory grows with "
+                  "it, the randomness of the order too; shards are also read in a random order every epoch)."},
     )
     max_length: int = field(default=200, metadata={"help": "Most recent events per user the model sees."})
     min_item_count: int = field(default=1, metadata={"help": "Items seen fewer times go to hash buckets."})
@@ -143,7 +149,8 @@ class PretrainingDataArguments(EventSourceArguments):
             raise ValueError("--prepared data is cut in time when prepared (prepare_events.py --cut_timestamp): "
                              "--time_cut_quantile applies to --dataset only.")
         check_ranges(
-            self, positive=("max_length", "min_item_count", "max_vocab_size", "train_holdout", "max_eval_users", "max_train_users"),
+            self, positive=("max_length", "min_item_count", "max_vocab_size", "train_holdout", "max_eval_users", "max_train_users",
+                      "shuffle_buffer_size"),
             non_negative=("num_hash_buckets",), quantiles=("time_cut_quantile",),
         )
 

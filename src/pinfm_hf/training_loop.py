@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import send_to_device, set_seed
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
@@ -113,8 +113,8 @@ class TrainingLoop:
 
     def batches(self, loader, epoch: int) -> Iterator[Any]:
         """
-        The batches of `epoch` not consumed yet (a resumed epoch skips its first ones), each after seeding its
-        micro-step; stops when the plan is done or the run is interrupted.
+        The batches of `epoch` not consumed yet (a resumed epoch skips its first ones: a stream reads them again), each
+        on the device after seeding its micro-step; stops when the plan is done or the run is interrupted.
         """
         loader.set_epoch(epoch)
         skip = self.position.batches_in_epoch if epoch == self.position.epoch else 0
@@ -125,7 +125,7 @@ class TrainingLoop:
             set_seed(self.args.seed + self.position.micro_step, device_specific=True)
             self.position.micro_step += 1
             self.position.batches_in_epoch += 1
-            yield batch
+            yield send_to_device(batch, self.accelerator.device)  # a prepared loader's batches are there already
             if self.done or self.interrupted:
                 return
 

@@ -1,4 +1,5 @@
-"""Raw events -> validated event table -> per-user sequences -> collator (`prepare` does the first steps out of core)."""
+"""Raw events -> validated event table -> per-user sequences -> collator (`prepare` does the first steps out of core,
+`streaming` feeds its shards to training)."""
 
 from .collator import PinFMDataCollator
 from .ctr import (
@@ -44,6 +45,7 @@ from .loaders import (
 )
 from .prepare import PreparedEvents, event_files, prepare_events, prepared_split
 from .sampler import EpochRandomSampler, LengthGroupedEpochSampler, TokenBudgetBatchSampler
+from .streaming import StreamingBatches, StreamingDataLoader, TrainShards
 from .sequences import (
     build_user_sequences,
     leave_last_out_split,
@@ -75,8 +77,11 @@ __all__ = [
     "LengthGroupedEpochSampler",
     "PinFMDataCollator",
     "PreparedEvents",
+    "StreamingBatches",
+    "StreamingDataLoader",
     "TIMESTAMP_UNITS",
     "TokenBudgetBatchSampler",
+    "TrainShards",
     "build_ctr_samples",
     "collate_impression_groups",
     "ctr_splits",

@@ -10,7 +10,7 @@ key), exact duplicates dropped and counted. Leave-last-out splits are a slice of
 when the sequences are read; a global time cut (`cut_timestamp`) keeps the events before it. On DuckDB, a log larger
 than `memory_limit` allows is cut into user ranges in one partitioned pass, and each range is grouped on its own.
 Training reads the result through [`PreparedEvents.encoded_splits`]: the shards encoded a batch of users at a time
-into Arrow files that `datasets` memory-maps.
+into Arrow shards that training streams (`streaming.StreamingBatches`).
 
 Output folder (written atomically: a crash leaves the previous folder or none):
     sequences/part-00000.parquet, ...   user_id, item_ids, actions, timestamps (and surfaces): one row per user
@@ -33,7 +33,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
@@ -41,9 +41,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from transformers.utils import logging
 
-from ..io_utils import atomic_folder, atomic_write, atomic_write_json
+from ..io_utils import atomic_folder, atomic_write_json
 from .events import _UNIT_FACTORS, _UNIT_NAMES, EVENT_COLUMNS, SURFACE_COLUMN, EventValidationError, _unit_of
 from .sequences import SEQUENCE_COLUMNS, _drop_last, split_rules
+from .streaming import SHARDS_FILE, TrainShards
 
 
 if TYPE_CHECKING:
@@ -63,6 +64,10 @@ ROW_FACTOR = 1 << 40  # event order = file index * 2**40 + row: up to a trillion
 EVENTS_PER_GB = 1_500_000
 SAMPLED_USERS = 100_000  # rows sampled for the user ranges' boundaries
 ENCODE_BATCH_USERS = 20_000  # users encoded at a time for training
+# Training shards of a prepared log, about one per TRAIN_SHARDS-th of its users (MIN_SHARD_ROWS to ENCODE_BATCH_USERS
+# rows each): the processes share them out, so more shards share more evenly.
+TRAIN_SHARDS, MIN_SHARD_ROWS = 64, 256
+TOKEN_COUNTS_FILE = "token_counts.npy"
 # Rows per record batch of the encoded files, as `datasets` writes them: a random row read maps its batch in memory.
 ENCODED_BATCH_ROWS = 1_000
 
@@ -165,14 +170,14 @@ class PreparedEvents:
     def encoded_splits(
         self, tokenizer, *, train_holdout: int, max_length: int, windows: bool, max_train_users: Optional[int] = None,
         max_eval_users: Optional[int] = None,
-    ) -> tuple[dict[str, "datasets.Dataset"], np.ndarray]:
+    ) -> "EncodedSplits":
         """
-        `train`, `valid`, `test` encoded for pretraining as `recipes/pretrain.py` encodes in-memory splits, each an
-        Arrow file under `cache/` here that `datasets` memory-maps: the shards are read and encoded a batch of users at
-        a time (`ENCODE_BATCH_USERS`), never held in memory whole. Run it on the main process first: the other
-        processes then map the same files (their names hash the settings and the vocabulary). Also returns the count
-        of every token id in the training rows (`tokenizer.item_counts` of `train`), counted while encoding: reading
-        them back would bring the whole memory-mapped column into the process's resident memory.
+        `train`, `valid`, `test` encoded for pretraining as `recipes/pretrain.py` encodes in-memory splits, under
+        `cache/` here: the sequence files are read and encoded a batch of users at a time (`ENCODE_BATCH_USERS`), never
+        held in memory whole. `train` becomes Arrow shards for [`StreamingBatches`] (about `TRAIN_SHARDS` of them, so
+        that processes share them evenly), `valid` and `test` one Arrow file each that `datasets` memory-maps. Run it on
+        the main process first: the other processes then read the same files (their names hash the settings and the
+        vocabulary).
         """
         import datasets
 
@@ -182,51 +187,55 @@ class PreparedEvents:
             "valid": (lambda t: tokenizer.encode_sequences(t, max_length=max_length, hold_out_last=True), max_eval_users),
         }
         encoders["test"] = encoders["valid"]
-        splits = {}
+        folders = {}
         for split, (encode, users) in encoders.items():
-            path = Path(self.path) / "cache" / f"{split}-{train_holdout}-{max_length}-{windows}-{users}-{vocabulary}.arrow"
-            if not path.exists():
-                self._encode(path, split, encode, train_holdout, users, tokenizer.vocab_size)
-            splits[split] = datasets.Dataset.from_file(str(path))
-        train_item_counts = np.load(Path(splits["train"].cache_files[0]["filename"] + ".counts.npy"))
-        return splits, train_item_counts
+            folder = Path(self.path) / "cache" / f"{split}-{train_holdout}-{max_length}-{windows}-{users}-{vocabulary}"
+            if not (folder / SHARDS_FILE).exists():
+                shard_rows = min(ENCODE_BATCH_USERS, max(MIN_SHARD_ROWS, -(-min(self.users, users or self.users) // TRAIN_SHARDS)))
+                self._encode(folder, split, encode, train_holdout, users, tokenizer.vocab_size,
+                             shard_rows if split == "train" else None)
+            folders[split] = folder
+        evaluation = {split: datasets.Dataset.from_file(str(folders[split] / _shard_name(0))) for split in ("valid", "test")}
+        return EncodedSplits(
+            TrainShards.load(folders["train"]), evaluation["valid"], evaluation["test"],
+            np.load(folders["train"] / TOKEN_COUNTS_FILE),
+        )
 
-    def _encode(self, path: Path, split: str, encode, train_holdout: int, max_users: Optional[int], vocab_size: int) -> None:
+    def _encode(
+        self, folder: Path, split: str, encode, train_holdout: int, max_users: Optional[int], vocab_size: int,
+        shard_rows: Optional[int],
+    ) -> None:
         """
-        Write `encode(prepared_split(batch))` of every batch of users, in order, to one Arrow stream file, and the count
-        of each token id in its `input_ids` beside it (`<file>.counts.npy`); atomically, the counts first.
+        Write `encode(prepared_split(batch))` of every batch of users, in order, to Arrow stream files of at most
+        `shard_rows` rows each (one file when None), indexed by a `shards.json` ([`TrainShards`]), with the count of
+        each token id in `input_ids` (`token_counts.npy`: the items' popularity, counted here because reading it back
+        would bring the whole column into memory). The folder is written atomically.
         """
         from tqdm.auto import tqdm
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        writer, users = None, 0
-        counts = np.zeros(vocab_size, dtype=np.int64)
-        with open(tmp, "wb") as sink, tqdm(total=self.users, desc=f"Encoding {split}", unit=" users") as progress:
-            for file in self.sequence_files:
-                for batch in pq.ParquetFile(file).iter_batches(batch_size=ENCODE_BATCH_USERS):
-                    progress.update(batch.num_rows)
-                    table = prepared_split(pa.Table.from_batches([batch]), split, train_holdout)
-                    if max_users is not None:
-                        table = table.slice(0, max_users - users)
-                    users += table.num_rows
-                    encoded = encode(table)
-                    ids = encoded["input_ids"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
-                    counts += np.bincount(ids, minlength=vocab_size)
-                    writer = writer or pa.ipc.new_stream(sink, encoded.schema)
-                    writer.write_table(encoded, max_chunksize=ENCODED_BATCH_ROWS)
-                    if max_users is not None and users >= max_users:
-                        break
+        with atomic_folder(folder) as tmp, tqdm(total=self.users, desc=f"Encoding {split}", unit=" users") as progress:
+            shards = _ShardWriter(tmp, shard_rows)
+            counts = np.zeros(vocab_size, dtype=np.int64)
+            users = 0
+            for batch in self._sequence_batches():
+                progress.update(batch.num_rows)
+                table = prepared_split(pa.Table.from_batches([batch]), split, train_holdout)
+                if max_users is not None:
+                    table = table.slice(0, max_users - users)
+                users += table.num_rows
+                encoded = encode(table)
+                ids = encoded["input_ids"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+                counts += np.bincount(ids, minlength=vocab_size)
+                shards.write(encoded)
                 if max_users is not None and users >= max_users:
                     break
-            writer.close()
+            shards.close()
+            np.save(tmp / TOKEN_COUNTS_FILE, counts)
+            TrainShards.write_index(tmp, shards.files, shards.rows, shards.tokens)
 
-        def save_counts(name: str) -> None:
-            with open(name, "wb") as file:
-                np.save(file, counts)
-
-        atomic_write(Path(str(path) + ".counts.npy"), save_counts)
-        os.replace(tmp, path)
+    def _sequence_batches(self) -> Iterator[pa.RecordBatch]:
+        for file in self.sequence_files:
+            yield from pq.ParquetFile(file).iter_batches(batch_size=ENCODE_BATCH_USERS)
 
     def summary(self) -> dict:
         """Counts of events, distinct users and items, and events per action (as `EventTable.summary`)."""
@@ -235,6 +244,55 @@ class PreparedEvents:
     def describe(self) -> str:
         return (f"{self.path}: {self.events:,} events, {self.users:,} users, {self.items:,} items, {len(self.actions)} "
                 f"actions; {self.duplicates_dropped:,} duplicates dropped (prepared on {self.engine})")
+
+
+@dataclass
+class EncodedSplits:
+    """[`PreparedEvents.encoded_splits`]: the training shards, the evaluation splits, the token counts of `train`."""
+
+    train: TrainShards
+    valid: "datasets.Dataset"
+    test: "datasets.Dataset"
+    train_item_counts: np.ndarray  # events of each token id in the training rows (`tokenizer.item_counts`)
+
+
+def _shard_name(index: int) -> str:
+    return f"shard-{index:05d}.arrow"
+
+
+class _ShardWriter:
+    """Encoded tables -> Arrow stream files of at most `shard_rows` rows (one file when None), counted as they go."""
+
+    def __init__(self, folder: Path, shard_rows: Optional[int]):
+        self.folder, self.shard_rows = folder, shard_rows
+        self.files: list[str] = []
+        self.rows: list[int] = []
+        self.tokens: list[int] = []
+        self._sink = self._writer = None
+
+    def write(self, table: pa.Table) -> None:
+        while table.num_rows:
+            if self._writer is None or (self.shard_rows is not None and self.rows[-1] >= self.shard_rows):
+                self._open(table.schema)
+            part = table if self.shard_rows is None else table.slice(0, self.shard_rows - self.rows[-1])
+            self._writer.write_table(part, max_chunksize=ENCODED_BATCH_ROWS)
+            self.rows[-1] += part.num_rows
+            self.tokens[-1] += int(pc.sum(pc.list_value_length(part["input_ids"])).as_py() or 0)
+            table = table.slice(part.num_rows)
+
+    def _open(self, schema: pa.Schema) -> None:
+        self.close()
+        self.files.append(_shard_name(len(self.files)))
+        self.rows.append(0)
+        self.tokens.append(0)
+        self._sink = open(self.folder / self.files[-1], "wb")
+        self._writer = pa.ipc.new_stream(self._sink, schema)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._sink.close()
+            self._writer = self._sink = None
 
 
 def event_files(events: Union[str, Path, Sequence[Union[str, Path]]]) -> list[str]:
