@@ -4,10 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pinfm_hf import PinFMConfig, PinFMForPretraining
 from pinfm_hf.losses import (
     ScoresLogSumExp,
     full_softmax_loss,
     masked_mean,
+    popularity_cdf,
     sample_negatives,
     sampled_softmax_loss,
     scores_logsumexp,
@@ -212,12 +214,37 @@ class TestSampleNegatives:
         assert set(ids.tolist()) <= {2, 3}
         torch.testing.assert_close(log_q, torch.tensor([0.25, 0.75]).log()[ids - 2])
 
+    def test_sampling_from_a_cdf_follows_the_popularity_and_skips_special_and_zero_ids(self):
+        counts = torch.tensor([0.0, 0.0, 5.0, 0.0, 3.0, 2.0])  # ids 0, 1 special; id 3 never seen
+        log_probs = torch.log(counts / counts.sum() + 1e-30)
+        cdf = popularity_cdf(log_probs, first_id=2)
+        assert cdf.dtype == torch.float64 and cdf[-1] == 1.0
+        ids, log_q = sample_negatives(40000, cdf=cdf, first_id=2, generator=torch.Generator().manual_seed(0))
+        assert set(ids.tolist()) == {2, 4, 5}
+        freq = torch.bincount(ids, minlength=6).float() / ids.numel()
+        torch.testing.assert_close(freq, counts / counts.sum(), atol=0.01, rtol=0)
+        torch.testing.assert_close(log_q, (counts / counts.sum()).log()[ids])
+
+    def test_the_model_caches_its_cdf_until_the_counts_change(self):
+        config = PinFMConfig(item_vocab_size=12, action_vocab_size=4, hidden_size=16, num_hidden_layers=1,
+                             num_attention_heads=2, intermediate_size=32, max_position_embeddings=16)
+        head = PinFMForPretraining(config).next_item_head
+        assert head.popularity_cdf() is None and not head.has_item_counts
+        head.set_item_counts(torch.arange(12.0))
+        first = head.popularity_cdf()
+        assert head.popularity_cdf() is first  # no sweep of the vocabulary at the next step
+        head.load_state_dict({**head.state_dict(), "item_log_probs": torch.log(torch.ones(12) / 8)})  # a checkpoint
+        reloaded = head.popularity_cdf()
+        assert reloaded is not first
+        torch.testing.assert_close(reloaded, torch.arange(1, 9, dtype=torch.float64) / 8)
+
     @pytest.mark.parametrize(
         "kwargs, match",
         [
             (dict(num_samples=0, vocab_size=10), "num_samples"),
             (dict(num_samples=5), "exactly one"),
             (dict(num_samples=5, vocab_size=10, probs=torch.ones(10)), "exactly one"),
+            (dict(num_samples=5, probs=torch.ones(10), cdf=torch.ones(10, dtype=torch.float64)), "exactly one"),
             (dict(num_samples=5, vocab_size=3, first_id=3), "vocab_size"),
             (dict(num_samples=5, vocab_size=10, first_id=-1), "first_id"),
             (dict(num_samples=5, probs=torch.ones(2, 3)), "probs"),

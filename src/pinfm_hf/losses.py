@@ -201,6 +201,7 @@ def sample_negatives(
     *,
     vocab_size: Optional[int] = None,
     probs: Optional[torch.Tensor] = None,
+    cdf: Optional[torch.Tensor] = None,
     first_id: int = 0,
     generator: Optional[torch.Generator] = None,
     device: Optional[Union[str, torch.device]] = None,
@@ -208,7 +209,9 @@ def sample_negatives(
     """
     Draw negative item ids, with replacement, and their log sampling probabilities (for logQ correction).
 
-    Give exactly one of `vocab_size` (uniform over `[first_id, vocab_size)`) or `probs` (popularity sampling).
+    Give exactly one of `vocab_size` (uniform over `[first_id, vocab_size)`), `probs` (popularity sampling) or `cdf`
+    (popularity sampling from a precomputed [`popularity_cdf`]: a binary search per draw, so the cost does not grow
+    with the vocabulary; what training uses).
 
     Args:
         num_samples (`int`):
@@ -218,6 +221,9 @@ def sample_negatives(
         probs (`torch.Tensor` of shape `(V,)`, *optional*):
             Non-negative sampling weights of every id (normalised here). Ids below `first_id` are never drawn.
             `log_q = log(probs[ids] / probs[first_id:].sum())`. At most 2**24 ids (a `torch.multinomial` limit).
+        cdf (`torch.Tensor` of shape `(V - first_id,)`, *optional*):
+            `popularity_cdf(log_probs, first_id)`: float64, non-decreasing, ending at 1. `log_q` is the log of each
+            drawn id's step of the cdf.
         first_id (`int`, *optional*, defaults to 0):
             Smallest id that may be drawn, e.g. the number of special tokens.
         generator (`torch.Generator`, *optional*):
@@ -230,10 +236,18 @@ def sample_negatives(
     """
     if not isinstance(num_samples, int) or num_samples <= 0:
         raise ValueError(f"`num_samples` ({num_samples}) must be a positive integer.")
-    if (vocab_size is None) == (probs is None):
-        raise ValueError("Give exactly one of `vocab_size` (uniform sampling) or `probs` (popularity sampling).")
+    if sum(x is not None for x in (vocab_size, probs, cdf)) != 1:
+        raise ValueError("Give exactly one of `vocab_size` (uniform sampling), `probs` or `cdf` (popularity sampling).")
     if first_id < 0:
         raise ValueError(f"`first_id` ({first_id}) must be non-negative.")
+
+    if cdf is not None:
+        draws = torch.rand(num_samples, dtype=cdf.dtype, generator=generator, device=cdf.device)  # [R] in [0, 1)
+        offsets = torch.searchsorted(cdf, draws, right=True).clamp_(max=cdf.numel() - 1)  # first step above each draw
+        below = torch.where(offsets > 0, cdf[(offsets - 1).clamp_(min=0)], torch.zeros((), dtype=cdf.dtype, device=cdf.device))
+        log_q = torch.log(cdf[offsets] - below).float()  # [R]
+        ids = offsets + first_id
+        return (ids, log_q) if device is None else (ids.to(device), log_q.to(device))
 
     if vocab_size is not None:
         if vocab_size <= first_id:
@@ -252,6 +266,15 @@ def sample_negatives(
     offsets = torch.multinomial(weights, num_samples, replacement=True, generator=generator)  # [R]
     log_q = torch.log(weights[offsets]) - torch.log(weights.sum())  # [R]
     return offsets + first_id, log_q
+
+
+def popularity_cdf(log_probs: torch.Tensor, first_id: int = 0) -> torch.Tensor:
+    """
+    The cumulative distribution (float64, ending at exactly 1) of `exp(log_probs)` over ids `[first_id, V)`, for
+    [`sample_negatives`]`(cdf=...)`: computed once per vocabulary, not at every step.
+    """
+    cdf = log_probs[first_id:].double().exp().cumsum(0)
+    return cdf / cdf[-1]
 
 
 def masked_mean(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -385,6 +408,7 @@ def next_item_losses(
     item_log_probs: Optional[torch.Tensor],
     num_special_tokens: int,
     vocab_size: int,
+    sampling_cdf: Optional[torch.Tensor] = None,
 ) -> dict[str, torch.Tensor]:
     """
     PinFM's pretraining losses (unweighted), each the mean over its `(query position, target event)` pairs:
@@ -403,6 +427,8 @@ def next_item_losses(
         temperature (0-d `torch.Tensor`): the (learnable) softmax temperature.
         item_log_probs (`torch.Tensor` of shape `(V,)`, *optional*): log popularity of every id (None: unknown).
         num_special_tokens (`int`): ids below it are never items; vocab_size (`int`): the item vocabulary size.
+        sampling_cdf (`torch.Tensor`, *optional*): `popularity_cdf(item_log_probs, num_special_tokens)`, cached by the
+            caller (popularity negatives then cost O(R log V); without it, `item_log_probs` is swept at every call).
     """
     B, T, _ = query.shape
     valid_query = (labels != -100 if attention_mask is None else attention_mask).bool()  # (B, T)
@@ -451,7 +477,8 @@ def next_item_losses(
         row_target = flat_targets[target_index]  # (N,)
         if negatives is None:
             negatives = _shared_negatives(
-                flat_targets[target.reshape(-1)], objective, item_log_probs, log_q, num_special_tokens, vocab_size
+                flat_targets[target.reshape(-1)], objective, item_log_probs, log_q, num_special_tokens, vocab_size,
+                sampling_cdf,
             )
         neg_ids, neg_log_q = negatives
         per_row = sampled_softmax_loss(
@@ -475,13 +502,18 @@ def _shared_negatives(
     log_q: Callable[[torch.LongTensor], torch.Tensor],
     num_special_tokens: int,
     vocab_size: int,
+    sampling_cdf: Optional[torch.Tensor] = None,
 ) -> tuple[torch.LongTensor, torch.Tensor]:
     """Negatives shared by the batch: sampled from the vocabulary, plus the batch's target items (popularity-distributed)."""
     device = batch_target_ids.device
     if objective.negative_sampling == "popularity":
         if item_log_probs is None:
             raise ValueError("`negative_sampling='popularity'` needs item counts: call `model.set_item_counts(...)`.")
-        neg_ids, neg_log_q = sample_negatives(objective.num_negatives, probs=item_log_probs.exp(), device=device)
+        if sampling_cdf is None:
+            sampling_cdf = popularity_cdf(item_log_probs, num_special_tokens)
+        neg_ids, neg_log_q = sample_negatives(
+            objective.num_negatives, cdf=sampling_cdf, first_id=num_special_tokens, device=device
+        )
     else:
         neg_ids, neg_log_q = sample_negatives(
             objective.num_negatives, vocab_size=vocab_size, first_id=num_special_tokens, device=device

@@ -141,7 +141,10 @@ class TrainingLoop:
         if not self.accelerator.sync_gradients:
             return None
         next_step = self.position.step + 1
-        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm or float("inf"))
+        # Sparse gradients (item tables under row-wise Adagrad, which scales each row itself) are not clipped: torch
+        # has no norm of sparse tensors.
+        dense = [p for p in self.model.parameters() if p.grad is None or not p.grad.is_sparse]
+        grad_norm = self.accelerator.clip_grad_norm_(dense, self.args.max_grad_norm or float("inf"))
         record = {"step": next_step, "epoch": self.position.epoch, **reduce_step_losses(self._step_losses, self.accelerator)}
         record["grad_norm"] = float(grad_norm)
         self._step_losses = []
