@@ -42,6 +42,7 @@ from pinfm_hf.data import (
 from pinfm_hf.evaluation import evaluate_next_item
 from pinfm_hf.hub import HubArguments
 from pinfm_hf.model_card import render_pretrained_card
+from pinfm_hf.optimization import build_optimizers
 from pinfm_hf.training_loop import TrainingLoop, start_run
 from pinfm_hf.training_utils import cosine_schedule, parameter_checksums, parse_recipe_args, peak_rss_gib
 
@@ -61,11 +62,13 @@ class PretrainingData:
     train_rows: int
     mean_train_events: float  # per training row, after max_length
     train_item_counts: np.ndarray  # events of each token id in the training rows (popularity for the loss)
+    catalogue_ids: Optional[torch.LongTensor]  # the ids evaluation ranks (None: the vocabulary's items)
 
 
 def load_data(data_args: PretrainingDataArguments, train_args: PretrainingArguments, accelerator) -> PretrainingData:
     """Events -> per-user sequences -> leave-last-out splits -> the tokenizer -> tokens -> loaders."""
-    vocabulary = dict(min_count=data_args.min_item_count, max_vocab_size=data_args.max_vocab_size,
+    # Vocabulary-free: no item kept, every id hashed into the buckets.
+    vocabulary = dict(min_count=data_args.min_item_count, max_vocab_size=0 if data_args.vocabulary_free else data_args.max_vocab_size,
                       num_hash_buckets=data_args.num_hash_buckets, model_max_length=data_args.max_length)
     if data_args.prepared:  # a log prepared out of core (prepare_events.py): encoded into shards once, then streamed
         events = PreparedEvents.load(data_args.prepared)
@@ -96,6 +99,11 @@ def load_data(data_args: PretrainingDataArguments, train_args: PretrainingArgume
             name: next_item_eval_dataset(splits[name], tokenizer, max_length=data_args.max_length, max_users=data_args.max_eval_users)
             for name in ("valid", "test")
         }
+    catalogue_ids = None  # evaluation ranks the vocabulary's items; without one, the token ids of the data's items
+    if data_args.vocabulary_free:
+        items = events.item_counts()["item_id"] if data_args.prepared else pc.unique(events.table["item_id"])
+        catalogue_ids = torch.from_numpy(np.unique(tokenizer.item_ids_to_token_ids(items)))
+        logger.info("Vocabulary-free: %d items hash to %d distinct ids of %d.", len(items), len(catalogue_ids), data_args.num_hash_buckets)
     logger.info("Events: %s", events.describe())
     logger.info("Train rows %d, valid users %d, test users %d.", train_rows, len(evaluation["valid"]), len(evaluation["test"]))
     exclude = data_args.resolve_eval_exclude_history(events.repeat_share())
@@ -136,7 +144,7 @@ def load_data(data_args: PretrainingDataArguments, train_args: PretrainingArgume
     )
     return PretrainingData(
         events, tokenizer, positives, train_loader, valid_loader, test_loader, max_tokens, train_rows,
-        train_events / train_rows, train_item_counts,
+        train_events / train_rows, train_item_counts, catalogue_ids,
     )
 
 
@@ -182,26 +190,28 @@ def main(args: Optional[list[str]] = None) -> dict:
     # ----- data and model -----
     data = load_data(data_args, train_args, accelerator)
     model = build_model(data, data_args, model_args, objective, train_args)
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "norm" in n]
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": train_args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=train_args.learning_rate,
-        betas=(0.9, train_args.adam_beta2),
+    optimizers = build_optimizers(
+        model, learning_rate=train_args.learning_rate, weight_decay=train_args.weight_decay, adam_beta2=train_args.adam_beta2,
+        item_optimizer=train_args.item_optimizer, item_learning_rate=train_args.item_learning_rate,
     )
-    model, optimizer, valid_loader, test_loader = accelerator.prepare(model, optimizer, data.valid_loader, data.test_loader)
+    model, valid_loader, test_loader, *optimizers = accelerator.prepare(model, data.valid_loader, data.test_loader, *optimizers)
     streaming = isinstance(data.train_loader, StreamingDataLoader)  # each process already reads its own shards
     train_loader = data.train_loader if streaming else accelerator.prepare(data.train_loader)
-    scheduler, steps_per_epoch, total_steps, num_epochs = cosine_schedule(
-        optimizer, accelerator, num_batches=len(train_loader), gradient_accumulation_steps=train_args.gradient_accumulation_steps,
-        num_train_epochs=train_args.num_train_epochs, max_steps=train_args.max_steps, warmup_steps=train_args.warmup_steps,
-    )
+    schedules = [
+        cosine_schedule(
+            optimizer, accelerator, num_batches=len(train_loader), gradient_accumulation_steps=train_args.gradient_accumulation_steps,
+            num_train_epochs=train_args.num_train_epochs, max_steps=train_args.max_steps, warmup_steps=train_args.warmup_steps,
+        )
+        for optimizer in optimizers
+    ]
+    schedulers = [schedule[0] for schedule in schedules]
+    _, steps_per_epoch, total_steps, num_epochs = schedules[0]
     num_params = sum(p.numel() for p in model.parameters())
     logger.info("Model: %.2fM parameters; %d steps (%d epochs of %d).", num_params / 1e6, total_steps, num_epochs, steps_per_epoch)
 
     # ----- resume, then loop -----
     loop = TrainingLoop(
-        accelerator, model, scheduler, run, train_args, total_steps=total_steps, num_epochs=num_epochs, unit="tokens",
+        accelerator, model, schedulers[0], run, train_args, total_steps=total_steps, num_epochs=num_epochs, unit="tokens",
         description="pretrain",
     )
     loop.init_trackers("pinfm-pretrain", data_args, model_args, objective, train_args)
@@ -218,6 +228,7 @@ def main(args: Optional[list[str]] = None) -> dict:
         metrics = evaluate_next_item(
             model, loader, accelerator, num_special_tokens=model_config.num_special_item_tokens,
             num_scored_ids=data.tokenizer.first_bucket_id, exclude_history=data_args.eval_exclude_history,
+            candidate_ids=data.catalogue_ids,
         )
         loop.log({"step": loop.step, **{f"{name}/{k}": v for k, v in metrics.items()}})
         logger.info("%s at step %d: %s", name, loop.step, {k: round(v, 4) for k, v in metrics.items()})
@@ -231,9 +242,10 @@ def main(args: Optional[list[str]] = None) -> dict:
                 outputs = model(**batch)
                 accelerator.backward(outputs.loss)
                 record = loop.after_backward(outputs, units=int(batch["attention_mask"].sum()))
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
+                for optimizer, scheduler in zip(optimizers, schedulers):
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
             if record is not None:
                 loop.after_step(record, temperature=accelerator.unwrap_model(model).temperature.item())
         if loop.interrupted:
@@ -261,6 +273,7 @@ def main(args: Optional[list[str]] = None) -> dict:
         "parameter_checksums": parameter_checksums(model, accelerator),
         "train_holdout": data_args.train_holdout,
         "packing": train_args.packing,
+        "item_optimizer": train_args.item_optimizer,
         "streaming": streaming,
         "per_device_train_batch_tokens": data.batch_tokens,
         "train_rows": data.train_rows,

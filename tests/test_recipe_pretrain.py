@@ -114,7 +114,8 @@ def test_full_softmax_over_a_large_vocabulary_is_refused(tmp_path):
 @pytest.mark.parametrize("batching", [
     ("--packing", "true"),  # token-budget batches: an even number of them, so no rank waits or repeats a user
     ("--packing", "false", "--group_by_length", "true"),  # every rank must draw the same length-grouped batches
-], ids=["packed", "grouped"])
+    ("--item_optimizer", "rowwise_adagrad"),  # sparse item gradients, all-reduced by DDP like dense ones
+], ids=["packed", "grouped", "sparse_items"])
 def test_two_processes_sync_gradients_and_gather_metrics_once(tmp_path, shared_data_dir, batching):
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
     output_dir = tmp_path / "ddp"
@@ -126,10 +127,37 @@ def test_two_processes_sync_gradients_and_gather_metrics_once(tmp_path, shared_d
         env={"ACCELERATE_USE_CPU": "1"},
     )
     results = json.loads((output_dir / "results.json").read_text())
-    assert results["num_processes"] == 2 and results["packing"] == (batching[1] == "true")
+    assert results["num_processes"] == 2 and results["packing"] == ("false" not in batching)
     checksums = results["parameter_checksums"]
     assert len(checksums) == 2 and checksums[0] == checksums[1]  # ranks hold equal parameters after training
     assert results["test"]["num_users"] == 199  # every user counted exactly once
+
+
+def test_sparse_item_optimizer_learns_and_resumes_exactly(tiny_run, tmp_path):
+    flags = ("--item_optimizer", "rowwise_adagrad", "--item_learning_rate", "0.02")
+    run_recipe(tmp_path / "uninterrupted", *flags)
+    losses = step_losses(tmp_path / "uninterrupted")
+    assert json.loads((tmp_path / "uninterrupted" / "results.json").read_text())["item_optimizer"] == "rowwise_adagrad"
+    assert losses[-1][1] < losses[0][1] and losses != step_losses(tiny_run)  # it learns, and not as AdamW does
+    run_recipe(tmp_path / "resumed", *flags, "--stop_after_steps", "5")
+    run_recipe(tmp_path / "resumed", *flags, "--resume_from_checkpoint", "latest")  # the row accumulators come back
+    torch.testing.assert_close(torch.tensor([l for _, l in step_losses(tmp_path / "resumed")]),
+                               torch.tensor([l for _, l in losses]))
+
+
+def test_vocabulary_free_mode_trains_hashed_tables_and_ranks_the_data_items(tmp_path):
+    flags = ("--vocabulary_free", "true", "--num_hash_buckets", "65536", "--num_item_hash_tables", "2",
+             "--item_hash_table_size", "500", "--full_softmax", "false")
+    result = run_recipe(tmp_path, *flags)
+    assert "Vocabulary-free: 3706 items hash to" in result.stderr  # the catalogue evaluation ranks
+    vocab = json.loads((tmp_path / "model" / "pinfm_vocab.json").read_text())
+    assert vocab["items"] == [] and vocab["num_hash_buckets"] == 65536  # no per-item file
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["item_vocab_size"] == 4 + 65536 and config["num_item_hash_tables"] == 2
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["test"]["num_users"] == 200 and results["test"]["hr@200"] > 0
+    losses = step_losses(tmp_path)
+    assert losses[-1][1] < losses[0][1]
 
 
 def test_padded_batches_learn_like_packed_ones(tiny_run, tmp_path):

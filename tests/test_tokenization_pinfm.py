@@ -237,3 +237,69 @@ def test_check_tokenizer_matches_model(tokenizer):
 def test_unknown_surface_maps_to_unk():
     tok = PinFMTokenizer(items=["a"], actions=["x"], surfaces=["home"], num_hash_buckets=2)
     assert tok.encode_events(["a", "a"], surfaces=["home", "nowhere"])["surface_ids"] == [2, 1]  # <unk>, not an error
+
+
+def test_vocabulary_free_tokenizer_stores_no_item_and_hashes_stably_across_processes(tmp_path):
+    # PinFM's vocabulary-free mode: 2^20 hashed ids, no per-item entry anywhere (in memory or in the saved file).
+    import subprocess
+    import sys
+
+    tokenizer = PinFMTokenizer(items=[], actions=["click"], num_hash_buckets=2**20)
+    assert len(tokenizer) == 4 + 2**20 and len(tokenizer.item_tokens) == 4 and len(tokenizer.item_to_id) == 4
+    items = ["pin-1", "42", "a b", "pin-1"]
+    ids = tokenizer.encode_events(items)["input_ids"]
+    assert ids[0] == ids[3] and len(set(ids)) == 3 and all(4 <= i < 4 + 2**20 for i in ids)
+    assert tokenizer.convert_ids_to_tokens(ids[1]) == f"<bucket_{ids[1] - 4}>"
+    assert tokenizer.convert_tokens_to_ids(f"<bucket_{ids[1] - 4}>") == ids[1]
+    tokenizer.save_pretrained(tmp_path)
+    assert (tmp_path / "pinfm_vocab.json").stat().st_size < 200
+    # Another process (another hash seed) and the bulk path give the same ids.
+    script = ("import sys; from transformers import AutoTokenizer; import pinfm_hf; "
+              "print(AutoTokenizer.from_pretrained(sys.argv[1]).encode_events(sys.argv[2:])['input_ids'])")
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path), *items], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "PYTHONHASHSEED": "123"})
+    assert out.stdout.strip() == str(ids)
+    import pyarrow as pa
+
+    assert tokenizer.item_ids_to_token_ids(pa.array(items)).tolist() == ids
+
+
+def test_a_large_vocabulary_is_kept_and_saved_compactly_with_the_same_ids(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+    from transformers import AutoTokenizer
+
+    import pinfm_hf.tokenization_pinfm as tokenization
+
+    items = [f"pin-{i * 7919 % 10**9}" for i in range(tokenization.LARGE_VOCABULARY + 5000)]
+    large = PinFMTokenizer(items=items, actions=["click"], num_hash_buckets=64)
+    monkeypatch.setattr(tokenization, "LARGE_VOCABULARY", 10**9)
+    small = PinFMTokenizer(items=items, actions=["click"], num_hash_buckets=64)  # the dict path, for reference
+    assert large._index is not None and small._index is None and len(large) == len(small)
+    probe = [items[0], items[-1], "pin-unseen", items[12345], "<bucket_3>", "<pad>"]
+    assert large.encode_events(probe)["input_ids"] == small.encode_events(probe)["input_ids"]
+    assert large.item_ids_to_token_ids(pa.array(probe * 3)).tolist() == small.item_ids_to_token_ids(pa.array(probe * 3)).tolist()
+    assert large.convert_ids_to_tokens([4, 4 + 12345, len(items) + 4]) == [items[0], items[12345], "<bucket_0>"]
+    assert len(large.get_vocab()) == len(small.get_vocab()) and large.get_vocab()[items[7]] == 11
+    # Saved as an Arrow file beside a small JSON; loaded by AutoTokenizer, and with trust_remote_code where pinfm_hf is
+    # not importable.
+    large.save_pretrained(tmp_path)
+    assert (tmp_path / "pinfm_items.arrow").is_file() and (tmp_path / "pinfm_vocab.json").stat().st_size < 300
+    assert AutoTokenizer.from_pretrained(tmp_path).encode_events(probe)["input_ids"] == large.encode_events(probe)["input_ids"]
+    script = ("import importlib.abc, sys\n"
+              "class Block(importlib.abc.MetaPathFinder):\n"
+              "    def find_spec(self, name, path=None, target=None):\n"
+              "        if name.split('.')[0] == 'pinfm_hf': raise ModuleNotFoundError(name)\n"
+              "sys.meta_path.insert(0, Block())\n"
+              "from transformers import AutoTokenizer\n"
+              "print(AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True).encode_events(sys.argv[2:])['input_ids'])")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path), *probe], capture_output=True, text=True, env=env,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == str(large.encode_events(probe)["input_ids"])
+    (tmp_path / "pinfm_items.arrow").unlink()
+    with pytest.raises(ValueError, match="keeps its items in pinfm_items.arrow"):
+        AutoTokenizer.from_pretrained(tmp_path)

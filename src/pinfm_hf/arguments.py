@@ -118,6 +118,12 @@ class PretrainingDataArguments(EventSourceArguments):
     min_item_count: int = field(default=1, metadata={"help": "Items seen fewer times go to hash buckets."})
     max_vocab_size: Optional[int] = field(default=None, metadata={"help": "Keep only the most frequent items."})
     num_hash_buckets: int = field(default=1024, metadata={"help": "Buckets for item ids unseen at tokenizer build."})
+    vocabulary_free: bool = field(
+        default=False,
+        metadata={"help": "PinFM's vocabulary-free mode: no per-item vocabulary at all; every item id is hashed (crc32, "
+                  "stable across processes and machines) into --num_hash_buckets ids, which --num_item_hash_tables "
+                  "hashed tables of --item_hash_table_size rows embed. Evaluation ranks the items of the data."},
+    )
     positive_actions: str = field(
         default="all", metadata={"help": "Comma-separated positive action names, 'all', or 'default' (per data set)."}
     )
@@ -242,6 +248,16 @@ class PretrainingArguments(TrainingArguments):
         metadata={"help": "Padded batches of sequences of similar length (needs --packing false): less padding, but lower "
                   "quality after equal epochs (benchmarks/RESULTS.md)."},
     )
+    item_optimizer: str = field(
+        default="adamw",
+        metadata={"help": "How the item tables train: 'adamw' (with the rest of the model; its state is two copies of "
+                  "the tables and every step sweeps them) or 'rowwise_adagrad' (sparse gradients: a step reads and writes "
+                  "only the rows in the batch, one float of state per row; for catalogues of millions of items).",
+                  "choices": ["adamw", "rowwise_adagrad"]},
+    )
+    item_learning_rate: Optional[float] = field(
+        default=None, metadata={"help": "With --item_optimizer rowwise_adagrad: its learning rate (default --learning_rate)."}
+    )
     gradient_checkpointing: bool = False
     eval_every_epochs: int = field(default=0, metadata={"help": "Validate every N epochs (0: only the final test)."})
     load_best_model_at_end: bool = field(
@@ -262,7 +278,8 @@ class PretrainingArguments(TrainingArguments):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_ranges(
-            self, positive=("full_softmax_max_items", "per_device_train_batch_tokens"), non_negative=("eval_every_epochs",),
+            self, positive=("full_softmax_max_items", "per_device_train_batch_tokens", "item_learning_rate"),
+            non_negative=("eval_every_epochs",),
             fractions=("adam_beta2",),
         )
         check_ranges(self, non_negative=("early_stopping_patience",))

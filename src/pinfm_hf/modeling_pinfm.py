@@ -40,7 +40,7 @@ from .embeddings_pinfm import (
     packed_sequence_ends,
     packed_sequence_ids,
 )
-from .losses import PretrainingObjective, next_item_losses
+from .losses import PretrainingObjective, next_item_losses, popularity_cdf
 from .quantization_pinfm import QUANTIZATION_TYPES, PinFMQuantizedEmbedding
 
 
@@ -567,7 +567,20 @@ class PinFMNextItemHead(nn.Module):
 
     @property
     def has_item_counts(self) -> bool:
-        return bool(self.item_log_probs.any())
+        return self.popularity_cdf() is not None
+
+    def popularity_cdf(self) -> Optional[torch.Tensor]:
+        """
+        The items' cumulative sampling distribution ([`popularity_cdf`]) from `item_log_probs`, or None before
+        `set_item_counts`. Cached until the buffer changes (counts set, a checkpoint loaded, a move to another device),
+        so that no training step sweeps a tensor of the vocabulary's size.
+        """
+        key = (self.item_log_probs.data_ptr(), self.item_log_probs._version)
+        if getattr(self, "_popularity_key", None) != key:
+            counted = bool(self.item_log_probs.any())
+            self._popularity = popularity_cdf(self.item_log_probs, self.config.num_special_item_tokens) if counted else None
+            self._popularity_key = key
+        return self._popularity
 
     def query(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """L2-normalised query embeddings `(..., projection_size)` of hidden states `(..., hidden_size)`."""
@@ -593,7 +606,7 @@ class PinFMNextItemHead(nn.Module):
         return next_item_losses(
             query, labels, attention_mask, position_ids=position_ids, objective=objective,
             item_embeddings=lambda ids: self.item_embeddings(ids, item_table), temperature=self.temperature,
-            item_log_probs=self.item_log_probs if self.has_item_counts else None,
+            item_log_probs=self.item_log_probs if self.has_item_counts else None, sampling_cdf=self.popularity_cdf(),
             num_special_tokens=self.config.num_special_item_tokens, vocab_size=self.config.item_vocab_size,
         )
 

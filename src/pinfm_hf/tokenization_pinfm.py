@@ -1,5 +1,7 @@
 """Tokenizer of user activity events: item, action and surface vocabularies with hash buckets for fresh items."""
 
+import collections.abc
+import hashlib
 import json
 import numbers
 import os
@@ -11,7 +13,7 @@ import numpy as np
 from transformers import BatchEncoding, PreTrainedTokenizer
 from transformers.utils import PaddingStrategy, logging
 
-from .io_utils import atomic_write_json
+from .io_utils import atomic_write, atomic_write_json
 
 
 try:  # bulk Arrow encoding needs pyarrow; loading the tokenizer and encoding single histories do not
@@ -22,7 +24,76 @@ except ImportError:
 
 logger = logging.get_logger(__name__)
 
-VOCAB_FILES_NAMES = {"vocab_file": "pinfm_vocab.json"}
+VOCAB_FILES_NAMES = {"vocab_file": "pinfm_vocab.json", "items_file": "pinfm_items.arrow"}
+# Above this many known items, they are kept in an Arrow array with a sorted key index ([`VocabularyIndex`]) and saved to
+# `pinfm_items.arrow` rather than as a JSON list and a Python dict (10^7 items: ~1.1 GB of dict, seconds to build).
+LARGE_VOCABULARY = 100_000
+
+def item_keys(item_ids: Sequence[str]) -> np.ndarray:
+    """64-bit keys of item ids (BLAKE2b): stable across processes and machines, collisions ~n^2 / 2^65."""
+    digests = b"".join(hashlib.blake2b(item.encode("utf-8"), digest_size=8).digest() for item in item_ids)
+    return np.frombuffer(digests, dtype="<u8").astype(np.uint64)
+
+
+class VocabularyIndex:
+    """
+    The known items of a large vocabulary without a Python dict: the ids in an Arrow string array (token order) and
+    their 64-bit keys ([`item_keys`]) sorted, with each key's position. A lookup is a binary search, confirmed by
+    comparing the stored id, so a key collision with an unknown id is never a wrong hit. Needs pyarrow.
+    """
+
+    def __init__(self, items: Any, keys: Optional[np.ndarray] = None, order: Optional[np.ndarray] = None):
+        _require_pyarrow()
+        self.items = pa.array(items, type=pa.string()) if not isinstance(items, pa.Array) else items.cast(pa.string())
+        keys = item_keys(self.items.to_pylist()) if keys is None else np.asarray(keys, dtype=np.uint64)
+        self.order = np.argsort(keys, kind="stable") if order is None else np.asarray(order, dtype=np.int64)
+        self.sorted_keys = keys[self.order]
+        repeated = np.flatnonzero(self.sorted_keys[1:] == self.sorted_keys[:-1])
+        if len(repeated):
+            a, b = (self.items[int(self.order[i])].as_py() for i in (repeated[0], repeated[0] + 1))
+            if a == b:
+                raise ValueError(f"Item ids must be unique: {a!r} appears twice.")
+            raise ValueError(f"Item ids {a!r} and {b!r} share a 64-bit key: rename one (a 1-in-10^19 event).")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def positions(self, item_ids: Sequence[str]) -> np.ndarray:
+        """The position of each id among the items, -1 where it is not one."""
+        if not len(self.items) or not len(item_ids):
+            return np.full(len(item_ids), -1, dtype=np.int64)
+        keys = item_keys(item_ids)
+        slots = np.searchsorted(self.sorted_keys, keys).clip(max=len(self.sorted_keys) - 1)
+        positions = np.where(self.sorted_keys[slots] == keys, self.order[slots], -1)
+        hit = np.flatnonzero(positions >= 0)
+        stored = pc.take(self.items, pa.array(positions[hit]))
+        same = pc.equal(stored, pa.array([item_ids[i] for i in hit], type=pa.string())).to_numpy(zero_copy_only=False)
+        positions[hit[~same]] = -1
+        return positions
+
+    def save(self, path: str) -> None:
+        """An Arrow IPC file of the items, their keys and the key order, read back memory-mapped by [`VocabularyIndex.load`]."""
+        table = pa.table({"item_id": self.items, "key": self.sorted_keys[np.argsort(self.order)], "order": self.order})
+
+        def write(tmp: str) -> None:
+            with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+                writer.write_table(table)
+
+        atomic_write(path, write)
+
+    @classmethod
+    def load(cls, path: str) -> "VocabularyIndex":
+        _require_pyarrow()
+        try:
+            table = pa.ipc.open_file(pa.memory_map(path)).read_all()
+        except (pa.ArrowInvalid, OSError) as e:
+            raise ValueError(f"Item file {path} is not a readable Arrow file (truncated or corrupt?): {e}.") from None
+        if table.column_names != ["item_id", "key", "order"]:
+            raise ValueError(f"Item file {path} has columns {table.column_names}, expected ['item_id', 'key', 'order'].")
+        column = table.column("item_id").combine_chunks()
+        keys, order = (table.column(name).to_numpy() for name in ("key", "order"))
+        return cls(column, keys=keys, order=order)
+
 
 # Item ids 0..3 are reserved; raw item ids are never used as token ids.
 SPECIAL_ITEM_TOKENS = ("<pad>", "<unk>", "<mask>", "<cand>")
@@ -36,6 +107,7 @@ _VOCAB_FILE_KEYS = ("items", "actions", "surfaces", "num_hash_buckets")
 # Per-event keys that `pad` pads along with `input_ids` (as `PinFMDataCollator` does), and their padding values.
 EVENT_PAD_VALUES = {"action_ids": 0, "surface_ids": 0, "timestamps": 0, "labels": -100}
 _INTEGER = re.compile(r"^[+-]?\d+$")
+_BUCKET = re.compile(r"<bucket_(\d+)>")
 
 
 def stable_bucket(item_id: str, num_buckets: int) -> int:
@@ -101,6 +173,45 @@ def _as_arrow_table(sequences: Any) -> Any:
     return sequences
 
 
+class _ItemTokens(collections.abc.Sequence):
+    """`item_tokens` of a large vocabulary: the special tokens, then the items of an [`VocabularyIndex`], read on demand."""
+
+    def __init__(self, index: VocabularyIndex):
+        self.index = index
+
+    def __len__(self) -> int:
+        return len(SPECIAL_ITEM_TOKENS) + len(self.index)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = range(len(self))[i]  # negative indices, and IndexError past the end
+        return SPECIAL_ITEM_TOKENS[i] if i < len(SPECIAL_ITEM_TOKENS) else self.index.items[i - len(SPECIAL_ITEM_TOKENS)].as_py()
+
+
+class _Vocabulary(collections.abc.Mapping):
+    """[`PinFMTokenizer.get_vocab`]: the special, item and bucket tokens with their ids, looked up on demand."""
+
+    def __init__(self, tokenizer: "PinFMTokenizer"):
+        self.tokenizer = tokenizer
+
+    def __getitem__(self, token: str) -> int:
+        token_id = self.tokenizer._exact_token_id(token) if isinstance(token, str) else None
+        if token_id is None:
+            raise KeyError(token)
+        return token_id
+
+    def __iter__(self):
+        yield from self.tokenizer.item_tokens
+        yield from (f"<bucket_{k}>" for k in range(self.tokenizer.num_hash_buckets))
+
+    def __len__(self) -> int:
+        return self.tokenizer.vocab_size
+
+    def copy(self) -> "_Vocabulary":
+        return self  # read-only
+
+
 class PinFMTokenizer(PreTrainedTokenizer):
     """
     Maps events (item id, action, optional surface, timestamp) to model inputs.
@@ -114,8 +225,11 @@ class PinFMTokenizer(PreTrainedTokenizer):
     Args:
         vocab_file (`str`, *optional*):
             JSON file written by `save_pretrained` with the item, action and surface vocabularies.
-        items (`Sequence[str]`, *optional*):
-            Known item ids in token order (used when `vocab_file` is not given).
+        items_file (`str`, *optional*):
+            `pinfm_items.arrow`, written beside `vocab_file` for vocabularies of more than `LARGE_VOCABULARY` items.
+        items (`Sequence[str]` or `pyarrow.Array`, *optional*):
+            Known item ids in token order (used when `vocab_file` is not given). More than `LARGE_VOCABULARY` of them
+            are kept in an [`VocabularyIndex`] (an Arrow array and sorted 64-bit keys) instead of a Python dict.
         actions (`Sequence[str]`, *optional*):
             Action names.
         surfaces (`Sequence[str]`, *optional*):
@@ -134,6 +248,7 @@ class PinFMTokenizer(PreTrainedTokenizer):
     def __init__(
         self,
         vocab_file: Optional[str] = None,
+        items_file: Optional[str] = None,
         items: Optional[Sequence[str]] = None,
         actions: Optional[Sequence[str]] = None,
         surfaces: Optional[Sequence[str]] = None,
@@ -141,22 +256,41 @@ class PinFMTokenizer(PreTrainedTokenizer):
         model_max_length: int = 200,
         **kwargs,
     ):
+        index = None
         if vocab_file is not None:
             vocab = _read_vocab_file(vocab_file)
             items, actions, surfaces = vocab["items"], vocab["actions"], vocab["surfaces"]
             num_hash_buckets = vocab["num_hash_buckets"]
-        items, actions, surfaces = list(items or []), list(actions or []), list(surfaces or [])
+            if vocab.get("items_file"):
+                if items_file is None:
+                    raise ValueError(f"{vocab_file} keeps its items in {vocab['items_file']}, which is not beside it.")
+                index = VocabularyIndex.load(items_file)
+        elif items is not None and len(items) > LARGE_VOCABULARY and pa is not None:
+            index = VocabularyIndex(items)
+        items = [] if index is not None else list(items or [])
+        actions, surfaces = list(actions or []), list(surfaces or [])
         if num_hash_buckets < 0:
             raise ValueError(f"`num_hash_buckets` ({num_hash_buckets}) must be >= 0.")
-        clashes = set(items) & set(SPECIAL_ITEM_TOKENS)
-        if clashes:
-            raise ValueError(f"Item ids {sorted(clashes)} clash with special tokens {SPECIAL_ITEM_TOKENS}.")
         self.num_hash_buckets = num_hash_buckets
-        self.item_tokens = list(SPECIAL_ITEM_TOKENS) + items + [f"<bucket_{k}>" for k in range(num_hash_buckets)]
-        self.item_to_id = {token: i for i, token in enumerate(self.item_tokens)}
-        if len(self.item_to_id) != len(self.item_tokens):
+        self._index = index
+        # The special tokens and the known items; the buckets' tokens (`<bucket_k>`) are implied, not stored, so that a
+        # vocabulary-free tokenizer (no items, millions of buckets) stays small.
+        if index is None:
+            clashes = sorted(set(items) & set(SPECIAL_ITEM_TOKENS))
+            self.item_tokens = list(SPECIAL_ITEM_TOKENS) + items
+            self.item_to_id = {token: i for i, token in enumerate(self.item_tokens)}
+            unique = len(self.item_to_id) == len(self.item_tokens) and not any(map(_BUCKET.fullmatch, items))
+        else:
+            clashes = sorted(set(SPECIAL_ITEM_TOKENS) & set(pc.unique(pc.filter(index.items, pc.match_substring_regex(
+                index.items, "^<.*>$"))).to_pylist()))
+            self.item_tokens = _ItemTokens(index)
+            self.item_to_id = {token: i for i, token in enumerate(SPECIAL_ITEM_TOKENS)}  # the items are in the index
+            unique = not pc.any(pc.match_substring_regex(index.items, "^<bucket_[0-9]+>$")).as_py()
+        if clashes:
+            raise ValueError(f"Item ids {clashes} clash with special tokens {SPECIAL_ITEM_TOKENS}.")
+        if not unique:
             raise ValueError("Item ids must be unique and must not look like hash buckets (`<bucket_k>`).")
-        self.first_bucket_id = len(SPECIAL_ITEM_TOKENS) + len(items)
+        self.first_bucket_id = len(self.item_tokens)
         self.action_tokens = list(SPECIAL_ACTION_TOKENS) + actions
         self.action_to_id = {a: i for i, a in enumerate(self.action_tokens)}
         self.surface_tokens = list(SPECIAL_SURFACE_TOKENS) + surfaces if surfaces else []
@@ -236,7 +370,7 @@ class PinFMTokenizer(PreTrainedTokenizer):
         ranked = ranked.take(pc.sort_indices(ranked, sort_keys=[("count", "descending"), ("item", "ascending")]))
         if max_vocab_size is not None:
             ranked = ranked.slice(0, max_vocab_size)
-        items = ranked["item"].to_pylist()
+        items = ranked["item"].combine_chunks() if ranked.num_rows > LARGE_VOCABULARY else ranked["item"].to_pylist()
         actions, surfaces = sorted(actions), sorted(surfaces)
         logger.info(
             "Built item vocabulary: %d items kept of %d (min_count=%d, max_vocab_size=%s), %d hash buckets, %d actions.",
@@ -251,7 +385,7 @@ class PinFMTokenizer(PreTrainedTokenizer):
 
     @property
     def vocab_size(self) -> int:
-        return len(self.item_tokens)
+        return len(self.item_tokens) + self.num_hash_buckets
 
     @property
     def num_items(self) -> int:
@@ -270,15 +404,28 @@ class PinFMTokenizer(PreTrainedTokenizer):
     def candidate_action_id(self) -> int:
         return CANDIDATE_ACTION_ID
 
-    def get_vocab(self) -> dict[str, int]:
-        return dict(self.item_to_id)
+    def get_vocab(self) -> "_Vocabulary":
+        """Token -> id of every item token, as a read-only mapping: a dict of millions of items would take seconds and
+        gigabytes, and transformers asks for it at every construction."""
+        return _Vocabulary(self)
+
+    def _exact_token_id(self, token: str) -> Optional[int]:
+        """The id of a token of the vocabulary (special, item or `<bucket_k>`), None for any other string."""
+        token_id = self.item_to_id.get(token)
+        if token_id is None and self._index is not None:
+            position = int(self._index.positions([token])[0])
+            token_id = len(SPECIAL_ITEM_TOKENS) + position if position >= 0 else None
+        bucket = _BUCKET.fullmatch(token) if token_id is None else None
+        if bucket and int(bucket.group(1)) < self.num_hash_buckets:
+            token_id = self.first_bucket_id + int(bucket.group(1))
+        return token_id
 
     def _tokenize(self, text: str, **kwargs) -> list[str]:
         # A plain string is one item id (ids may contain spaces, e.g. movie titles); pass lists for sequences.
         return [text]
 
     def _convert_token_to_id(self, token: str) -> int:
-        token_id = self.item_to_id.get(token)
+        token_id = self._exact_token_id(token)
         if token_id is not None:
             return token_id
         if self.num_hash_buckets == 0:
@@ -286,6 +433,8 @@ class PinFMTokenizer(PreTrainedTokenizer):
         return self.first_bucket_id + stable_bucket(token, self.num_hash_buckets)
 
     def _convert_id_to_token(self, index: int) -> str:
+        if index >= self.first_bucket_id:
+            return f"<bucket_{index - self.first_bucket_id}>"
         return self.item_tokens[index]
 
     def convert_actions_to_ids(self, actions: Iterable[str]) -> list[int]:
@@ -306,13 +455,19 @@ class PinFMTokenizer(PreTrainedTokenizer):
         path = os.path.join(save_directory, (filename_prefix + "-" if filename_prefix else "") + VOCAB_FILES_NAMES["vocab_file"])
         n_special = len(SPECIAL_ITEM_TOKENS)
         vocab = {
-            "items": self.item_tokens[n_special : self.first_bucket_id],
+            "items": self.item_tokens[n_special : self.first_bucket_id] if self._index is None else [],
             "actions": self.action_tokens[len(SPECIAL_ACTION_TOKENS) :],
             "surfaces": self.surface_tokens[len(SPECIAL_SURFACE_TOKENS) :],
             "num_hash_buckets": self.num_hash_buckets,
         }
-        atomic_write_json(path, vocab, indent=None)  # the file's mode follows the umask, like the other files
-        return (path,)
+        if self._index is None:
+            atomic_write_json(path, vocab, indent=None)  # the file's mode follows the umask, like the other files
+            return (path,)
+        items_path = os.path.join(os.path.dirname(path), os.path.basename(path).replace(
+            VOCAB_FILES_NAMES["vocab_file"], VOCAB_FILES_NAMES["items_file"]))
+        self._index.save(items_path)  # first: a JSON naming a missing file would not load
+        atomic_write_json(path, {**vocab, "items_file": os.path.basename(items_path)}, indent=None)
+        return (path, items_path)
 
     # ----- encoding ---------------------------------------------------------------------------------------------------
 
@@ -430,9 +585,17 @@ class PinFMTokenizer(PreTrainedTokenizer):
         """Vectorised lookup of many raw item ids (a pyarrow array or a list of str): unseen ids go to their bucket."""
         _require_pyarrow()
 
+        values = item_ids if isinstance(item_ids, (pa.Array, pa.ChunkedArray)) else pa.array(item_ids, type=pa.string())
+        if self._index is not None:  # each distinct id looked up once, by binary search
+            distinct = pc.unique(values)
+            names = distinct.to_pylist()
+            positions = self._index.positions(names)
+            ids = np.where(positions >= 0, positions + len(SPECIAL_ITEM_TOKENS), 0)
+            for j in np.flatnonzero(positions < 0):
+                ids[j] = self._convert_token_to_id(names[j])
+            return ids[pc.index_in(values, value_set=distinct).to_numpy(zero_copy_only=False)].astype(np.int64)
         if self._item_array is None:
             self._item_array = pa.array(self.item_tokens, type=pa.string())
-        values = item_ids if isinstance(item_ids, (pa.Array, pa.ChunkedArray)) else pa.array(item_ids, type=pa.string())
         index = pc.index_in(values, value_set=self._item_array)
         token_ids = index.to_numpy(zero_copy_only=False)
         missing = index.is_null().to_numpy(zero_copy_only=False)
@@ -543,6 +706,7 @@ class PinFMTokenizer(PreTrainedTokenizer):
 
 
 __all__ = [
+    "VocabularyIndex",
     "PinFMTokenizer",
     "check_tokenizer_matches_model",
     "stable_bucket",

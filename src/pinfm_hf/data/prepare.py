@@ -181,7 +181,8 @@ class PreparedEvents:
         """
         import datasets
 
-        vocabulary = hashlib.sha1("\x00".join(tokenizer.get_vocab()).encode()).hexdigest()[:16]
+        known = "\x00".join([*tokenizer.item_tokens, str(tokenizer.num_hash_buckets), *tokenizer.action_tokens])
+        vocabulary = hashlib.sha1(known.encode()).hexdigest()[:16]
         encoders = {
             "train": (lambda t: tokenizer.encode_sequences(t, windows=windows), max_train_users),
             "valid": (lambda t: tokenizer.encode_sequences(t, max_length=max_length, hold_out_last=True), max_eval_users),
