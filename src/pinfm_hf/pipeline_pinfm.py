@@ -134,6 +134,11 @@ class PinFMRecommendationPipeline(Pipeline):
     embeddings over the temperature), and the best `top_k` are returned. Special tokens and hash buckets (ids of
     item ids unseen at tokenizer build) are never recommended.
 
+    With `index=` (for catalogues too large to score in full), the top-k come from a nearest-neighbour index instead:
+    any object with `search(queries, k, exclude) -> (ids, scores)` over this model's item embeddings, keyed by raw item
+    id, such as `pinfm_hf.retrieval.ItemIndex` built from `export_item_embeddings` (exact or approximate). Scores are
+    the same logits (inner product over the temperature); excluded items are filtered by the index.
+
     Example:
 
     ```python
@@ -145,6 +150,11 @@ class PinFMRecommendationPipeline(Pipeline):
     recommend(history, top_k=3)  # [{"item_id": ..., "score": ...}, ...], best first
     recommend(history, top_k=3, request_time=978904760)  # recommending a week after the last event
     recommend([history, history[:1]], top_k=3, exclude_items=["Heat (1995)"])  # a batch: one list per user
+
+    from pinfm_hf.retrieval import ItemIndex  # pip install 'pinfm-hf[retrieval]'
+
+    index = ItemIndex.load("outputs/embeddings/ann_index")  # recipes/export_embeddings.py --ann_index
+    recommend = pipeline("pinfm-recommendation", model="outputs/pretrain/model", index=index)
     ```
     """
 
@@ -154,7 +164,7 @@ class PinFMRecommendationPipeline(Pipeline):
     _load_video_processor = False
     _load_feature_extractor = False
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, index: Optional[Any] = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.model.eval()  # recommendations must not depend on dropout, whatever mode a passed model was left in
         if not hasattr(self.model, "score_next_items"):
@@ -173,6 +183,21 @@ class PinFMRecommendationPipeline(Pipeline):
                 "are cut to their %d most recent events.",
                 self.tokenizer.model_max_length, self.max_events, self.max_events,
             )
+        self.index = self._check_index(index)
+
+    def _check_index(self, index: Optional[Any]) -> Optional[Any]:
+        """Duck-typed (this file is remote code: no faiss, no pinfm_hf import): a `search` and, if known, the right size."""
+        if index is None:
+            return None
+        if not callable(getattr(index, "search", None)):
+            raise TypeError(f"`index` must have a `search(queries, k, exclude)` method, got {type(index).__name__}.")
+        dim = getattr(index, "dim", None)
+        if dim is not None and dim != self.model.config.projection_size:
+            raise ValueError(
+                f"The index holds {dim}-dimensional items but the model's embeddings have {self.model.config.projection_size}"
+                " dimensions: build it from this model's exported item embeddings."
+            )
+        return index
 
     def __call__(self, inputs: Union[History, Sequence[History]], **kwargs) -> Union[list[dict], list[list[dict]]]:
         """
@@ -272,12 +297,39 @@ class PinFMRecommendationPipeline(Pipeline):
         query = self.model.next_item_query(**inputs)  # (B, P)
         if not torch.isfinite(query).all():  # else: no finite score, an empty answer
             raise ValueError("The model gives non-finite scores for this history: its weights hold NaN or inf.")
+        if self.index is not None:
+            return self._search_index(query, model_inputs["exclude_ids"], top_k)
         # Special tokens, hash buckets (ids that are not items) and the excluded items are never recommended.
         scores = self.model.score_next_items(
             query, num_scored_ids=self.tokenizer.first_bucket_id, exclude_ids=model_inputs["exclude_ids"]
         ).float()  # (B, V)
         top = scores.topk(min(top_k, scores.shape[-1]), dim=-1)
         return {"scores": top.values, "ids": top.indices}  # (B, k) each
+
+    def _search_index(self, query: torch.Tensor, exclude_ids: torch.LongTensor, top_k: int) -> dict[str, torch.Tensor]:
+        """
+        Top-k from `self.index`, as token ids and logits like the full scoring path. The index speaks raw item ids: the
+        excluded token ids (padding dropped) go to it as raw ids, and its answers come back as token ids. An index
+        holds this model's items only, so exclusions outside the vocabulary (hash buckets) cannot be in it anyway.
+        """
+        tokenizer = self.tokenizer
+        first_item = self.model.config.num_special_item_tokens
+        exclude = [tokenizer.convert_ids_to_tokens([i for i in row.tolist() if i >= first_item]) for row in exclude_ids]
+        k = min(top_k, len(self.index)) if hasattr(self.index, "__len__") else top_k
+        found_ids, found_scores = self.index.search(query.detach().float().cpu().numpy(), k, exclude=exclude)
+        scores = torch.as_tensor(found_scores, dtype=torch.float32) / self.model.temperature.detach().float().cpu()
+        token_ids = torch.zeros(scores.shape, dtype=torch.long)  # padding id where the index found no item
+        for row, items in enumerate(found_ids):
+            found = torch.isfinite(scores[row]).nonzero().flatten().tolist()
+            ids = tokenizer.convert_tokens_to_ids([str(items[j]) for j in found])
+            for j, token_id, item in zip(found, ids, (items[j] for j in found)):
+                if not first_item <= token_id < tokenizer.first_bucket_id:
+                    raise ValueError(
+                        f"The index returned item {item!r}, which this model's tokenizer does not know: build the index "
+                        "from this model's exported item embeddings."
+                    )
+                token_ids[row, j] = token_id
+        return {"scores": scores, "ids": token_ids}  # (B, k) each
 
     def postprocess(self, model_outputs: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
         scores, ids = model_outputs["scores"][0], model_outputs["ids"][0]
