@@ -255,8 +255,10 @@ class PretrainingArguments(TrainingArguments):
                   "only the rows in the batch, one float of state per row; for catalogues of millions of items).",
                   "choices": ["adamw", "rowwise_adagrad"]},
     )
-    item_learning_rate: Optional[float] = field(
-        default=None, metadata={"help": "With --item_optimizer rowwise_adagrad: its learning rate (default --learning_rate)."}
+    item_learning_rate: float = field(
+        default=0.2,
+        metadata={"help": "With --item_optimizer rowwise_adagrad: its learning rate (the best of 0.01, 0.05 and 0.2 on "
+                  "ML-1M: benchmarks/RESULTS.md, 'Large vocabularies')."},
     )
     gradient_checkpointing: bool = False
     eval_every_epochs: int = field(default=0, metadata={"help": "Validate every N epochs (0: only the final test)."})

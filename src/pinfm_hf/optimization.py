@@ -13,8 +13,6 @@ not install against this project's torch on CPU, so it is written here: a short 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -96,12 +94,12 @@ def build_optimizers(
     weight_decay: float,
     adam_beta2: float,
     item_optimizer: str = "adamw",
-    item_learning_rate: Optional[float] = None,
+    item_learning_rate: float = 0.2,
 ) -> list[torch.optim.Optimizer]:
     """
     AdamW over every parameter (no weight decay on biases, norms and the temperature), or, with
     `item_optimizer="rowwise_adagrad"`, AdamW over all but the item tables and [`RowWiseAdagrad`] (at
-    `item_learning_rate`, default `learning_rate`) over the tables, which then produce sparse gradients.
+    `item_learning_rate`) over the tables, which then produce sparse gradients.
     """
     if item_optimizer not in ITEM_OPTIMIZERS:
         raise ValueError(f"--item_optimizer must be one of {', '.join(ITEM_OPTIMIZERS)}, got {item_optimizer!r}.")
@@ -117,7 +115,7 @@ def build_optimizers(
     if sparse:
         for table in sparse:
             table.sparse = True
-        optimizers.append(RowWiseAdagrad([table.weight for table in sparse], lr=item_learning_rate or learning_rate))
+        optimizers.append(RowWiseAdagrad([table.weight for table in sparse], lr=item_learning_rate))
     return optimizers
 
 
