@@ -105,3 +105,20 @@ def test_packed_and_padded_user_embeddings_agree(tiny, users):
     torch.testing.assert_close(
         torch.tensor(padded["embedding"]), torch.tensor(users["embedding"][:40]), atol=1e-5, rtol=0
     )
+
+
+def test_a_vocabulary_free_model_is_refused_by_the_export_and_the_pipeline():
+    # Both rank a vocabulary's items: a model whose tokenizer keeps none must say so, not return nothing.
+    from transformers import pipeline
+
+    from pinfm_hf import PinFMConfig, PinFMForPretraining, PinFMTokenizer
+    from pinfm_hf.embedding_export import export_item_embeddings
+
+    tokenizer = PinFMTokenizer(items=[], actions=["click"], num_hash_buckets=64)
+    config = PinFMConfig(item_vocab_size=len(tokenizer), action_vocab_size=tokenizer.action_vocab_size, hidden_size=16,
+                         num_hidden_layers=1, num_attention_heads=2, num_item_hash_tables=2, item_hash_table_size=7)
+    model = PinFMForPretraining(config)
+    with pytest.raises(ValueError, match="vocabulary-free"):
+        export_item_embeddings(model, tokenizer)
+    with pytest.raises(ValueError, match="vocabulary-free"):
+        pipeline("pinfm-recommendation", model=model, tokenizer=tokenizer)

@@ -52,6 +52,9 @@ def export_item_embeddings(model, tokenizer, batch_size: int = 65536, show_progr
     """
     _check_pair(model, tokenizer)
     first, end = model.config.num_special_item_tokens, tokenizer.first_bucket_id
+    if end <= first:
+        raise ValueError("The tokenizer keeps no item (a vocabulary-free model): item embeddings are exported per item of "
+                         "a vocabulary; exporting a vocabulary-free model's catalogue is not supported yet.")
     device = next(model.parameters()).device
     chunks = []
     for start in tqdm(range(first, end, batch_size), desc="item embeddings", disable=not show_progress):

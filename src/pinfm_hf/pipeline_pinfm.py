@@ -176,6 +176,12 @@ class PinFMRecommendationPipeline(Pipeline):
             raise TypeError("The recommendation pipeline needs the model's PinFMTokenizer.")
         # Another tokenizer's ids name other items: the scores would be right, the item names wrong.
         check_tokenizer_matches_model(self.tokenizer, self.model.config)
+        if self.tokenizer.first_bucket_id <= self.model.config.num_special_item_tokens:
+            raise ValueError(
+                "This model is vocabulary-free (its tokenizer keeps no item, every id is hashed): the pipeline ranks a "
+                "vocabulary's items and would have none to recommend. Serving such a model needs its catalogue of item "
+                "ids, which is not supported yet."
+            )
         self.max_events = min(self.tokenizer.model_max_length, self.model.config.max_position_embeddings)
         if self.max_events < self.tokenizer.model_max_length:
             logger.warning(
