@@ -112,11 +112,11 @@ class StreamingBatches(IterableDataset):
     def __len__(self) -> int:
         return self.num_batches
 
-    def examples(self) -> Iterator[dict[str, Any]]:
-        """This process's rows of the epoch, shuffled through the buffer."""
+    def examples(self, assigned: list[int]) -> Iterator[dict[str, Any]]:
+        """The rows of the `assigned` shards, shuffled through the buffer."""
         import datasets
 
-        files = [str(Path(self.shards.folder) / self.shards.files[i]) for i in self._assigned()]
+        files = [str(Path(self.shards.folder) / self.shards.files[i]) for i in assigned]
         stream = datasets.load_dataset("arrow", data_files=files, split="train", streaming=True)
         return iter(stream.shuffle(seed=self.seed + self.epoch, buffer_size=self.buffer_size))
 
@@ -129,7 +129,7 @@ class StreamingBatches(IterableDataset):
         share = sum(self.shards.tokens[i] for i in assigned) / self.num_batches
         batch: list[dict[str, Any]] = []
         seen_rows = seen_tokens = emitted = 0
-        for example in self.examples():
+        for example in self.examples(assigned):
             rows_left = total_rows - seen_rows  # this one included
             batches_after = self.num_batches - emitted - 1  # still to fill once the current batch is closed
             if batch and batches_after > 0 and (seen_tokens >= (emitted + 1) * share or rows_left <= batches_after):
