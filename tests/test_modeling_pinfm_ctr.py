@@ -318,3 +318,19 @@ def test_randomize_candidate_ids_touches_only_candidates():
     assert 0.08 < (many[:, -1] >= 100).float().mean() < 0.12 and (many[:, :-1] == 5).all()
     with pytest.raises(ValueError, match="hash buckets"):
         randomize_candidate_ids(ids, mask, fraction=0.5, first_bucket_id=100, num_buckets=0)
+
+
+def test_item_bias_starts_at_zero_and_adds_the_candidates_own_scalar():
+    torch.manual_seed(0)
+    model = PinFMForCTR(make_config(ctr_item_bias=True)).eval()
+    assert torch.count_nonzero(model.ctr_item_bias.weight) == 0  # no item preferred before training
+    batch = make_batch()
+    candidates = batch["input_ids"][:, -1]
+    with torch.no_grad():
+        before = model(**batch).logits
+        model.ctr_item_bias.weight[candidates[1]] = 2.5
+        after = model(**batch).logits
+        dcat = model(**batch, deduplicate_histories=True).logits
+    torch.testing.assert_close(after, before + 2.5 * (candidates == candidates[1]).float())
+    torch.testing.assert_close(dcat, after, atol=1e-5, rtol=1e-5)
+    assert PinFMForCTR(make_config()).ctr_item_bias is None  # off by default

@@ -108,7 +108,9 @@ def test_frozen_embeddings_do_not_move_in_training(base):
 
 
 def train_adapter(base, steps: int, seed: int):
-    result = built(base, "lora", lora_rank=2, lora_alpha=4)
+    path, _ = base
+    torch.manual_seed(1)
+    result = build_ctr_model(path, "lora", ctr_config(path, ctr_item_bias=True), lora_rank=2, lora_alpha=4)
     model = result.model
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(optimizer_param_groups(result, learning_rate=5e-2, backbone_learning_rate=0.0))
@@ -127,6 +129,8 @@ def test_two_adapters_share_one_base_and_reproduce_their_scores(base, tmp_path):
     with torch.no_grad():
         expected = {"like": like(**batch).logits, "love": love(**batch).logits}
     assert not torch.allclose(expected["like"], expected["love"])
+    for adapter in (like, love):  # the per-item bias trains with the head and travels with the adapter
+        assert torch.count_nonzero(adapter.get_base_model().ctr_item_bias.weight) > 0
     save_ctr_adapter(like, tmp_path / "like")
     save_ctr_adapter(love, tmp_path / "love")
     assert (tmp_path / "like" / CTR_CONFIG_NAME).is_file()

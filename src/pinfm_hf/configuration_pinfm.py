@@ -134,6 +134,10 @@ class PinFMConfig(PretrainedConfig):
             its token embedding, so a fresh item (a hash-bucket id) is not a blank to the sequence model.
         ctr_item_feature_fields (`list[int]`, *optional*):
             Indices (into `ctr_feature_slots`) of the side-feature fields that describe the item.
+        ctr_item_bias (`bool`, *optional*, defaults to `False`):
+            Add a learnt per-item scalar to the ranking logit (zero at start). It lets a ranker whose item embeddings
+            are frozen (LoRA, frozen backbone, sparse freeze) learn how often each item is liked, which next-item
+            pretraining does not encode: one float per item id, trained with the head and saved with a LoRA adapter.
         ctr_young_item_dropout (`float`, *optional*, defaults to 0.0):
             Cold start (PinFM): during training, drop the sequence model's output for a candidate with this
             probability when the item is brand new, decaying linearly to 0 at `ctr_young_item_age_days`, so the head
@@ -194,6 +198,7 @@ class PinFMConfig(PretrainedConfig):
         ctr_aux_loss_weight: float = 0.0,
         ctr_candidate_item_features: bool = False,
         ctr_item_feature_fields: Optional[Sequence[int]] = None,
+        ctr_item_bias: bool = False,
         ctr_young_item_dropout: float = 0.0,
         ctr_young_item_age_days: float = 7.0,
         pretraining_max_timestamp: Optional[int] = None,
@@ -243,6 +248,7 @@ class PinFMConfig(PretrainedConfig):
         self.ctr_aux_loss_weight = ctr_aux_loss_weight
         self.ctr_candidate_item_features = ctr_candidate_item_features
         self.ctr_item_feature_fields = list(ctr_item_feature_fields) if ctr_item_feature_fields else []
+        self.ctr_item_bias = ctr_item_bias
         self.ctr_young_item_dropout = ctr_young_item_dropout
         self.ctr_young_item_age_days = ctr_young_item_age_days
         self.pretraining_max_timestamp = pretraining_max_timestamp

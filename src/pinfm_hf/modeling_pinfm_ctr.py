@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_pinfm import PinFMConfig
@@ -139,6 +140,17 @@ class PinFMSideFeatureEmbedding(nn.Module):
         return pooled.flatten(1)
 
 
+class PinFMItemBias(nn.Module):
+    """One learnt scalar per item id, added to the ranking logit: how often the item is liked, whatever the user."""
+
+    def __init__(self, config: PinFMConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(config.item_vocab_size))
+
+    def forward(self, candidate_ids: torch.LongTensor) -> torch.Tensor:
+        return self.weight[candidate_ids]
+
+
 class PinFMForCTR(PinFMPreTrainedModel):
     """
     PinFM with a ranking head for CTR/CVR, fine-tuned from a pretrained checkpoint.
@@ -168,11 +180,17 @@ class PinFMForCTR(PinFMPreTrainedModel):
         if self.ctr_feature_embeddings is not None:
             head_input += self.ctr_feature_embeddings.output_size
         self.ctr_head = PinFMRankingHead(config, head_input)
+        self.ctr_item_bias = PinFMItemBias(config) if config.ctr_item_bias else None
         self.ctr_candidate_feature_proj = None
         if config.ctr_candidate_item_features:
             width = len(config.ctr_item_feature_fields) * config.ctr_feature_embedding_size
             self.ctr_candidate_feature_proj = nn.Linear(width, config.hidden_size, bias=False)
         self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, PinFMItemBias):
+            init.zeros_(module.weight)  # no item preferred before training
 
     def candidate_feature_embeddings(self, side_feature_ids: Optional[torch.LongTensor]) -> Optional[torch.Tensor]:
         """Cold start: the candidate's item side features, projected to one token embedding `(N, hidden)`."""
@@ -217,7 +235,10 @@ class PinFMForCTR(PinFMPreTrainedModel):
             if side_feature_ids is None:
                 raise ValueError("`side_feature_ids` are required: this model was configured with side features.")
             parts.append(self.ctr_feature_embeddings(side_feature_ids))
-        return self.ctr_head(torch.cat(parts, dim=-1)).float()
+        logits = self.ctr_head(torch.cat(parts, dim=-1))
+        if self.ctr_item_bias is not None:
+            logits = logits + self.ctr_item_bias(candidate_ids)
+        return logits.float()
 
     def forward(
         self,

@@ -36,7 +36,7 @@ TRANSFER_STRATEGIES = {
 }
 # Saved next to a PEFT adapter: the CTR config the base must be built with (head shape, side features, fusion).
 CTR_CONFIG_NAME = "pinfm_ctr_config.json"
-CTR_HEAD_MODULES = ["ctr_head", "ctr_feature_embeddings", "ctr_candidate_feature_proj"]
+CTR_HEAD_MODULES = ["ctr_head", "ctr_feature_embeddings", "ctr_candidate_feature_proj", "ctr_item_bias"]
 
 
 @dataclass
@@ -210,7 +210,8 @@ def load_ctr_config(adapter: Union[str, Path], revision: Optional[str] = None) -
 
 def _head_shape(config: PinFMConfig) -> dict[str, Any]:
     keys = ("ctr_fusion", "ctr_head", "ctr_head_hidden_sizes", "ctr_num_cross_layers", "ctr_feature_vocab_size",
-            "ctr_feature_slots", "ctr_feature_embedding_size", "ctr_candidate_item_features", "ctr_item_feature_fields")
+            "ctr_feature_slots", "ctr_feature_embedding_size", "ctr_candidate_item_features", "ctr_item_feature_fields",
+            "ctr_item_bias")
     return {k: getattr(config, k) for k in keys}
 
 
