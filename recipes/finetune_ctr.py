@@ -6,11 +6,14 @@
 Samples come from real events only: each impression of the use case (e.g. ML-1M `like`: every rating, label =
 rating >= 4) with the user's history strictly before it, split at one global time cut (train before, test after).
 The base must have been pretrained on events before that cut (`pretrain.py --time_cut_quantile`, same value); the
-recipe refuses a base whose recorded data reaches past it. `--transfer` picks the strategy (see `--help`); LoRA
+recipe refuses a base whose recorded data reaches past it. With `--validation_cut_quantile`, the impressions between
+that cut and the test cut are a validation slice: `--eval_every_epochs 1 --load_best_model_at_end true
+--early_stopping_patience 1` trains until validation AUC stops rising and tests the best epoch. `--transfer` picks the strategy (see `--help`); LoRA
 saves a shareable adapter folder (adapter + head + card), the others a full model folder. Any config field can be
 overridden on the command line; `--resume_from_checkpoint latest` continues an interrupted run exactly.
 """
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +23,7 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 from accelerate.logging import get_logger
+from safetensors.torch import load_model, save_model
 from torch.utils.data import DataLoader
 
 from pinfm_hf import PinFMTokenizer, PretrainingObjective
@@ -51,6 +55,7 @@ from pinfm_hf.transfer import (
 
 
 logger = get_logger("finetune_ctr")
+BEST_WEIGHTS = "model.safetensors"  # <output_dir>/best_model/: every weight of the best validation (LoRA or not)
 
 
 @dataclass
@@ -62,15 +67,17 @@ class CTRData:
     encoder: Optional[CTRFeatureEncoder]
     summary: dict
     train_loader: DataLoader
+    valid_loader: Optional[DataLoader]
     test_loader: DataLoader
 
 
 def load_data(data_args: CTRDataArguments, model_args: CTRModelArguments, train_args: CTRTrainingArguments) -> CTRData:
-    """Events -> per-user sequences + impressions -> time split -> CTR samples (side features encoded) -> loaders."""
+    """Events -> per-user sequences + impressions -> time split (train, validation, test) -> CTR samples -> loaders."""
     positive_actions, negative_actions = data_args.actions()
     events = data_args.load_events()
     data = ctr_splits(
         events, positive_actions=positive_actions, negative_actions=negative_actions, cut_quantile=data_args.cut_quantile,
+        validation_cut_quantile=data_args.validation_cut_quantile, max_validation_samples=data_args.max_validation_samples,
         user_features=load_user_features_from_args(data_args.user_features, data_args.dataset, data_args.data_dir)
         if data_args.side_features else None,
         max_train_samples=data_args.max_train_samples, max_test_samples=data_args.max_eval_samples, seed=train_args.seed,
@@ -80,16 +87,19 @@ def load_data(data_args: CTRDataArguments, model_args: CTRModelArguments, train_
     encoder = None
     if feature_fields:
         encoder = CTRFeatureEncoder.fit(data.train, feature_fields, max_slots_per_field=data_args.max_slots_per_field)
-    train_data, test_data = (
+    train_data, valid_data, test_data = (
         CTRDataset(data.sequences, samples, tokenizer, max_history=data_args.max_history, feature_encoder=encoder)
-        for samples in (data.train, data.test)
+        if samples is not None else None
+        for samples in (data.train, data.valid, data.test)
     )
     summary = {
         "use_case": data_args.use_case,
         "positive_actions": positive_actions,
         "negative_actions": negative_actions,
         "cut_timestamp": data.cut,
+        "validation_cut_timestamp": data.validation_cut,
         "train_samples": data.train.num_rows,
+        "validation_samples": data.valid.num_rows if data.valid is not None else 0,
         "test_samples": data.test.num_rows,
         "train_positive_rate": round(float(np.mean(data.train["label"].to_numpy())), 4),
         "test_positive_rate": round(float(np.mean(data.test["label"].to_numpy())), 4),
@@ -106,8 +116,11 @@ def load_data(data_args: CTRDataArguments, model_args: CTRModelArguments, train_
         train_loader = DataLoader(groups, batch_size=group_batch, shuffle=True, collate_fn=collate_impression_groups(collator))
     else:
         train_loader = DataLoader(train_data, batch_size=train_args.per_device_train_batch_size, shuffle=True, collate_fn=collator)
-    test_loader = DataLoader(test_data, batch_size=train_args.per_device_eval_batch_size, collate_fn=collator)
-    return CTRData(events, tokenizer, data.cut, feature_fields, encoder, summary, train_loader, test_loader)
+    valid_loader, test_loader = (
+        DataLoader(part, batch_size=train_args.per_device_eval_batch_size, collate_fn=collator) if part is not None else None
+        for part in (valid_data, test_data)
+    )
+    return CTRData(events, tokenizer, data.cut, feature_fields, encoder, summary, train_loader, valid_loader, test_loader)
 
 
 def build_model(data: CTRData, data_args: CTRDataArguments, model_args: CTRModelArguments, objective: PretrainingObjective):
@@ -162,7 +175,10 @@ def main(args: Optional[list[str]] = None) -> dict:
         ),
         lr=train_args.learning_rate,
     )
+    if train_args.eval_every_epochs and data.valid_loader is None:
+        raise ValueError("--eval_every_epochs validates on the slice before the test cut: set --validation_cut_quantile.")
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, data.train_loader, data.test_loader)
+    valid_loader = accelerator.prepare(data.valid_loader) if data.valid_loader is not None else None
     scheduler, steps_per_epoch, total_steps, num_epochs = cosine_schedule(
         optimizer, accelerator, num_batches=len(train_loader), gradient_accumulation_steps=train_args.gradient_accumulation_steps,
         num_train_epochs=train_args.num_train_epochs, max_steps=train_args.max_steps, warmup_steps=train_args.warmup_steps,
@@ -197,12 +213,24 @@ def main(args: Optional[list[str]] = None) -> dict:
                 optimizer.zero_grad()
             if record is not None:
                 loop.after_step(record)
+        if loop.interrupted:
+            break
+        if train_args.eval_every_epochs and (epoch + 1) % train_args.eval_every_epochs == 0:
+            with loop.paused():  # validation is not training time
+                valid_metrics = evaluate_ctr(model, valid_loader, accelerator, deduplicate_histories=train_args.deduplicate_histories)
+                loop.log({"step": loop.step, "epoch": epoch + 1, **{f"valid/{k}": v for k, v in valid_metrics.items()}})
+                logger.info("Validation after epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in valid_metrics.items()})
+                if train_args.load_best_model_at_end:
+                    loop.after_validation(valid_metrics["auc"], lambda folder: save_model(accelerator.unwrap_model(model), folder / BEST_WEIGHTS))
     train_seconds = loop.finish()
     if loop.interrupted:
         loop.close()
         return {"step": loop.step, "interrupted": True}
 
-    # ----- evaluation and save -----
+    # ----- evaluation (of the best validation's weights, when asked) and save -----
+    best_step = None
+    if train_args.load_best_model_at_end:
+        best_step = loop.load_best_model(accelerator.unwrap_model(model), lambda m, folder: load_model(m, folder / BEST_WEIGHTS))
     test_metrics = evaluate_ctr(
         model, test_loader, accelerator, deduplicate_histories=train_args.deduplicate_histories, fresh_after=data.cut
     )
@@ -215,6 +243,10 @@ def main(args: Optional[list[str]] = None) -> dict:
         "data": data.summary,
         "steps": loop.step,
         "epochs": num_epochs,
+        "epochs_trained": round(loop.step / steps_per_epoch, 2),
+        "best_step": best_step,  # the tested and saved weights: the best validation AUC's (None: the last step's)
+        "best_epoch": round(best_step / steps_per_epoch, 2) if best_step is not None else None,
+        "best_valid_auc": loop.position.best_metric if best_step is not None else None,
         "train_seconds": round(train_seconds, 1),
         "seconds_per_epoch": round(train_seconds / max(loop.step / steps_per_epoch, 1e-9), 1),
         "total_seconds": round(time.time() - start_time, 1),
@@ -238,7 +270,9 @@ def main(args: Optional[list[str]] = None) -> dict:
         if data.encoder is not None:
             data.encoder.save(folder)
         card = render_ctr_card(
-            save_dir=save_dir, results=results, data_args=data_args, model_args=model_args, repo_id=hub_args.hub_model_id
+            save_dir=save_dir, results=results, data_args=data_args, model_args=model_args, repo_id=hub_args.hub_model_id,
+            comparison=json.loads(Path(train_args.card_comparison).read_text()) if train_args.card_comparison else None,
+            comparison_source=train_args.card_comparison,
         )
         (folder / "README.md").write_text(card)
 

@@ -265,6 +265,7 @@ def main(args: Optional[list[str]] = None) -> dict:
     results = {
         "dataset": data_args.prepared or data_args.dataset,
         "steps": loop.step,
+        "epochs": round(loop.step / steps_per_epoch, 2),
         "train_seconds": round(train_seconds, 1),
         "tokens_per_s": round(loop.units_seen / max(train_seconds, 1e-9), 1),
         "peak_rss_gib": round(peak_rss_gib(), 3),

@@ -18,6 +18,7 @@ from pinfm_hf.data import (
     EventValidationError,
     PinFMDataCollator,
     build_ctr_samples,
+    ctr_splits,
     collate_impression_groups,
     load_movielens_users,
     make_event_table,
@@ -380,3 +381,20 @@ def test_item_first_seen_is_the_first_event_of_the_item_anywhere(ml1m_events, ml
     assert all(row["item_first_seen"] == expected[row["item_id"]] for row in rows)
     ages = pc.subtract(samples["timestamp"], samples["item_first_seen"])
     assert pc.min(ages).as_py() == 0  # never negative, and some impression is the item's first event
+
+
+def test_ctr_splits_validation_slice_lies_between_the_two_cuts(ml1m_events):
+    case = CTR_USE_CASES["like"]
+    kwargs = dict(positive_actions=case.positive_actions, negative_actions=case.negative_actions, cut_quantile=0.9)
+    plain = ctr_splits(ml1m_events, **kwargs)
+    split = ctr_splits(ml1m_events, **kwargs, validation_cut_quantile=0.85, max_validation_samples=5000)
+    validation_cut = quantile_timestamp(ml1m_events, 0.85)
+    assert split.validation_cut == validation_cut and split.cut == plain.cut
+    assert pc.max(split.train["timestamp"]).as_py() < validation_cut <= pc.min(split.valid["timestamp"]).as_py()
+    assert pc.max(split.valid["timestamp"]).as_py() < split.cut
+    assert split.test.equals(plain.test)  # the test period is untouched
+    # Whole requests, about the asked size; the rest of the slice is dropped, not moved to training.
+    assert 5000 <= split.valid.num_rows < 5100
+    assert split.train.num_rows < plain.train.num_rows - 5000
+    with pytest.raises(ValueError, match="before the test period"):
+        ctr_splits(ml1m_events, **kwargs, validation_cut_quantile=0.95)

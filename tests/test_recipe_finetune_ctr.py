@@ -123,3 +123,41 @@ def test_two_processes_sync_gradients_and_gather_metrics_once(base, tmp_path):
     assert len(checksums) == 2 and checksums[0] == checksums[1]
     assert results["data"]["test_samples"] % 2 == 1  # odd on purpose: one rank gets a padding duplicate
     assert results["test"]["num_samples"] == results["data"]["test_samples"]  # gather_for_metrics dropped it
+
+
+def test_early_stopping_tests_and_saves_the_best_validation_epoch(base, tmp_path):
+    output_dir = tmp_path / "early"
+    # A benchmark report whose figures for `like` go into the adapter's card (two seeds of two strategies, one peer).
+    report = tmp_path / "ctr_transfer.json"
+    report.write_text(json.dumps({"ml-1m/like": {
+        "rows": [{"strategy": s, "seed": k, "auc": auc, "gauc": 0.7, "logloss": 0.5, "trainable_share": share}
+                 for s, share, aucs in (("none", 0.98, (0.70, 0.72)), ("lora", 0.04, (0.75, 0.76))) for k, auc in enumerate(aucs)],
+        "peers": [{"name": "lightgbm", "seed": 0, "auc": 0.74, "gauc": 0.69, "logloss": 0.52}],
+    }}))
+    run(
+        "finetune_ctr.py", TINY_CTR, output_dir, "--base", str(base), "--transfer", "lora", "--ctr_item_bias", "true",
+        "--validation_cut_quantile", "0.85", "--max_validation_samples", "400", "--max_train_samples", "640",
+        "--max_steps", "-1", "--num_train_epochs", "4", "--eval_every_epochs", "1", "--load_best_model_at_end", "true",
+        "--early_stopping_patience", "1", "--learning_rate", "0.05", "--card_comparison", str(report),
+    )
+    results = json.loads((output_dir / "results.json").read_text())
+    assert results["data"]["validation_samples"] >= 400
+    validations = [(r["step"], r["valid/auc"]) for r in read_jsonl(output_dir / "train_log.jsonl") if "valid/auc" in r]
+    best = max(range(len(validations)), key=lambda i: (validations[i][1], -i))  # the first of equal bests
+    assert (results["best_step"], results["best_valid_auc"]) == validations[best]
+    # Patience 1: training stops at the first validation that is not better, or runs out of epochs.
+    assert len(validations) == 4 or best == len(validations) - 2
+    # The saved adapter holds the best validation's weights (the ones tested), not the last step's.
+    from safetensors.torch import load_file
+
+    saved = load_file(output_dir / "adapter" / "adapter_model.safetensors")
+    best_weights = load_file(output_dir / "best_model" / "model.safetensors")
+    torch.testing.assert_close(
+        saved["base_model.model.ctr_item_bias.weight"],
+        best_weights["base_model.model.ctr_item_bias.modules_to_save.default.weight"], rtol=0, atol=0,
+    )
+    assert saved["base_model.model.ctr_item_bias.weight"].abs().sum() > 0
+    card = (output_dir / "adapter" / "README.md").read_text()
+    assert f"best validation AUC ({results['best_valid_auc']:.4f}" in card
+    assert "| lora | 2 | 0.7550 +- 0.0071 |" in card and "| none | 2 | 0.7100 +- 0.0141 |" in card
+    assert "| peer: lightgbm | 1 | 0.7400 +- 0.0000 |" in card

@@ -14,6 +14,7 @@ import re
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from .configuration_pinfm import PinFMConfig
@@ -213,6 +214,17 @@ class TrainingArguments:
                   "save as at the end of the plan: runs at a fixed wall-time budget."},
     )
     report_to: Optional[str] = field(default=None, metadata={"help": "An Accelerate tracker, e.g. 'tensorboard'."})
+    eval_every_epochs: int = field(default=0, metadata={"help": "Validate every N epochs (0: only the final test)."})
+    load_best_model_at_end: bool = field(
+        default=False,
+        metadata={"help": "Keep the weights of the best validation (NDCG@10 in pretraining, AUC in CTR fine-tuning; in "
+                  "<output_dir>/best_model) and test and save those: the epoch is chosen on validation only. Needs "
+                  "--eval_every_epochs and an out-of-sample validation (pretraining: --train_holdout 2; CTR: "
+                  "--validation_cut_quantile)."},
+    )
+    early_stopping_patience: int = field(
+        default=0, metadata={"help": "With --load_best_model_at_end: stop after N validations without a better one (0: never)."}
+    )
 
     def __post_init__(self) -> None:
         check_ranges(
@@ -220,8 +232,13 @@ class TrainingArguments:
             positive=("per_device_train_batch_size", "per_device_eval_batch_size", "learning_rate", "num_train_epochs",
                       "gradient_accumulation_steps", "logging_steps", "checkpointing_steps", "stop_after_steps",
                       "max_train_minutes"),
-            non_negative=("seed", "weight_decay", "warmup_steps", "max_grad_norm", "checkpoints_total_limit"),
+            non_negative=("seed", "weight_decay", "warmup_steps", "max_grad_norm", "checkpoints_total_limit",
+                          "eval_every_epochs", "early_stopping_patience"),
         )
+        if (self.load_best_model_at_end or self.early_stopping_patience) and not self.eval_every_epochs:
+            raise ValueError("--load_best_model_at_end and --early_stopping_patience need --eval_every_epochs >= 1.")
+        if self.early_stopping_patience and not self.load_best_model_at_end:
+            raise ValueError("--early_stopping_patience stops at the best validation's patience: add --load_best_model_at_end true.")
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError(f"--max_steps must be -1 (the epochs decide) or >= 1, got {self.max_steps}.")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
@@ -261,15 +278,6 @@ class PretrainingArguments(TrainingArguments):
                   "ML-1M: benchmarks/RESULTS.md, 'Large vocabularies')."},
     )
     gradient_checkpointing: bool = False
-    eval_every_epochs: int = field(default=0, metadata={"help": "Validate every N epochs (0: only the final test)."})
-    load_best_model_at_end: bool = field(
-        default=False,
-        metadata={"help": "Keep the weights of the best validation NDCG@10 (<output_dir>/best_model) and test and save "
-                  "those: the epoch is chosen on validation only. Needs --eval_every_epochs and --train_holdout 2."},
-    )
-    early_stopping_patience: int = field(
-        default=0, metadata={"help": "With --load_best_model_at_end: stop after N validations without a better one (0: never)."}
-    )
     full_softmax_max_items: int = field(
         default=100_000,
         metadata={"help": "Refuse --full_softmax true above this many item ids (and --full_softmax auto samples negatives "
@@ -281,14 +289,8 @@ class PretrainingArguments(TrainingArguments):
         super().__post_init__()
         check_ranges(
             self, positive=("full_softmax_max_items", "per_device_train_batch_tokens", "item_learning_rate"),
-            non_negative=("eval_every_epochs",),
             fractions=("adam_beta2",),
         )
-        check_ranges(self, non_negative=("early_stopping_patience",))
-        if (self.load_best_model_at_end or self.early_stopping_patience) and not self.eval_every_epochs:
-            raise ValueError("--load_best_model_at_end and --early_stopping_patience need --eval_every_epochs >= 1.")
-        if self.early_stopping_patience and not self.load_best_model_at_end:
-            raise ValueError("--early_stopping_patience stops at the best validation's patience: add --load_best_model_at_end true.")
         if self.packing and self.group_by_length:
             raise ValueError("--group_by_length batches padded rows: use it with --packing false (packed rows have no padding to save).")
 
@@ -311,6 +313,15 @@ class CTRDataArguments(EventSourceArguments):
     )
     side_features: bool = field(default=True, metadata={"help": "Feed user and item side features to the head."})
     cut_quantile: float = field(default=0.9, metadata={"help": "Global time cut (quantile of event times): train before, test after."})
+    validation_cut_quantile: Optional[float] = field(
+        default=None,
+        metadata={"help": "Validation slice: impressions between this quantile of event times and --cut_quantile leave "
+                  "training and are validated on every --eval_every_epochs epochs (early stopping, best epoch); the "
+                  "test period is never used for a choice. None: no validation."},
+    )
+    max_validation_samples: Optional[int] = field(
+        default=None, metadata={"help": "Validate on a seeded random subset of N samples of the validation slice."}
+    )
     max_history: int = field(default=50, metadata={"help": "Most recent history events before each impression."})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Train on a seeded random subset of N samples."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Test on a seeded random subset of N samples."})
@@ -319,9 +330,14 @@ class CTRDataArguments(EventSourceArguments):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_ranges(
-            self, positive=("max_history", "max_train_samples", "max_eval_samples", "max_slots_per_field"),
-            quantiles=("cut_quantile",),
+            self, positive=("max_history", "max_train_samples", "max_eval_samples", "max_validation_samples", "max_slots_per_field"),
+            quantiles=("cut_quantile", "validation_cut_quantile"),
         )
+        if self.validation_cut_quantile is not None and self.validation_cut_quantile >= self.cut_quantile:
+            raise ValueError(
+                f"--validation_cut_quantile ({self.validation_cut_quantile}) must be below --cut_quantile "
+                f"({self.cut_quantile}): the validation slice lies before the test period."
+            )
 
     def actions(self) -> tuple[list[str], list[str]]:
         """The use case's positive and negative actions (see `use_case_actions`)."""
@@ -358,7 +374,7 @@ class TransferArguments:
 # The ranking model's own fields (the side-feature vocabulary and slots come from the data).
 CTR_MODEL_FIELDS = (
     "ctr_fusion", "ctr_head", "ctr_head_hidden_sizes", "ctr_num_cross_layers", "ctr_dropout", "ctr_feature_embedding_size",
-    "ctr_aux_loss_weight", "ctr_candidate_item_features", "ctr_young_item_dropout", "ctr_young_item_age_days",
+    "ctr_aux_loss_weight", "ctr_candidate_item_features", "ctr_item_bias", "ctr_young_item_dropout", "ctr_young_item_age_days",
 )
 CTRModelArguments = config_arguments(
     "CTRModelArguments", CTR_MODEL_FIELDS, bases=(TransferArguments,),
@@ -383,9 +399,17 @@ class CTRTrainingArguments(TrainingArguments):
                   "(same logits; fewer encoder passes). Batches then hold whole requests, about the same number of samples."},
     )
 
+    card_comparison: Optional[str] = field(
+        default=None,
+        metadata={"help": "A report of benchmarks/bench_ctr.py (e.g. benchmarks/results/ctr_transfer.json): its figures "
+                  "for this use case (every strategy and peer, over seeds) go into the saved model card."},
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         check_ranges(self, positive=("backbone_learning_rate",), fractions=("candidate_id_randomization",))
+        if self.card_comparison is not None and not Path(self.card_comparison).is_file():
+            raise ValueError(f"--card_comparison {self.card_comparison}: no such file.")
 
 
 def split_names(value: Optional[str]) -> list[str]:

@@ -118,6 +118,30 @@ def render_pretrained_card(
     return str(card)
 
 
+def comparison_rows(report: dict[str, Any], use_case: str) -> Optional[list[tuple]]:
+    """Mean +- std over seeds per strategy and peer of a `ctr_transfer.json` entry for `use_case` (None: not in it)."""
+    entry = next((v for k, v in report.items() if k.split("/")[-1] == use_case and isinstance(v, dict)), None)
+    if not entry or not entry.get("rows"):
+        return None
+    groups: dict[str, list[dict]] = {}
+    for r in entry["rows"]:
+        groups.setdefault(r["strategy"], []).append(r)
+    for p in entry.get("peers", []):
+        groups.setdefault(f"peer: {p['name']}", []).append(p)
+
+    def stat(group: list[dict], key: str) -> str:
+        values = [r[key] for r in group]
+        mean = sum(values) / len(values)
+        std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+        return f"{mean:.4f} +- {std:.4f}"
+
+    return [
+        (name, len(g), stat(g, "auc"), stat(g, "gauc"), stat(g, "logloss"),
+         f"{100 * g[0]['trainable_share']:.1f}%" if "trainable_share" in g[0] else "")
+        for name, g in groups.items()
+    ]
+
+
 def render_ctr_card(
     *,
     save_dir: str | Path,
@@ -126,10 +150,14 @@ def render_ctr_card(
     model_args: Any,
     repo_id: Optional[str] = None,
     template_path: Optional[str | Path] = None,
+    comparison: Optional[dict[str, Any]] = None,
+    comparison_source: Optional[str] = None,
 ) -> str:
     """
     Fill the CTR card template (full model or LoRA adapter) with the use case, data split and measured metrics;
-    `model_args` are the recipe's `CTRModelArguments` (base, transfer strategy, fusion).
+    `model_args` are the recipe's `CTRModelArguments` (base, transfer strategy, fusion). `comparison` is a report of
+    `benchmarks/bench_ctr.py` (`ctr_transfer.json`, read from `comparison_source`): its rows for this use case become a
+    table of every strategy and peer, so the card says what the adapter is worth against the alternatives.
     """
     from .transfer import TRANSFER_STRATEGIES
 
@@ -176,8 +204,16 @@ def render_ctr_card(
         side_features=", ".join(data["side_features"]) or "none",
         fusion=model_args.ctr_fusion,
         metric_rows=[(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in test.items()],
+        validation_samples=f"{data['validation_samples']:,}" if data.get("validation_samples") else None,
+        validation_cut_quantile=data_args.validation_cut_quantile,
+        best_valid_auc=f"{results['best_valid_auc']:.4f}" if results.get("best_valid_auc") is not None else "n/a",
+        best_epoch=results.get("best_epoch"),
+        epochs_trained=results.get("epochs_trained"),
         steps=results["steps"],
+        train_seconds=results.get("train_seconds"),
         seconds_per_epoch=results["seconds_per_epoch"],
+        comparison_rows=comparison_rows(comparison, data["use_case"]) if comparison else None,
+        comparison_source=comparison_source,
         peak_rss_gib=results["peak_rss_gib"],
         repo_or_path=repo_id or str(save_dir),
     )

@@ -201,10 +201,13 @@ class TrainingLoop:
     def best_model_dir(self) -> Path:
         return self.run.output_dir / "best_model"
 
-    def load_best_model(self, model: torch.nn.Module) -> Optional[int]:
+    def load_best_model(
+        self, model: torch.nn.Module, load: Optional[Callable[[torch.nn.Module, Path], Any]] = None
+    ) -> Optional[int]:
         """
         Load the weights of the best validation into `model` (unwrapped; every process) and return its step, or
-        None when there was none. Refuses weights that are not that validation's.
+        None when there was none. Refuses weights that are not that validation's. `load(model, folder)` reads what
+        `after_validation`'s `save_best` wrote (default: a `save_pretrained` folder of `type(model)`).
         """
         if self.position.best_step is None:
             return None
@@ -215,8 +218,10 @@ class TrainingLoop:
                 f"{folder} holds the weights of step {saved.get('step')}, but the best validation was at step "
                 f"{self.position.best_step}: it was changed outside this run; rerun without --load_best_model_at_end."
             )
-        best = type(model).from_pretrained(folder)
-        model.load_state_dict(best.state_dict())
+        if load is not None:
+            load(model, folder)
+        else:
+            model.load_state_dict(type(model).from_pretrained(folder).state_dict())
         logger.info(f"Loaded the weights of the best validation (step {self.position.best_step}) from {folder}.")
         return self.position.best_step
 

@@ -252,14 +252,17 @@ def side_feature_fields(samples: pa.Table) -> list[str]:
 @dataclass
 class CTRSplits:
     """
-    What [`ctr_splits`] returns: the per-user `sequences`, the `train` impressions (before `cut`) and the `test` ones
-    (from `cut` on), each a seeded subset of whole requests when asked.
+    What [`ctr_splits`] returns: the per-user `sequences`, the `train` impressions (before `validation_cut`, or `cut`
+    without a validation slice), the `valid` ones (from `validation_cut` to `cut`; `None` without one) and the `test`
+    ones (from `cut` on), each a seeded subset of whole requests when asked.
     """
 
     sequences: datasets.Dataset
     train: pa.Table
     test: pa.Table
     cut: int
+    valid: Optional[pa.Table] = None
+    validation_cut: Optional[int] = None
 
 
 def ctr_splits(
@@ -268,26 +271,49 @@ def ctr_splits(
     positive_actions: Sequence[str],
     negative_actions: Sequence[str],
     cut_quantile: float,
+    validation_cut_quantile: Optional[float] = None,
     user_features: Optional[pa.Table] = None,
     max_train_samples: Optional[int] = None,
+    max_validation_samples: Optional[int] = None,
     max_test_samples: Optional[int] = None,
     seed: int = 0,
 ) -> CTRSplits:
     """
     The CTR data of a use case, as fine-tuning, scoring and benchmarks all build it: impressions with their histories
     (`build_ctr_samples`), split at the event-time quantile `cut_quantile` (`split_ctr_samples`), then seeded subsets of
-    whole requests (`sample_requests`; train with `seed`, test with `seed + 1`).
+    whole requests (`sample_requests`; train with `seed`, test with `seed + 1`, validation with `seed + 2`).
+
+    `validation_cut_quantile` (below `cut_quantile`) takes the impressions between the two cuts out of training, as a
+    validation slice for early stopping: it lies before the test period, as a model trained up to a day and checked on
+    the next would, and the test impressions stay untouched by any choice made on it.
     """
     sequences, samples = build_ctr_samples(
         events, positive_actions=positive_actions, negative_actions=negative_actions, user_features=user_features
     )
     cut = quantile_timestamp(events, cut_quantile)
     train, test = split_ctr_samples(samples, cut)
+    valid, validation_cut = None, None
+    if validation_cut_quantile is not None:
+        if not 0.0 < validation_cut_quantile < cut_quantile:
+            raise ValueError(
+                f"validation_cut_quantile ({validation_cut_quantile}) must be between 0 and cut_quantile ({cut_quantile}): "
+                "the validation slice lies before the test period."
+            )
+        validation_cut = quantile_timestamp(events, validation_cut_quantile)
+        train, valid = split_ctr_samples(train, validation_cut)
+        if valid.num_rows == 0:
+            raise ValueError(
+                f"No impression lies between the validation cut ({validation_cut_quantile} quantile, {validation_cut}) and "
+                f"the test cut ({cut_quantile}, {cut}): lower validation_cut_quantile."
+            )
+        valid = sample_requests(valid, max_validation_samples, seed + 2)
     return CTRSplits(
         sequences=sequences,
         train=sample_requests(train, max_train_samples, seed),
         test=sample_requests(test, max_test_samples, seed + 1),
         cut=cut,
+        valid=valid,
+        validation_cut=validation_cut,
     )
 
 
