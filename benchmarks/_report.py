@@ -35,11 +35,20 @@ def add_run_arguments(parser, runs_dir: Path, recipe: str) -> None:
     parser.add_argument("extra", nargs="...", help=f"After `--`: more {recipe} flags for every run.")
 
 
-def run_once(command: list[str], results_path: Path, rerun: bool, cwd: Path) -> dict:
-    """Run a recipe `command` unless its `results_path` exists already (or `rerun`), then return those results."""
+def run_once(command: list[str], results_path: Path, rerun: bool, cwd: Path, log: Optional[Path] = None) -> dict:
+    """
+    Run a recipe `command` unless its `results_path` exists already (or `rerun`), then return those results. With
+    `log`, the run's output goes to that file (runs in parallel do not interleave), and a failure names it.
+    """
     if rerun or not results_path.exists():
-        print("$", " ".join(command), file=sys.stderr, flush=True)
-        subprocess.run(command, cwd=cwd, check=True)
+        print("$", " ".join(command), *([">", str(log)] if log else []), file=sys.stderr, flush=True)
+        if log is None:
+            subprocess.run(command, cwd=cwd, check=True)
+        else:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with open(log, "w") as out:
+                if subprocess.run(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT).returncode != 0:
+                    raise RuntimeError(f"{' '.join(command)} failed: see {log}")
     return json.loads(results_path.read_text())
 
 
