@@ -16,5 +16,5 @@ fi
 if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   .venv/bin/python -m pip install -q "torch==2.13.0"
 fi
-.venv/bin/python -m pip install -q -e ".[test,scale,spark,retrieval]"
+.venv/bin/python -m pip install -q -e ".[test,scale,spark,retrieval,serve]"
 echo "$wanted" > "$STAMP"

@@ -225,23 +225,62 @@ class PinFMAttention(nn.Module):
         sin: torch.Tensor,
         past_key: torch.Tensor,
         past_value: torch.Tensor,
-        past_valid: torch.BoolTensor,
+        past_valid: Optional[torch.BoolTensor] = None,
     ) -> torch.Tensor:
         """
         DCAT crossing step: each of a user's C candidate tokens `(U, C, hidden)` attends to that user's cached history
-        keys/values `(U, heads, T, head_dim)` (valid where `past_valid` `(U, T)`) and to itself, never to the other
-        candidates: the same result as appending each candidate to the sequence alone, in O(C * T), not O(C * T^2).
+        keys/values `(U, heads, T, head_dim)` (valid where `past_valid` `(U, T)`; `None`: all real) and to itself,
+        never to the other candidates: the same result as appending each candidate to the sequence alone, in O(C * T),
+        not O(C * T^2). `cos`/`sin` `(U, 1, 1, head_dim)` rotate to the candidates' position, one per user.
+
+        All of a user's candidates sit at one rotary position p, so their queries and keys are never rotated: the
+        self score q.k is the same unrotated (both turn by p), and R_p q . k_j = q . R_-p k_j, so the cached keys turn
+        back by p instead, once per user rather than once per candidate.
         """
         U, C, _ = hidden_states.shape
-        q, k, v = self.project(hidden_states, cos, sin)  # (U, H, C, D)
+        q, k, v = (
+            proj(hidden_states).view(U, C, self.num_heads, self.head_dim).transpose(1, 2)  # (U, H, C, D)
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        past_key = apply_rotary(past_key, cos, -sin)  # (U, H, T, D), relative to the candidates' position
         scale = 1.0 / math.sqrt(self.head_dim)
-        history_scores = (q @ past_key.transpose(-2, -1)) * scale  # (U, H, C, T)
-        history_scores = history_scores.masked_fill(~past_valid[:, None, None, :], torch.finfo(q.dtype).min)
         self_scores = (q * k).sum(-1, keepdim=True) * scale  # (U, H, C, 1)
-        probs = torch.cat([history_scores, self_scores], dim=-1).float().softmax(dim=-1).to(q.dtype)
-        probs = F.dropout(probs, p=self.dropout if self.training else 0.0, training=self.training)
-        out = probs[..., :-1] @ past_value + probs[..., -1:] * v  # (U, H, C, D)
+        dropout = self.dropout if self.training else 0.0
+        if q.requires_grad or dropout > 0 or q.device.type != "cpu":
+            history_scores = (q @ past_key.transpose(-2, -1)) * scale  # (U, H, C, T)
+            if past_valid is not None:
+                history_scores = history_scores.masked_fill(~past_valid[:, None, None, :], torch.finfo(q.dtype).min)
+            probs = torch.cat([history_scores, self_scores], dim=-1).float().softmax(dim=-1).to(q.dtype)
+            probs = F.dropout(probs, p=dropout, training=self.training)
+            out = probs[..., :-1] @ past_value + probs[..., -1:] * v  # (U, H, C, D)
+        else:
+            out = self._fused_cross_attention(q, v, self_scores, past_key, past_value, past_valid, scale)
         return self.o_proj(out.transpose(1, 2).reshape(U, C, -1))
+
+    @staticmethod
+    def _fused_cross_attention(
+        q: torch.Tensor,
+        v: torch.Tensor,
+        self_scores: torch.Tensor,
+        past_key: torch.Tensor,
+        past_value: torch.Tensor,
+        past_valid: Optional[torch.BoolTensor],
+        scale: float,
+    ) -> torch.Tensor:
+        """
+        Inference on CPU: the history part through torch's fused flash kernel, which also returns each row's
+        log-sum-exp, then the candidate's own key merged in exactly: with weight w = sigmoid(self - lse) on its own
+        value, `out = lerp(history_out, v, w)`. No `(C, T)` score tensor is written, masked, concatenated or copied.
+        """
+        bias = None
+        if past_valid is not None:  # finfo.min, not -inf: a user without history gets a finite lse, so w = 1
+            bias = torch.zeros(past_valid.shape, dtype=q.dtype, device=q.device)
+            bias = bias.masked_fill(~past_valid, torch.finfo(q.dtype).min)[:, None, None, :]  # (U, 1, 1, T)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, past_key, past_value, attn_mask=bias, scale=scale
+        )  # (U, H, C, D), (U, H, C)
+        weight = torch.sigmoid(self_scores.float() - lse.unsqueeze(-1)).to(out.dtype)  # (U, H, C, 1)
+        return torch.lerp(out, v, weight)
 
 
 class PinFMLayer(GradientCheckpointingLayer):
@@ -270,7 +309,7 @@ class PinFMLayer(GradientCheckpointingLayer):
         cos: torch.Tensor,
         sin: torch.Tensor,
         past_key_value: tuple[torch.Tensor, torch.Tensor],
-        past_valid: torch.BoolTensor,
+        past_valid: Optional[torch.BoolTensor] = None,
     ) -> torch.Tensor:
         """The layer for DCAT candidate tokens: cross-attention to the cached history instead of self-attention."""
         attn_out = self.self_attn.cross_attention(self.input_layernorm(hidden_states), cos, sin, *past_key_value, past_valid)
@@ -513,15 +552,17 @@ class PinFMModel(PinFMPreTrainedModel):
         candidate_embeddings: torch.Tensor,
         candidate_positions: torch.LongTensor,
         key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...],
-        past_valid: torch.BoolTensor,
+        past_valid: Optional[torch.BoolTensor] = None,
     ) -> torch.Tensor:
         """
         DCAT crossing pass: run `(U, C, hidden)` candidate tokens (from `embeddings.combine`) through every layer,
-        each attending to its user's cached `key_values` (valid where `past_valid` `(U, T)`) and itself, at
-        rotary position `candidate_positions` `(U, C)` (the user's number of events). Returns the final-norm outputs.
+        each attending to its user's cached `key_values` (valid where `past_valid` `(U, T)`; `None`: every cached
+        event is real) and itself, at rotary position `candidate_positions` `(U,)` (the user's number of events,
+        shared by all its candidates). Returns the final-norm outputs `(U, C, hidden)`.
         """
-        cos, sin = rotary_cos_sin(candidate_positions, self.config.head_dim, self.config.rope_theta, candidate_embeddings.dtype)
-        hidden_states = self.add_position_embeddings(candidate_embeddings, candidate_positions)
+        positions = candidate_positions.view(-1, 1)  # (U, 1): one position per user, broadcast over its candidates
+        cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, candidate_embeddings.dtype)
+        hidden_states = self.add_position_embeddings(candidate_embeddings, positions)
         for layer, layer_key_values in zip(self.layers, key_values):
             hidden_states = layer.cross_forward(hidden_states, cos, sin, layer_key_values, past_valid)
         return self.norm(hidden_states)

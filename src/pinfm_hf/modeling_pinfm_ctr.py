@@ -436,6 +436,7 @@ class PinFMForCTR(PinFMPreTrainedModel):
             input_ids, attention_mask, action_ids, surface_ids, timestamps,
             candidate_ids=flat, candidate_user_index=candidate_user_index, request_timestamps=request_timestamps,
             candidate_side_feature_ids=side, candidate_surface_ids=surfaces, deduplicate=deduplicate,
+            candidates_per_user=shape[1] if candidate_ids.dim() == 2 else None,
         )
         return scored.logits.view(shape)
 
@@ -454,11 +455,14 @@ class PinFMForCTR(PinFMPreTrainedModel):
         candidate_surface_ids: Optional[torch.LongTensor] = None,
         candidate_age: Optional[torch.LongTensor] = None,
         deduplicate: bool = True,
+        candidates_per_user: Optional[int] = None,
     ) -> PinFMDCATOutput:
         """
         DCAT scoring of `N` flat candidates `(N,)`, the user row of each in `candidate_user_index` `(N,)`, against the
         histories `(num_users, sequence_length)` (no candidate token): one context pass per distinct history (with
         `deduplicate`) caches every layer's keys and values, then one crossing pass runs all candidates.
+        `candidates_per_user` says that every user has that many candidates, in user order (a flattened
+        `(num_users, C)` grid), which the crossing pass then uses as it is.
         """
         valid = attention_mask.bool()
         if request_timestamps is None and timestamps is not None:
@@ -467,8 +471,11 @@ class PinFMForCTR(PinFMPreTrainedModel):
         events = {"input_ids": input_ids, "action_ids": action_ids, "surface_ids": surface_ids, "timestamps": timestamps}
         events = {k: (v * valid) if v is not None else None for k, v in events.items()}
         user_index = candidate_user_index
-        if deduplicate:
+        first = None
+        if deduplicate and input_ids.shape[0] > 1:  # one user has nothing to share
             first, inverse = unique_rows([*(v for v in events.values() if v is not None), valid.long()], request_timestamps)
+        if first is not None and first.numel() < input_ids.shape[0]:  # only if rows merge: else keep the users' order
+            candidates_per_user = None  # merged users' candidates no longer form a grid
             events = {k: v[first] if v is not None else None for k, v in events.items()}
             valid = valid[first]
             request_timestamps = request_timestamps[first] if request_timestamps is not None else None
@@ -482,7 +489,7 @@ class PinFMForCTR(PinFMPreTrainedModel):
         )
         candidate_hidden = self.cross_candidates(
             context.key_values, valid, events["timestamps"], request_timestamps, candidate_ids, user_index,
-            candidate_side_feature_ids, candidate_surface_ids,
+            candidate_side_feature_ids, candidate_surface_ids, candidates_per_user,
         )
         has_history = valid.any(dim=1, keepdim=True).to(candidate_hidden.dtype)
         user_embedding = (context.user_embedding * has_history)[user_index]
@@ -505,43 +512,56 @@ class PinFMForCTR(PinFMPreTrainedModel):
         user_index: torch.LongTensor,
         candidate_side_feature_ids: Optional[torch.LongTensor],
         candidate_surface_ids: Optional[torch.LongTensor],
+        candidates_per_user: Optional[int] = None,
     ) -> torch.Tensor:
         """
         The crossing pass: candidates `(N,)` of users `user_index` `(N,)`, laid out as a `(users, slots)` grid, each
         attending to its user's cached `key_values` (real events `valid` `(U, T)`) and to itself. Returns `(N, hidden)`.
+        With `candidates_per_user` the candidates already are that grid, row by row (`N = U * C`): no layout to build.
         """
         config, device = self.config, candidate_ids.device
         num_users = valid.shape[0]
         num_events = valid.sum(dim=1)  # (U,)
-        order = torch.argsort(user_index, stable=True)
-        counts = torch.bincount(user_index, minlength=num_users)
-        starts = counts.cumsum(0) - counts
-        sorted_users = user_index[order]
-        slots = torch.arange(order.numel(), device=device) - starts[sorted_users]
-        width = int(counts.max())
-        grid_ids = torch.full((num_users, width), config.pad_token_id, dtype=torch.long, device=device)
-        grid_ids[sorted_users, slots] = candidate_ids[order]
-        grid_actions = torch.full_like(grid_ids, config.candidate_action_id)
-        grid_surfaces = None
-        if candidate_surface_ids is not None:
-            grid_surfaces = torch.zeros_like(grid_ids)
-            grid_surfaces[sorted_users, slots] = candidate_surface_ids[order]
+        if candidates_per_user is None:
+            order = torch.argsort(user_index, stable=True)
+            counts = torch.bincount(user_index, minlength=num_users)
+            starts = counts.cumsum(0) - counts
+            sorted_users = user_index[order]
+            slots = torch.arange(order.numel(), device=device) - starts[sorted_users]
+            width = int(counts.max())
+        else:
+            width = candidates_per_user
+
+        def to_grid(values: torch.Tensor) -> torch.Tensor:
+            """`(N, ...)` per-candidate values -> `(U, width, ...)`, zeros (padding) in the empty slots."""
+            if candidates_per_user is not None:
+                return values.view(num_users, width, *values.shape[1:])
+            grid = values.new_zeros((num_users, width, *values.shape[1:]))
+            grid[sorted_users, slots] = values[order]
+            return grid
+
+        grid_ids = to_grid(candidate_ids)
+        # Every candidate has the candidate action: one id, broadcast over the grid rather than looked up N times.
+        grid_actions = torch.full((1, 1), config.candidate_action_id, dtype=torch.long, device=device)
+        grid_surfaces = to_grid(candidate_surface_ids) if candidate_surface_ids is not None else None
         time_embeddings = None
         if config.use_time_features:
             if timestamps is None:
                 raise ValueError("`timestamps` are required: this model was configured with `use_time_features=True`.")
             last_event = timestamps.masked_fill(~valid, torch.iinfo(timestamps.dtype).min).amax(dim=1)
-            gap = (request_timestamps - last_event).clamp(min=0).view(-1, 1).expand(num_users, width)
-            has_previous = (num_events > 0).view(-1, 1).expand(num_users, width)
-            time_embeddings = self.pinfm.embeddings.candidate_time_features(gap, has_previous)
+            # One gap per user, shared by its candidates: (U, 1) features broadcast over the grid.
+            gap = (request_timestamps - last_event).clamp(min=0).view(-1, 1)
+            has_previous = (num_events > 0).view(-1, 1)
+            time_embeddings = self.pinfm.embeddings.candidate_time_features(gap, has_previous)  # (U, 1, H)
         candidate_embeddings = self.pinfm.embeddings.combine(grid_ids, grid_actions, grid_surfaces, time_embeddings)
         candidate_features = self.candidate_feature_embeddings(candidate_side_feature_ids)
         if candidate_features is not None:
-            grid_features = torch.zeros_like(candidate_embeddings)
-            grid_features[sorted_users, slots] = candidate_features[order].to(candidate_embeddings.dtype)
-            candidate_embeddings = candidate_embeddings + grid_features
-        positions = num_events.view(-1, 1).expand(num_users, width)
-        crossed = self.pinfm.encode_candidates(candidate_embeddings, positions, key_values, valid)  # (U, C, H)
+            candidate_embeddings = candidate_embeddings + to_grid(candidate_features.to(candidate_embeddings.dtype))
+        # A history without padding needs no attention mask (the common serving case); tracing keeps the mask.
+        past_valid = None if checking_inputs() and bool(valid.all()) else valid
+        crossed = self.pinfm.encode_candidates(candidate_embeddings, num_events, key_values, past_valid)  # (U, C, H)
+        if candidates_per_user is not None:
+            return crossed.reshape(num_users * width, crossed.shape[-1])
         candidate_hidden = torch.empty(order.numel(), crossed.shape[-1], dtype=crossed.dtype, device=device)
         candidate_hidden[order] = crossed[sorted_users, slots]
         return candidate_hidden
