@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification
 
 from pinfm_hf import PinFMConfig, PinFMForCTR, PinFMForPretraining, PretrainingObjective
-from pinfm_hf.modeling_pinfm_ctr import randomize_candidate_ids
+from pinfm_hf.modeling_pinfm_ctr import history_action_counts, randomize_candidate_ids
 
 
 VOCAB, ACTIONS = 60, 6
@@ -334,3 +334,43 @@ def test_item_bias_starts_at_zero_and_adds_the_candidates_own_scalar():
     torch.testing.assert_close(after, before + 2.5 * (candidates == candidates[1]).float())
     torch.testing.assert_close(dcat, after, atol=1e-5, rtol=1e-5)
     assert PinFMForCTR(make_config()).ctr_item_bias is None  # off by default
+
+
+def test_history_counts_per_action_and_on_the_candidate_reach_the_head():
+    batch = make_batch()
+    ids, actions = batch["input_ids"], batch["action_ids"]
+    # Row 1: the candidate occurs twice in its history (actions 2 and 3); a padded position with its id does not count.
+    ids[1, 1], actions[1, 1] = ids[1, -1], 2
+    ids[1, 4], actions[1, 4] = ids[1, -1], 3
+    ids[0, 5], actions[0, 5] = ids[0, -1], 2  # row 0: once, among its real events
+    ids[0, 0] = ids[0, -1]  # ... and once in its padding
+    history = batch["attention_mask"].bool().clone()
+    history[:, -1] = False
+    rows = torch.arange(4)
+    counts = history_action_counts(ids, actions, history, ids[:, -1], rows, ACTIONS).expm1().round()
+    expected = torch.zeros(4, 2 * ACTIONS)
+    for row in range(4):  # by hand
+        for t in range(ids.shape[1] - 1):
+            if history[row, t]:
+                expected[row, actions[row, t]] += 1
+                if ids[row, t] == ids[row, -1]:
+                    expected[row, ACTIONS + actions[row, t]] += 1
+    assert expected[1, ACTIONS + 2] >= 1 and expected[1, ACTIONS + 3] >= 1 and expected[0, ACTIONS:].sum() >= 1
+    torch.testing.assert_close(counts, expected)
+    # Candidates grouped by user (DCAT): each compared with its own user's history.
+    swapped = history_action_counts(ids, actions, history, ids[[1, 0], -1], torch.tensor([1, 0]), ACTIONS).expm1().round()
+    torch.testing.assert_close(swapped, expected[[1, 0]])
+
+    torch.manual_seed(0)
+    model = PinFMForCTR(make_config(ctr_history_count_features=True)).eval()
+    assert model.ctr_head.mlp[0].in_features == 16 + 2 * 4 + 2 * ACTIONS  # encoder output, 2 side-feature fields, counts
+    with torch.no_grad():
+        plain = model(**batch).logits
+        dcat = model(**batch, deduplicate_histories=True).logits
+        torch.testing.assert_close(dcat, plain, atol=1e-5, rtol=1e-5)
+        first = model.ctr_head.mlp[0]
+        first.weight[:, -ACTIONS:] += 1.0  # the candidate-match columns: only rows whose candidate is in their history move
+        changed = model(**batch).logits
+    has_match = expected[:, ACTIONS:].sum(dim=1) > 0
+    assert has_match[:2].all()
+    assert torch.equal(~torch.isclose(changed, plain), has_match)

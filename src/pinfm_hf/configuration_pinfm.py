@@ -138,6 +138,12 @@ class PinFMConfig(PretrainedConfig):
             Add a learnt per-item scalar to the ranking logit (zero at start). It lets a ranker whose item embeddings
             are frozen (LoRA, frozen backbone, sparse freeze) learn how often each item is liked, which next-item
             pretraining does not encode: one float per item id, trained with the head and saved with a LoRA adapter.
+        ctr_history_count_features (`bool`, *optional*, defaults to `False`):
+            Give the ranking head, per action, `log1p` of how many events of the user's history have it, and of how
+            many of those are on the candidate item ("viewed twice, carted once"). Exact id matches and the user's own
+            action mix are what carts, purchases and high ratings follow most; attention over pretrained embeddings
+            only approximates them, and a frozen or LoRA-adapted encoder may not surface them. Target-aware counts are
+            standard inputs of CTR models (DIN, gradient-boosted rankers). `2 * action_vocab_size` inputs, no weights.
         ctr_young_item_dropout (`float`, *optional*, defaults to 0.0):
             Cold start (PinFM): during training, drop the sequence model's output for a candidate with this
             probability when the item is brand new, decaying linearly to 0 at `ctr_young_item_age_days`, so the head
@@ -199,6 +205,7 @@ class PinFMConfig(PretrainedConfig):
         ctr_candidate_item_features: bool = False,
         ctr_item_feature_fields: Optional[Sequence[int]] = None,
         ctr_item_bias: bool = False,
+        ctr_history_count_features: bool = False,
         ctr_young_item_dropout: float = 0.0,
         ctr_young_item_age_days: float = 7.0,
         pretraining_max_timestamp: Optional[int] = None,
@@ -249,6 +256,7 @@ class PinFMConfig(PretrainedConfig):
         self.ctr_candidate_item_features = ctr_candidate_item_features
         self.ctr_item_feature_fields = list(ctr_item_feature_fields) if ctr_item_feature_fields else []
         self.ctr_item_bias = ctr_item_bias
+        self.ctr_history_count_features = ctr_history_count_features
         self.ctr_young_item_dropout = ctr_young_item_dropout
         self.ctr_young_item_age_days = ctr_young_item_age_days
         self.pretraining_max_timestamp = pretraining_max_timestamp

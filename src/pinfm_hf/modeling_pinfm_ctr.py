@@ -151,6 +151,28 @@ class PinFMItemBias(nn.Module):
         return self.weight[candidate_ids]
 
 
+def history_action_counts(
+    history_ids: torch.LongTensor,
+    history_actions: torch.LongTensor,
+    history: torch.BoolTensor,
+    candidate_ids: torch.LongTensor,
+    user_index: torch.LongTensor,
+    action_vocab_size: int,
+) -> torch.Tensor:
+    """
+    Per action id, `log1p` of how many events of each user's history `(U, T)` (real events where `history`) have it,
+    then of how many of those are on the candidate item: `(N, 2 * action_vocab_size)` for candidates `(N,)` of users
+    `user_index` `(N,)`. Token ids are compared, so two fresh items sharing a hash bucket also match.
+    """
+    actions = history_actions.masked_fill(~history, 0)
+    all_counts = history.new_zeros(history.shape[0], action_vocab_size, dtype=torch.float32)
+    all_counts.scatter_add_(1, actions, history.to(torch.float32))  # (U, A)
+    match = (history_ids[user_index] == candidate_ids[:, None]) & history[user_index]  # (N, T)
+    match_counts = match.new_zeros(match.shape[0], action_vocab_size, dtype=torch.float32)
+    match_counts.scatter_add_(1, actions[user_index], match.to(torch.float32))  # (N, A)
+    return torch.log1p(torch.cat([all_counts[user_index], match_counts], dim=-1))
+
+
 class PinFMForCTR(PinFMPreTrainedModel):
     """
     PinFM with a ranking head for CTR/CVR, fine-tuned from a pretrained checkpoint.
@@ -179,6 +201,8 @@ class PinFMForCTR(PinFMPreTrainedModel):
         head_input = config.hidden_size if config.ctr_fusion == "early" else 3 * config.hidden_size
         if self.ctr_feature_embeddings is not None:
             head_input += self.ctr_feature_embeddings.output_size
+        if config.ctr_history_count_features:
+            head_input += 2 * config.action_vocab_size
         self.ctr_head = PinFMRankingHead(config, head_input)
         self.ctr_item_bias = PinFMItemBias(config) if config.ctr_item_bias else None
         self.ctr_candidate_feature_proj = None
@@ -191,6 +215,23 @@ class PinFMForCTR(PinFMPreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, PinFMItemBias):
             init.zeros_(module.weight)  # no item preferred before training
+
+    def history_counts(
+        self,
+        history_ids: torch.LongTensor,
+        history_actions: Optional[torch.LongTensor],
+        history: torch.BoolTensor,
+        candidate_ids: torch.LongTensor,
+        user_index: torch.LongTensor,
+    ) -> Optional[torch.Tensor]:
+        """`history_action_counts` of each candidate against its user's history, when the config asks for them."""
+        if not self.config.ctr_history_count_features:
+            return None
+        if history_actions is None:
+            raise ValueError("`action_ids` are required: this model was configured with `ctr_history_count_features`.")
+        return history_action_counts(
+            history_ids, history_actions, history, candidate_ids, user_index, self.config.action_vocab_size
+        )
 
     def candidate_feature_embeddings(self, side_feature_ids: Optional[torch.LongTensor]) -> Optional[torch.Tensor]:
         """Cold start: the candidate's item side features, projected to one token embedding `(N, hidden)`."""
@@ -221,8 +262,12 @@ class PinFMForCTR(PinFMPreTrainedModel):
         candidate_ids: torch.LongTensor,
         side_feature_ids: Optional[torch.LongTensor],
         candidate_age: Optional[torch.Tensor] = None,
+        history_counts: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Head logits `(N,)` from the candidate's encoder output (early fusion) or user + candidate (late fusion)."""
+        """
+        Head logits `(N,)` from the candidate's encoder output (early fusion) or user + candidate (late fusion), the
+        side features and, with `config.ctr_history_count_features`, `history_counts` (`history_action_counts`).
+        """
         keep = self.young_item_mask(candidate_age, candidate_hidden)
         if keep is not None:  # the sequence model's output, dropped for young items in training
             candidate_hidden, user_embedding = candidate_hidden * keep, user_embedding * keep
@@ -235,6 +280,10 @@ class PinFMForCTR(PinFMPreTrainedModel):
             if side_feature_ids is None:
                 raise ValueError("`side_feature_ids` are required: this model was configured with side features.")
             parts.append(self.ctr_feature_embeddings(side_feature_ids))
+        if self.config.ctr_history_count_features:
+            if history_counts is None:
+                raise ValueError("`history_counts` are required: this model was configured with `ctr_history_count_features`.")
+            parts.append(history_counts.to(parts[0].dtype))
         logits = self.ctr_head(torch.cat(parts, dim=-1))
         if self.ctr_item_bias is not None:
             logits = logits + self.ctr_item_bias(candidate_ids)
@@ -322,8 +371,11 @@ class PinFMForCTR(PinFMPreTrainedModel):
             has_history = history.any(dim=1, keepdim=True).to(hidden.dtype)
             user_embedding = hidden[rows, last_valid_index(history)] * has_history  # (B, H)
             # Pretraining losses see history events only: the candidate's outcome is the label, not a target.
+            history_counts = self.history_counts(input_ids, action_ids, history, candidate_ids, rows)
             scored = PinFMDCATOutput(
-                logits=self.ranking_logits(candidate_hidden, user_embedding, candidate_ids, side_feature_ids, candidate_age),
+                logits=self.ranking_logits(
+                    candidate_hidden, user_embedding, candidate_ids, side_feature_ids, candidate_age, history_counts
+                ),
                 candidate_hidden_state=candidate_hidden, user_embedding=user_embedding, context_hidden_state=hidden,
                 context_input_ids=input_ids, context_attention_mask=history,
             )
@@ -493,8 +545,11 @@ class PinFMForCTR(PinFMPreTrainedModel):
         )
         has_history = valid.any(dim=1, keepdim=True).to(candidate_hidden.dtype)
         user_embedding = (context.user_embedding * has_history)[user_index]
+        history_counts = self.history_counts(events["input_ids"], events["action_ids"], valid, candidate_ids, user_index)
         return PinFMDCATOutput(
-            logits=self.ranking_logits(candidate_hidden, user_embedding, candidate_ids, candidate_side_feature_ids, candidate_age),
+            logits=self.ranking_logits(
+                candidate_hidden, user_embedding, candidate_ids, candidate_side_feature_ids, candidate_age, history_counts
+            ),
             candidate_hidden_state=candidate_hidden,
             user_embedding=user_embedding,
             context_hidden_state=context.last_hidden_state,
