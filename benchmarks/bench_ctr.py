@@ -149,6 +149,8 @@ def main() -> None:
     parser.add_argument("--lora_sweep", action="store_true", help="LoRA variants instead of the strategy grid.")
     parser.add_argument("--lora_variants", nargs="+", default=list(LORA_VARIANTS), choices=list(LORA_VARIANTS),
                         help="With --lora_sweep: which variants.")
+    parser.add_argument("--finished_only", action="store_true",
+                        help="Report the runs that have finished (in --runs_dir) and train none: a partial grid.")
     parser.add_argument("--scaling", action="store_true", help="GPSD's scaling check instead of the strategy grid.")
     parser.add_argument("--cold_start", action="store_true", help="Cold-start switches, with the fresh-item slice.")
     add_run_arguments(parser, ROOT / "outputs" / "bench_ctr", "finetune_ctr.py")
@@ -191,11 +193,14 @@ def main() -> None:
             folder = runs_dir / name.replace(", ", "_").replace(" ", "-") / f"seed{seed}"
             if not (folder / "results.json").exists() and (name, seed) in earlier_rows:
                 return earlier_rows[(name, seed)]
+            if args.finished_only and not (folder / "results.json").exists():
+                print(f"{key} {name} seed {seed}: not trained yet (--finished_only): left out", file=sys.stderr)
+                return None
             return row(name, finetune(config, base, strategy, folder, [*flags, "--seed", str(seed), *extra], args.rerun,
                                       log=True), seed)
 
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            rows = list(pool.map(run, plan))
+            rows = [r for r in pool.map(run, plan) if r is not None]
         done = {(r["strategy"], r["seed"]) for r in rows}  # rows of strategies or seeds not asked this time stay
         rows += [r for k, r in earlier_rows.items() if k not in done]
         peers = peers_by_case.get(use_case, {}).get("peers", []) or earlier.get("peers", [])
