@@ -362,20 +362,13 @@ def recipe_data_arguments(use_case: str, seed: int):
 @functools.lru_cache(maxsize=2)
 def load_use_case(use_case: str, seed: int) -> UseCaseData:
     """The train/validation/test impressions of `recipes/finetune_ctr.py::load_data` for this config and seed."""
-    from pinfm_hf.data import ctr_splits, load_user_features_from_args, side_feature_fields
+    from pinfm_hf.data import side_feature_fields
 
     data_args, train_args = recipe_data_arguments(use_case, seed)
     if data_args.validation_cut_quantile is None:
         raise ValueError(f"{USE_CASES[use_case]} has no validation_cut_quantile: the peers need a validation slice.")
     positive_actions, negative_actions = data_args.actions()
-    events = data_args.load_events()
-    splits = ctr_splits(
-        events, positive_actions=positive_actions, negative_actions=negative_actions, cut_quantile=data_args.cut_quantile,
-        validation_cut_quantile=data_args.validation_cut_quantile, max_validation_samples=data_args.max_validation_samples,
-        user_features=load_user_features_from_args(data_args.user_features, data_args.dataset, data_args.data_dir)
-        if data_args.side_features else None,
-        max_train_samples=data_args.max_train_samples, max_test_samples=data_args.max_eval_samples, seed=train_args.seed,
-    )
+    events, splits = data_args.load_splits(train_args.seed)
     side_fields = side_feature_fields(splits.train) if data_args.side_features else []
     flat = FlatSequences.from_sequences(splits.sequences)
     return UseCaseData(

@@ -35,8 +35,6 @@ from pinfm_hf.data import (
     EventTable,
     PinFMDataCollator,
     collate_impression_groups,
-    ctr_splits,
-    load_user_features_from_args,
     side_feature_fields,
 )
 from pinfm_hf.evaluation import evaluate_ctr
@@ -74,14 +72,7 @@ class CTRData:
 def load_data(data_args: CTRDataArguments, model_args: CTRModelArguments, train_args: CTRTrainingArguments) -> CTRData:
     """Events -> per-user sequences + impressions -> time split (train, validation, test) -> CTR samples -> loaders."""
     positive_actions, negative_actions = data_args.actions()
-    events = data_args.load_events()
-    data = ctr_splits(
-        events, positive_actions=positive_actions, negative_actions=negative_actions, cut_quantile=data_args.cut_quantile,
-        validation_cut_quantile=data_args.validation_cut_quantile, max_validation_samples=data_args.max_validation_samples,
-        user_features=load_user_features_from_args(data_args.user_features, data_args.dataset, data_args.data_dir)
-        if data_args.side_features else None,
-        max_train_samples=data_args.max_train_samples, max_test_samples=data_args.max_eval_samples, seed=train_args.seed,
-    )
+    events, data = data_args.load_splits(train_args.seed)
     tokenizer = PinFMTokenizer.from_pretrained(model_args.base, revision=model_args.base_revision)
     feature_fields = side_feature_fields(data.train) if data_args.side_features else []
     encoder = None

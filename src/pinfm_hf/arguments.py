@@ -345,6 +345,24 @@ class CTRDataArguments(EventSourceArguments):
             self.use_case, self.dataset, split_names(self.positive_actions), split_names(self.negative_actions)
         )
 
+    def load_splits(self, seed: int) -> tuple[Any, Any]:
+        """
+        The events and the use case's `CTRSplits` (train, validation, test impressions with their histories) as
+        fine-tuning builds them; `seed` picks the seeded subsets. Benchmarks call it to see exactly the same samples.
+        """
+        from .data import ctr_splits, load_user_features_from_args
+
+        positive_actions, negative_actions = self.actions()
+        events = self.load_events()
+        splits = ctr_splits(
+            events, positive_actions=positive_actions, negative_actions=negative_actions, cut_quantile=self.cut_quantile,
+            validation_cut_quantile=self.validation_cut_quantile, max_validation_samples=self.max_validation_samples,
+            user_features=load_user_features_from_args(self.user_features, self.dataset, self.data_dir)
+            if self.side_features else None,
+            max_train_samples=self.max_train_samples, max_test_samples=self.max_eval_samples, seed=seed,
+        )
+        return events, splits
+
 
 @dataclass
 class TransferArguments:
