@@ -179,3 +179,17 @@ def test_recipe_help_prints_every_flag(script):
     result = subprocess.run([sys.executable, str(recipe), "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "--config" in result.stdout and "--learning_rate" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--validation_cut_quantile", "0.95"], r"--validation_cut_quantile \(0.95\) must be below --cut_quantile \(0.9\)"),
+        (["--card_comparison", "no/such/report.json"], "--card_comparison no/such/report.json: no such file"),
+        (["--early_stopping_patience", "1", "--eval_every_epochs", "1"], "add --load_best_model_at_end true"),
+        (["--load_best_model_at_end", "true"], "need --eval_every_epochs >= 1"),
+    ],
+)
+def test_bad_ctr_validation_flags_are_refused_when_parsed(flags, message):
+    with pytest.raises(ValueError, match=message):
+        parse_recipe_args((CTRDataArguments, CTRModelArguments, CTRTrainingArguments), ["--dataset", "ml-1m", *flags])

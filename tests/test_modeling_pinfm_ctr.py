@@ -374,3 +374,12 @@ def test_history_counts_per_action_and_on_the_candidate_reach_the_head():
     has_match = expected[:, ACTIONS:].sum(dim=1) > 0
     assert has_match[:2].all()
     assert torch.equal(~torch.isclose(changed, plain), has_match)
+
+
+def test_history_counts_without_actions_are_refused_clearly():
+    # An encoder without action embeddings still needs the actions to count them.
+    model = PinFMForCTR(make_config(ctr_history_count_features=True, use_action_embeddings=False)).eval()
+    batch = make_batch()
+    batch.pop("action_ids")
+    with pytest.raises(ValueError, match="`action_ids` are required: .*ctr_history_count_features"):
+        model(**batch)
