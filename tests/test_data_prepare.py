@@ -195,15 +195,15 @@ def test_recipe_writes_a_prepared_folder(tmp_path, ml1m_parquet):
 
 
 @pytest.mark.slow
-def test_spark_matches_duckdb_and_in_memory(synthetic_log, ml1m_parquet, tmp_path):
+def test_spark_matches_duckdb_and_in_memory(synthetic_log, tmp_path):
+    # The synthetic log (3 shards, duplicates, out-of-order rows, ties) holds every case ML-1M has and more; ML-1M
+    # itself is checked on DuckDB, whose output this test's in-memory reference also is.
     pytest.importorskip("pyspark")
     files = sorted(synthetic_log.glob("*.parquet"))
     expected, events = _in_memory(_concatenated(files))
     prepared = prepare_events(synthetic_log, tmp_path / "spark", engine="spark", spark_master="local[2]")
     _assert_same_sequences(prepared, expected, events)
     assert prepared.duplicates_dropped == events.num_duplicates_dropped
-    expected, events = _in_memory(pq.read_table(ml1m_parquet))
-    _assert_same_sequences(prepare_events(ml1m_parquet, tmp_path / "spark_ml1m", engine="spark", spark_master="local[2]"), expected, events)
     # CSV files: rows numbered in file order (zipWithIndex), ties kept in file then row order.
     csv = tmp_path / "csv"
     csv.mkdir()
