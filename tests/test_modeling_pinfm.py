@@ -412,6 +412,29 @@ def test_all_padding_row_is_zero_user_embedding_and_leaves_other_rows_alone(left
     assert torch.equal(encoder_out.user_embedding[3], torch.zeros(config.hidden_size))
 
 
+@pytest.mark.parametrize("left_padding", [False, True])
+def test_user_embedding_only_runs_the_last_layer_at_the_last_event_with_the_same_results(left_padding):
+    # DCAT's context pass needs every layer's keys and values and the user embedding, not the last layer elsewhere.
+    torch.manual_seed(0)
+    tester = PinFMModelTester(num_hidden_layers=3)
+    config, inputs = tester.prepare_config_and_inputs()
+    inputs = to_left_padding(inputs) if left_padding else inputs
+    batch = with_row(inputs, {k: torch.zeros(tester.seq_length, dtype=torch.long) for k in inputs}, at=2)  # no events
+    model = PinFMModel(config).eval()
+    with torch.no_grad():
+        full = model(**batch, return_key_values=True)
+        only = model(**batch, return_key_values=True, user_embedding_only=True)
+    assert only.last_hidden_state.shape == (tester.batch_size + 1, 1, config.hidden_size)
+    torch.testing.assert_close(only.user_embedding, full.user_embedding, rtol=1e-5, atol=1e-6)
+    assert torch.equal(only.user_embedding[2], torch.zeros(config.hidden_size))
+    assert not torch.equal(only.user_embedding[0], torch.zeros(config.hidden_size))
+    for (key, value), (full_key, full_value) in zip(only.key_values, full.key_values):
+        torch.testing.assert_close(key, full_key)
+        torch.testing.assert_close(value, full_value)
+    with pytest.raises(ValueError, match="user_embedding_only"):
+        model(**batch, user_embedding_only=True, output_hidden_states=True)
+
+
 @pytest.mark.parametrize("fusion", ["early", "late"])
 def test_ctr_row_without_history_and_row_without_any_token(fusion):
     from pinfm_hf import PinFMForCTR

@@ -193,9 +193,12 @@ class PinFMAttention(nn.Module):
 
     def forward(
         self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention_mask: torch.BoolTensor,
-        output_attentions: bool = False, return_key_value: bool = False,
+        output_attentions: bool = False, return_key_value: bool = False, query_index: Optional[torch.LongTensor] = None,
     ) -> LayerOutput:
-        q, k, v = self.project(hidden_states, cos, sin)  # (B, H, T, D) each
+        """`query_index` `(B,)`: attend from that one position of each row only (keys and values still cover all)."""
+        q, k, v = self.project(hidden_states, cos, sin, query_index)  # (B, H, T or 1, D) each
+        if query_index is not None:
+            attention_mask = attention_mask[torch.arange(q.shape[0], device=q.device), :, query_index][:, :, None]
         dropout = self.dropout if self.training else 0.0
         if output_attentions:
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, T, T)
@@ -205,18 +208,27 @@ class PinFMAttention(nn.Module):
         else:
             probs = None
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout)
-        B, T = hidden_states.shape[:2]
+        B, T = q.shape[0], q.shape[2]
         out = out.transpose(1, 2).reshape(B, T, -1)  # (B, T, H * D)
         return self.o_proj(out), probs, ((k, v) if return_key_value else None)
 
-    def project(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Queries, keys (both rotated) and values, each `(B, heads, T, head_dim)`."""
-        B, T, _ = hidden_states.shape
-        q, k, v = (
-            proj(hidden_states).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-            for proj in (self.q_proj, self.k_proj, self.v_proj)
-        )
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+    def project(
+        self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, query_index: Optional[torch.LongTensor] = None
+    ) -> tuple[torch.Tensor, ...]:
+        """Queries, keys (both rotated) and values, each `(B, heads, T, head_dim)`; queries `(B, heads, 1, head_dim)` at `query_index`."""
+        B = hidden_states.shape[0]
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.view(B, x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+
+        k, v = heads(self.k_proj(hidden_states)), heads(self.v_proj(hidden_states))
+        query_states, query_cos, query_sin = hidden_states, cos, sin
+        if query_index is not None:
+            rows = torch.arange(B, device=hidden_states.device)
+            query_states = hidden_states[rows, query_index][:, None]  # (B, 1, hidden)
+            query_cos, query_sin = cos[rows, :, query_index][:, :, None], sin[rows, :, query_index][:, :, None]
+        q = heads(self.q_proj(query_states))
+        return apply_rotary(q, query_cos, query_sin), apply_rotary(k, cos, sin), v
 
     def cross_attention(
         self,
@@ -294,11 +306,14 @@ class PinFMLayer(GradientCheckpointingLayer):
 
     def forward(
         self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention_mask: torch.BoolTensor,
-        output_attentions: bool = False, return_key_value: bool = False,
+        output_attentions: bool = False, return_key_value: bool = False, query_index: Optional[torch.LongTensor] = None,
     ) -> LayerOutput:
+        """`query_index` `(B,)`: the layer's output at that one position of each row only, `(B, 1, hidden)`."""
         attn_out, probs, key_value = self.self_attn(
-            self.input_layernorm(hidden_states), cos, sin, attention_mask, output_attentions, return_key_value
+            self.input_layernorm(hidden_states), cos, sin, attention_mask, output_attentions, return_key_value, query_index
         )
+        if query_index is not None:
+            hidden_states = hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), query_index][:, None]
         hidden_states = hidden_states + self.dropout(attn_out)
         hidden_states = hidden_states + self.dropout(self.mlp(self.post_attention_layernorm(hidden_states)))
         return hidden_states, probs, key_value
@@ -469,6 +484,7 @@ class PinFMModel(PinFMPreTrainedModel):
         return_key_values: bool = False,
         extra_embeddings: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.LongTensor] = None,
+        user_embedding_only: bool = False,
     ) -> PinFMModelOutput:
         r"""
         Args:
@@ -493,6 +509,11 @@ class PinFMModel(PinFMPreTrainedModel):
                 Packed rows: each event's position within its own sequence, 0 where a sequence starts (padding, if
                 any, after the last sequence of a row). `end_timestamps` then has one value per sequence, and
                 `user_embedding` one row per sequence, in order. Without it each row is one sequence.
+            user_embedding_only (`bool`, *optional*, defaults to `False`):
+                Run the last layer at each row's last real event only, the one `user_embedding` reads: what DCAT's
+                context pass needs besides the keys and values, which every layer still computes over all events.
+                `last_hidden_state` is then `(batch_size, 1, hidden_size)`, that event's. Not with packed rows,
+                `output_hidden_states` or `output_attentions`.
 
         Ids outside their vocabulary (`config.item_vocab_size`, `action_vocab_size`, `surface_vocab_size`) and
         timestamps that decrease within a row raise a `ValueError`, as does an input without events
@@ -503,6 +524,9 @@ class PinFMModel(PinFMPreTrainedModel):
         check_event_inputs(input_ids, attention_mask, action_ids, surface_ids, timestamps, end_timestamps, position_ids)
         output_hidden_states = bool(output_hidden_states)
         output_attentions = bool(output_attentions)
+        if user_embedding_only and (position_ids is not None or output_hidden_states or output_attentions):
+            raise ValueError("`user_embedding_only` keeps one position per row: not with `position_ids`, "
+                             "`output_hidden_states` or `output_attentions`.")
         valid = attention_mask.bool()  # (B, T)
 
         hidden_states = self.embeddings(
@@ -518,8 +542,12 @@ class PinFMModel(PinFMPreTrainedModel):
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
         key_values = () if return_key_values else None
-        for layer in self.layers:
-            hidden_states, probs, key_value = layer(hidden_states, cos, sin, mask, output_attentions, return_key_values)
+        last_layer_query = last_valid_index(valid) if user_embedding_only else None
+        for index, layer in enumerate(self.layers):
+            query_index = last_layer_query if index == len(self.layers) - 1 else None
+            hidden_states, probs, key_value = layer(
+                hidden_states, cos, sin, mask, output_attentions, return_key_values, query_index
+            )
             if return_key_values:
                 key_values += (key_value,)
             if output_hidden_states:
@@ -530,7 +558,8 @@ class PinFMModel(PinFMPreTrainedModel):
 
         if position_ids is None:
             has_events = valid.any(dim=1, keepdim=True).to(hidden_states.dtype)  # (B, 1): an all-padding row gets zeros
-            user_embedding = gather_last_valid(hidden_states, valid) * has_events  # (B, H)
+            last = hidden_states[:, 0] if user_embedding_only else gather_last_valid(hidden_states, valid)
+            user_embedding = last * has_events  # (B, H)
         else:
             user_embedding = gather_sequence_ends(hidden_states, valid, position_ids)  # (num_sequences, H)
         return PinFMModelOutput(

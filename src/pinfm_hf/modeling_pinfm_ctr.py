@@ -488,7 +488,7 @@ class PinFMForCTR(PinFMPreTrainedModel):
             input_ids, attention_mask, action_ids, surface_ids, timestamps,
             candidate_ids=flat, candidate_user_index=candidate_user_index, request_timestamps=request_timestamps,
             candidate_side_feature_ids=side, candidate_surface_ids=surfaces, deduplicate=deduplicate,
-            candidates_per_user=shape[1] if candidate_ids.dim() == 2 else None,
+            candidates_per_user=shape[1] if candidate_ids.dim() == 2 else None, keep_context_hidden_states=False,
         )
         return scored.logits.view(shape)
 
@@ -508,13 +508,16 @@ class PinFMForCTR(PinFMPreTrainedModel):
         candidate_age: Optional[torch.LongTensor] = None,
         deduplicate: bool = True,
         candidates_per_user: Optional[int] = None,
+        keep_context_hidden_states: bool = True,
     ) -> PinFMDCATOutput:
         """
         DCAT scoring of `N` flat candidates `(N,)`, the user row of each in `candidate_user_index` `(N,)`, against the
         histories `(num_users, sequence_length)` (no candidate token): one context pass per distinct history (with
         `deduplicate`) caches every layer's keys and values, then one crossing pass runs all candidates.
         `candidates_per_user` says that every user has that many candidates, in user order (a flattened
-        `(num_users, C)` grid), which the crossing pass then uses as it is.
+        `(num_users, C)` grid), which the crossing pass then uses as it is. Without `keep_context_hidden_states`
+        (scoring only) the context pass runs its last layer at each user's last event alone, and
+        `context_hidden_state` is None.
         """
         valid = attention_mask.bool()
         if request_timestamps is None and timestamps is not None:
@@ -537,7 +540,7 @@ class PinFMForCTR(PinFMPreTrainedModel):
         context = self.pinfm(
             events["input_ids"], attention_mask=valid.long(), action_ids=events["action_ids"],
             surface_ids=events["surface_ids"], timestamps=events["timestamps"], end_timestamps=request_timestamps,
-            return_key_values=True,
+            return_key_values=True, user_embedding_only=not keep_context_hidden_states,
         )
         candidate_hidden = self.cross_candidates(
             context.key_values, valid, events["timestamps"], request_timestamps, candidate_ids, user_index,
@@ -552,7 +555,7 @@ class PinFMForCTR(PinFMPreTrainedModel):
             ),
             candidate_hidden_state=candidate_hidden,
             user_embedding=user_embedding,
-            context_hidden_state=context.last_hidden_state,
+            context_hidden_state=context.last_hidden_state if keep_context_hidden_states else None,
             context_input_ids=events["input_ids"],
             context_attention_mask=valid,
         )
