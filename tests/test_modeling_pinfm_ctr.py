@@ -1,12 +1,14 @@
 """PinFMForCTR: early and late fusion, side features, the auxiliary loss, padding and save/load."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification
 
 from pinfm_hf import PinFMConfig, PinFMForCTR, PinFMForPretraining, PretrainingObjective
-from pinfm_hf.modeling_pinfm_ctr import history_action_counts, randomize_candidate_ids
+from pinfm_hf.modeling_pinfm_ctr import history_action_counts, history_action_recency, randomize_candidate_ids
 
 
 VOCAB, ACTIONS = 60, 6
@@ -374,6 +376,44 @@ def test_history_counts_per_action_and_on_the_candidate_reach_the_head():
     has_match = expected[:, ACTIONS:].sum(dim=1) > 0
     assert has_match[:2].all()
     assert torch.equal(~torch.isclose(changed, plain), has_match)
+
+
+def test_history_recency_per_action_and_on_the_candidate_reach_the_head():
+    batch = make_batch()
+    ids, actions, times = batch["input_ids"], batch["action_ids"], batch["timestamps"]
+    ids[1, 1], actions[1, 1] = ids[1, -1], 2  # row 1: the candidate twice in its history, with action 2 both times
+    ids[1, 4], actions[1, 4] = ids[1, -1], 2
+    ids[0, 0] = ids[0, -1]  # row 0: the candidate only in its padding, which does not count
+    history = batch["attention_mask"].bool().clone()
+    history[:, -1] = False
+    rows = torch.arange(4)
+    request = times[:, -1]
+    got = history_action_recency(ids, actions, times, history, request, ids[:, -1], rows, ACTIONS)
+    expected = torch.zeros(4, 2 * ACTIONS)
+    for row in range(4):  # by hand: the latest event of each kind, its age at the request
+        for t in range(ids.shape[1] - 1):
+            if history[row, t]:
+                age = math.log1p(float(request[row] - times[row, t]))
+                expected[row, actions[row, t]] = age  # times increase along the row: the last one wins
+                if ids[row, t] == ids[row, -1]:
+                    expected[row, ACTIONS + actions[row, t]] = age
+    assert expected[1, ACTIONS + 2] > 0 and expected[0, ACTIONS:].sum() == 0 and (expected[:, :ACTIONS] > 0).any()
+    torch.testing.assert_close(got, expected)
+    # Per user request times (DCAT): each candidate against its own user's history and request.
+    swapped = history_action_recency(ids, actions, times, history, request, ids[[1, 0], -1], torch.tensor([1, 0]), ACTIONS)
+    torch.testing.assert_close(swapped, expected[[1, 0]])
+
+    torch.manual_seed(0)
+    model = PinFMForCTR(make_config(ctr_history_count_features=True, ctr_history_recency_features=True)).eval()
+    assert model.ctr_head.mlp[0].in_features == 16 + 2 * 4 + 4 * ACTIONS  # encoder output, side features, counts, recency
+    with torch.no_grad():
+        plain = model(**batch).logits
+        torch.testing.assert_close(model(**batch, deduplicate_histories=True).logits, plain, atol=1e-5, rtol=1e-5)
+        model.ctr_head.mlp[0].weight[:, -ACTIONS:] += 1.0  # the candidate-recency columns
+        changed = model(**batch).logits
+    assert torch.equal(~torch.isclose(changed, plain), expected[:, ACTIONS:].sum(dim=1) > 0)
+    with pytest.raises(ValueError, match="`timestamps` are required"):
+        model(**{k: v for k, v in batch.items() if k != "timestamps"})
 
 
 def test_history_counts_without_actions_are_refused_clearly():

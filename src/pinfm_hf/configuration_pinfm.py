@@ -144,6 +144,12 @@ class PinFMConfig(PretrainedConfig):
             action mix are what carts, purchases and high ratings follow most; attention over pretrained embeddings
             only approximates them, and a frozen or LoRA-adapted encoder may not surface them. Target-aware counts are
             standard inputs of CTR models (DIN, gradient-boosted rankers). `2 * action_vocab_size` inputs, no weights.
+        ctr_history_recency_features (`bool`, *optional*, defaults to `False`):
+            Give the ranking head, per action, `log1p` of the seconds from the user's latest history event with it to
+            the impression, and from the latest of those on the candidate item (0 where there is none; the counts
+            above tell). A causal encoder sees the gaps between events, never an event's age at the impression, which
+            is what "came back to it an hour later" rests on (gradient-boosted rankers rank it first on Taobao).
+            `2 * action_vocab_size` inputs, no weights; needs timestamps.
         ctr_young_item_dropout (`float`, *optional*, defaults to 0.0):
             Cold start (PinFM): during training, drop the sequence model's output for a candidate with this
             probability when the item is brand new, decaying linearly to 0 at `ctr_young_item_age_days`, so the head
@@ -206,6 +212,7 @@ class PinFMConfig(PretrainedConfig):
         ctr_item_feature_fields: Optional[Sequence[int]] = None,
         ctr_item_bias: bool = False,
         ctr_history_count_features: bool = False,
+        ctr_history_recency_features: bool = False,
         ctr_young_item_dropout: float = 0.0,
         ctr_young_item_age_days: float = 7.0,
         pretraining_max_timestamp: Optional[int] = None,
@@ -257,6 +264,7 @@ class PinFMConfig(PretrainedConfig):
         self.ctr_item_feature_fields = list(ctr_item_feature_fields) if ctr_item_feature_fields else []
         self.ctr_item_bias = ctr_item_bias
         self.ctr_history_count_features = ctr_history_count_features
+        self.ctr_history_recency_features = ctr_history_recency_features
         self.ctr_young_item_dropout = ctr_young_item_dropout
         self.ctr_young_item_age_days = ctr_young_item_age_days
         self.pretraining_max_timestamp = pretraining_max_timestamp

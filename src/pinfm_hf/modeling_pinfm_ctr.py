@@ -173,6 +173,41 @@ def history_action_counts(
     return torch.log1p(torch.cat([all_counts[user_index], match_counts], dim=-1))
 
 
+def history_action_recency(
+    history_ids: torch.LongTensor,
+    history_actions: torch.LongTensor,
+    history_timestamps: torch.LongTensor,
+    history: torch.BoolTensor,
+    request_timestamps: torch.LongTensor,
+    candidate_ids: torch.LongTensor,
+    user_index: torch.LongTensor,
+    action_vocab_size: int,
+) -> torch.Tensor:
+    """
+    Per action id, `log1p` of the seconds from each user's latest history event `(U, T)` with it (real events where
+    `history`) to the user's request time `(U,)`, then from the latest of those on the candidate item: `(N, 2 *
+    action_vocab_size)` for candidates `(N,)` of users `user_index` `(N,)`; 0 where there is no such event.
+    """
+    actions = history_actions.masked_fill(~history, 0)
+    never = torch.iinfo(history_timestamps.dtype).min
+    times = history_timestamps.masked_fill(~history, never)
+
+    def latest(event_times: torch.Tensor, event_actions: torch.Tensor) -> torch.Tensor:  # (R, T) -> (R, A)
+        out = event_times.new_full((event_times.shape[0], action_vocab_size), never)
+        return out.scatter_reduce_(1, event_actions, event_times, reduce="amax")
+
+    match = (history_ids[user_index] == candidate_ids[:, None]) & history[user_index]  # (N, T)
+    per_user, per_candidate = latest(times, actions)[user_index], latest(times[user_index].masked_fill(~match, never), actions[user_index])
+    now = request_timestamps[user_index][:, None]
+
+    def age(latest_time: torch.Tensor) -> torch.Tensor:
+        missing = latest_time == never
+        seconds = (now - latest_time.masked_fill(missing, 0)).clamp(min=0).to(torch.float32)
+        return torch.log1p(seconds).masked_fill(missing, 0.0)
+
+    return torch.cat([age(per_user), age(per_candidate)], dim=-1)
+
+
 class PinFMForCTR(PinFMPreTrainedModel):
     """
     PinFM with a ranking head for CTR/CVR, fine-tuned from a pretrained checkpoint.
@@ -203,6 +238,8 @@ class PinFMForCTR(PinFMPreTrainedModel):
             head_input += self.ctr_feature_embeddings.output_size
         if config.ctr_history_count_features:
             head_input += 2 * config.action_vocab_size
+        if config.ctr_history_recency_features:
+            head_input += 2 * config.action_vocab_size
         self.ctr_head = PinFMRankingHead(config, head_input)
         self.ctr_item_bias = PinFMItemBias(config) if config.ctr_item_bias else None
         self.ctr_candidate_feature_proj = None
@@ -223,15 +260,29 @@ class PinFMForCTR(PinFMPreTrainedModel):
         history: torch.BoolTensor,
         candidate_ids: torch.LongTensor,
         user_index: torch.LongTensor,
+        history_timestamps: Optional[torch.LongTensor] = None,
+        request_timestamps: Optional[torch.LongTensor] = None,
     ) -> Optional[torch.Tensor]:
-        """`history_action_counts` of each candidate against its user's history, when the config asks for them."""
-        if not self.config.ctr_history_count_features:
-            return None
-        if history_actions is None:
-            raise ValueError("`action_ids` are required: this model was configured with `ctr_history_count_features`.")
-        return history_action_counts(
-            history_ids, history_actions, history, candidate_ids, user_index, self.config.action_vocab_size
-        )
+        """
+        The history features of each candidate the config asks for: `history_action_counts`, then
+        `history_action_recency` (`history_timestamps` `(U, T)`, `request_timestamps` `(U,)`); None without either.
+        """
+        features = []
+        for name in ("ctr_history_count_features", "ctr_history_recency_features"):
+            if getattr(self.config, name) and history_actions is None:
+                raise ValueError(f"`action_ids` are required: this model was configured with `{name}`.")
+        if self.config.ctr_history_count_features:
+            features.append(history_action_counts(
+                history_ids, history_actions, history, candidate_ids, user_index, self.config.action_vocab_size
+            ))
+        if self.config.ctr_history_recency_features:
+            if history_timestamps is None or request_timestamps is None:
+                raise ValueError("`timestamps` are required: this model was configured with `ctr_history_recency_features`.")
+            features.append(history_action_recency(
+                history_ids, history_actions, history_timestamps, history, request_timestamps, candidate_ids, user_index,
+                self.config.action_vocab_size,
+            ))
+        return torch.cat(features, dim=-1) if features else None
 
     def candidate_feature_embeddings(self, side_feature_ids: Optional[torch.LongTensor]) -> Optional[torch.Tensor]:
         """Cold start: the candidate's item side features, projected to one token embedding `(N, hidden)`."""
@@ -266,7 +317,7 @@ class PinFMForCTR(PinFMPreTrainedModel):
     ) -> torch.Tensor:
         """
         Head logits `(N,)` from the candidate's encoder output (early fusion) or user + candidate (late fusion), the
-        side features and, with `config.ctr_history_count_features`, `history_counts` (`history_action_counts`).
+        side features and the history features the config asks for (`history_counts`, from [`history_counts`]).
         """
         keep = self.young_item_mask(candidate_age, candidate_hidden)
         if keep is not None:  # the sequence model's output, dropped for young items in training
@@ -280,9 +331,9 @@ class PinFMForCTR(PinFMPreTrainedModel):
             if side_feature_ids is None:
                 raise ValueError("`side_feature_ids` are required: this model was configured with side features.")
             parts.append(self.ctr_feature_embeddings(side_feature_ids))
-        if self.config.ctr_history_count_features:
+        if self.config.ctr_history_count_features or self.config.ctr_history_recency_features:
             if history_counts is None:
-                raise ValueError("`history_counts` are required: this model was configured with `ctr_history_count_features`.")
+                raise ValueError("`history_counts` are required: this model was configured with history features.")
             parts.append(history_counts.to(parts[0].dtype))
         logits = self.ctr_head(torch.cat(parts, dim=-1))
         if self.ctr_item_bias is not None:
@@ -371,7 +422,10 @@ class PinFMForCTR(PinFMPreTrainedModel):
             has_history = history.any(dim=1, keepdim=True).to(hidden.dtype)
             user_embedding = hidden[rows, last_valid_index(history)] * has_history  # (B, H)
             # Pretraining losses see history events only: the candidate's outcome is the label, not a target.
-            history_counts = self.history_counts(input_ids, action_ids, history, candidate_ids, rows)
+            history_counts = self.history_counts(
+                input_ids, action_ids, history, candidate_ids, rows, timestamps,
+                timestamps[rows, candidate_index] if timestamps is not None else None,
+            )
             scored = PinFMDCATOutput(
                 logits=self.ranking_logits(
                     candidate_hidden, user_embedding, candidate_ids, side_feature_ids, candidate_age, history_counts
@@ -548,7 +602,9 @@ class PinFMForCTR(PinFMPreTrainedModel):
         )
         has_history = valid.any(dim=1, keepdim=True).to(candidate_hidden.dtype)
         user_embedding = (context.user_embedding * has_history)[user_index]
-        history_counts = self.history_counts(events["input_ids"], events["action_ids"], valid, candidate_ids, user_index)
+        history_counts = self.history_counts(
+            events["input_ids"], events["action_ids"], valid, candidate_ids, user_index, events["timestamps"], request_timestamps
+        )
         return PinFMDCATOutput(
             logits=self.ranking_logits(
                 candidate_hidden, user_embedding, candidate_ids, candidate_side_feature_ids, candidate_age, history_counts

@@ -211,7 +211,7 @@ def load_ctr_config(adapter: Union[str, Path], revision: Optional[str] = None) -
 def _head_shape(config: PinFMConfig) -> dict[str, Any]:
     keys = ("ctr_fusion", "ctr_head", "ctr_head_hidden_sizes", "ctr_num_cross_layers", "ctr_feature_vocab_size",
             "ctr_feature_slots", "ctr_feature_embedding_size", "ctr_candidate_item_features", "ctr_item_feature_fields",
-            "ctr_item_bias", "ctr_history_count_features")
+            "ctr_item_bias", "ctr_history_count_features", "ctr_history_recency_features")
     return {k: getattr(config, k) for k in keys}
 
 
