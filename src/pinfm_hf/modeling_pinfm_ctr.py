@@ -151,6 +151,13 @@ class PinFMItemBias(nn.Module):
         return self.weight[candidate_ids]
 
 
+def candidate_history_matches(
+    history_ids: torch.LongTensor, history: torch.BoolTensor, candidate_ids: torch.LongTensor, user_index: torch.LongTensor
+) -> torch.BoolTensor:
+    """`(N, T)`: which real events (`history` `(U, T)`) of each candidate's user `user_index` `(N,)` are on its item."""
+    return (history_ids[user_index] == candidate_ids[:, None]) & history[user_index]
+
+
 def history_action_counts(
     history_ids: torch.LongTensor,
     history_actions: torch.LongTensor,
@@ -158,16 +165,19 @@ def history_action_counts(
     candidate_ids: torch.LongTensor,
     user_index: torch.LongTensor,
     action_vocab_size: int,
+    match: Optional[torch.BoolTensor] = None,
 ) -> torch.Tensor:
     """
     Per action id, `log1p` of how many events of each user's history `(U, T)` (real events where `history`) have it,
     then of how many of those are on the candidate item: `(N, 2 * action_vocab_size)` for candidates `(N,)` of users
-    `user_index` `(N,)`. Token ids are compared, so two fresh items sharing a hash bucket also match.
+    `user_index` `(N,)`. Token ids are compared, so two fresh items sharing a hash bucket also match. `match`:
+    `candidate_history_matches`, when the caller has it.
     """
     actions = history_actions.masked_fill(~history, 0)
     all_counts = history.new_zeros(history.shape[0], action_vocab_size, dtype=torch.float32)
     all_counts.scatter_add_(1, actions, history.to(torch.float32))  # (U, A)
-    match = (history_ids[user_index] == candidate_ids[:, None]) & history[user_index]  # (N, T)
+    if match is None:
+        match = candidate_history_matches(history_ids, history, candidate_ids, user_index)  # (N, T)
     match_counts = match.new_zeros(match.shape[0], action_vocab_size, dtype=torch.float32)
     match_counts.scatter_add_(1, actions[user_index], match.to(torch.float32))  # (N, A)
     return torch.log1p(torch.cat([all_counts[user_index], match_counts], dim=-1))
@@ -182,11 +192,13 @@ def history_action_recency(
     candidate_ids: torch.LongTensor,
     user_index: torch.LongTensor,
     action_vocab_size: int,
+    match: Optional[torch.BoolTensor] = None,
 ) -> torch.Tensor:
     """
     Per action id, `log1p` of the seconds from each user's latest history event `(U, T)` with it (real events where
     `history`) to the user's request time `(U,)`, then from the latest of those on the candidate item: `(N, 2 *
-    action_vocab_size)` for candidates `(N,)` of users `user_index` `(N,)`; 0 where there is no such event.
+    action_vocab_size)` for candidates `(N,)` of users `user_index` `(N,)`; 0 where there is no such event. `match`:
+    `candidate_history_matches`, when the caller has it.
     """
     actions = history_actions.masked_fill(~history, 0)
     never = torch.iinfo(history_timestamps.dtype).min
@@ -196,7 +208,8 @@ def history_action_recency(
         out = event_times.new_full((event_times.shape[0], action_vocab_size), never)
         return out.scatter_reduce_(1, event_actions, event_times, reduce="amax")
 
-    match = (history_ids[user_index] == candidate_ids[:, None]) & history[user_index]  # (N, T)
+    if match is None:
+        match = candidate_history_matches(history_ids, history, candidate_ids, user_index)  # (N, T)
     per_user, per_candidate = latest(times, actions)[user_index], latest(times[user_index].masked_fill(~match, never), actions[user_index])
     now = request_timestamps[user_index][:, None]
 
@@ -267,22 +280,25 @@ class PinFMForCTR(PinFMPreTrainedModel):
         The history features of each candidate the config asks for: `history_action_counts`, then
         `history_action_recency` (`history_timestamps` `(U, T)`, `request_timestamps` `(U,)`); None without either.
         """
+        wanted = [n for n in ("ctr_history_count_features", "ctr_history_recency_features") if getattr(self.config, n)]
+        if not wanted:
+            return None
+        if history_actions is None:
+            raise ValueError(f"`action_ids` are required: this model was configured with `{wanted[0]}`.")
+        if self.config.ctr_history_recency_features and (history_timestamps is None or request_timestamps is None):
+            raise ValueError("`timestamps` are required: this model was configured with `ctr_history_recency_features`.")
+        match = candidate_history_matches(history_ids, history, candidate_ids, user_index)  # (N, T), gathered once
         features = []
-        for name in ("ctr_history_count_features", "ctr_history_recency_features"):
-            if getattr(self.config, name) and history_actions is None:
-                raise ValueError(f"`action_ids` are required: this model was configured with `{name}`.")
         if self.config.ctr_history_count_features:
             features.append(history_action_counts(
-                history_ids, history_actions, history, candidate_ids, user_index, self.config.action_vocab_size
+                history_ids, history_actions, history, candidate_ids, user_index, self.config.action_vocab_size, match
             ))
         if self.config.ctr_history_recency_features:
-            if history_timestamps is None or request_timestamps is None:
-                raise ValueError("`timestamps` are required: this model was configured with `ctr_history_recency_features`.")
             features.append(history_action_recency(
                 history_ids, history_actions, history_timestamps, history, request_timestamps, candidate_ids, user_index,
-                self.config.action_vocab_size,
+                self.config.action_vocab_size, match,
             ))
-        return torch.cat(features, dim=-1) if features else None
+        return torch.cat(features, dim=-1)
 
     def candidate_feature_embeddings(self, side_feature_ids: Optional[torch.LongTensor]) -> Optional[torch.Tensor]:
         """Cold start: the candidate's item side features, projected to one token embedding `(N, hidden)`."""
