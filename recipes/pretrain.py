@@ -114,6 +114,7 @@ def load_data(data_args: PretrainingDataArguments, train_args: PretrainingArgume
     collator = PinFMDataCollator(
         pad_token_id=tokenizer.pad_token_id, max_length=data_args.max_length, return_labels=True,
         positive_action_ids=tokenizer.convert_actions_to_ids(positives) if positives else None, pack_length=pack_length,
+        pack_first_fit=True,  # training rows only: the order of sequences within a batch does not matter to the losses
     )
     # Random users, about as many events per step as padded batches of per_device_train_batch_size users hold.
     max_tokens = train_args.per_device_train_batch_tokens or max(1, round(train_args.per_device_train_batch_size * train_events / train_rows))

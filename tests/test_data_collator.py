@@ -90,6 +90,17 @@ def test_packing_fills_rows_in_order_with_restarting_positions():
     assert batch["labels"].tolist()[2] == [10, -100, -100, -100, -100, -100, -100]
 
 
+def test_first_fit_packing_fills_rows_longest_first_and_keeps_per_example_keys_with_their_sequences():
+    examples = [{"input_ids": list(range(10, 10 + n)), "target_ids": n} for n in (4, 5, 3, 2)]
+    in_order = PinFMDataCollator(pack_length=7)(examples)
+    assert in_order["input_ids"].shape[0] == 3  # 4 | 5 | 3 + 2
+    batch = PinFMDataCollator(pack_length=7, pack_first_fit=True)(examples)
+    # 5 opens row 0, 4 opens row 1, 3 joins row 1, 2 joins row 0; each row keeps its examples in input order
+    assert batch["input_ids"].tolist() == [[10, 11, 12, 13, 14, 10, 11], [10, 11, 12, 13, 10, 11, 12]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1], [0, 1, 2, 3, 0, 1, 2]]
+    assert batch["target_ids"].tolist() == [5, 2, 4, 3]  # stacked in the sequences' packed order
+
+
 def test_packing_truncates_to_max_length_and_keeps_per_example_keys():
     examples = features()
     batch = PinFMDataCollator(max_length=2, pack_length=4)(examples)

@@ -82,6 +82,30 @@ def test_packed_rows_give_the_padded_hidden_states_losses_and_gradients(objectiv
         torch.testing.assert_close(packed_grads[name], padded_grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_first_fit_packed_rows_give_the_padded_losses_and_gradients():
+    torch.manual_seed(0)
+    model = PinFMForPretraining(make_config())
+    model.objective = dataclasses.replace(OBJECTIVES["all_losses_full_softmax"])
+    features = [{k: v for k, v in f.items() if not k.startswith("target")} for f in make_features(num_users=16)]
+    padded = PinFMDataCollator(return_labels=True)(features)
+    in_order = PinFMDataCollator(return_labels=True, pack_length=24)(features)
+    packed = PinFMDataCollator(return_labels=True, pack_length=24, pack_first_fit=True)(features)
+    assert packed["input_ids"].shape[0] < in_order["input_ids"].shape[0]  # fuller rows than in order
+    assert int(packed["attention_mask"].sum()) == int(padded["attention_mask"].sum())
+
+    padded_out, padded_grads = run(model, padded)
+    packed_out, packed_grads = run(model, packed)
+    for name in ("loss", "next_token_loss", "multi_token_loss", "future_token_loss"):
+        torch.testing.assert_close(getattr(packed_out, name), getattr(padded_out, name), atol=1e-5, rtol=1e-6)
+    for name in padded_grads:
+        torch.testing.assert_close(packed_grads[name], padded_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    # The same user embeddings, in the packed order of the sequences (a permutation of the input order).
+    distances = torch.cdist(packed_out.user_embedding, padded_out.user_embedding)
+    order = distances.argmin(dim=1)
+    assert sorted(order.tolist()) == list(range(len(features))) and order.tolist() != sorted(order.tolist())
+    torch.testing.assert_close(packed_out.user_embedding, padded_out.user_embedding[order], atol=1e-5, rtol=0)
+
+
 def test_packed_sequences_do_not_see_each_other():
     model = PinFMModel(make_config()).eval()
     features = make_features(num_users=6)

@@ -252,8 +252,9 @@ class PretrainingArguments(TrainingArguments):
     adam_beta2: float = 0.98
     packing: bool = field(
         default=True,
-        metadata={"help": "Pack random users into rows of max_length events, attention kept within each user: no compute "
-                  "on padding, the same losses (benchmarks/RESULTS.md 'Packed batches'). false: one padded user per row."},
+        metadata={"help": "Pack random users into rows of max_length events (longest first, each into the first row with "
+                  "room), attention kept within each user: no compute on padding, the same losses (benchmarks/RESULTS.md "
+                  "'Packed batches'). false: one padded user per row."},
     )
     per_device_train_batch_tokens: Optional[int] = field(
         default=None,

@@ -41,6 +41,11 @@ class PinFMDataCollator:
             computes on. [`PinFMModel`] keeps attention, positions and time features within each sequence, so the
             outputs are those of the padded batch. Every sequence must fit (`max_length <= pack_length`) and hold an
             event. `transformers.DataCollatorWithFlattening` does the same for language models, in one row.
+        pack_first_fit (`bool`, *optional*, defaults to `False`):
+            With `pack_length`: place the sequences longest first, each in the first row with room (first-fit
+            decreasing) instead of in order: fewer rows when sequences are long (ML-1M's windows fill ~77% of their
+            rows in order, ~97% this way), the same (query, target) pairs. The examples are reordered, so for
+            training batches only: outputs per sequence and stacked keys then follow the new order, not the input's.
 
     Keys other than the sequence keys (`target_ids`, `label`, ...) are stacked as they are (float64 becomes
     float32); string values (such as `user_id`) are left out, as `transformers.default_data_collator` does.
@@ -52,6 +57,7 @@ class PinFMDataCollator:
     return_labels: bool = False
     positive_action_ids: Optional[Sequence[int]] = None
     pack_length: Optional[int] = None
+    pack_first_fit: bool = False
 
     def __post_init__(self) -> None:
         if self.padding_side not in ("left", "right"):
@@ -89,10 +95,8 @@ class PinFMDataCollator:
             rows.append(row)
         return keys, rows
 
-    def _pack(self, rows: list[dict[str, np.ndarray]], lengths: list[int]) -> list[dict[str, np.ndarray]]:
-        """Concatenate the sequences, in order, into rows of at most `pack_length` events, with `position_ids`."""
-        packs: list[list[int]] = []
-        fill = self.pack_length
+    def _packs(self, lengths: list[int]) -> list[list[int]]:
+        """Which examples go in each packed row: in order (next fit), or longest first into the first row with room."""
         for index, n in enumerate(lengths):
             if n == 0:
                 raise ValueError(f"Example {index} has no events: a packed batch cannot hold an empty sequence.")
@@ -101,11 +105,28 @@ class PinFMDataCollator:
                     f"Example {index} has {n} events, more than `pack_length` ({self.pack_length}): set `max_length` "
                     "to keep the most recent events, or pack into longer rows."
                 )
-            if fill + n > self.pack_length:
+        packs: list[list[int]] = []
+        fills: list[int] = []
+        if self.pack_first_fit:
+            for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):  # stable: ties keep their order
+                row = next((r for r, fill in enumerate(fills) if fill + lengths[index] <= self.pack_length), len(packs))
+                if row == len(packs):
+                    packs.append([])
+                    fills.append(0)
+                packs[row].append(index)
+                fills[row] += lengths[index]
+            return [sorted(pack) for pack in packs]
+        for index, n in enumerate(lengths):
+            if not fills or fills[-1] + n > self.pack_length:
                 packs.append([])
-                fill = 0
+                fills.append(0)
             packs[-1].append(index)
-            fill += n
+            fills[-1] += n
+        return packs
+
+    @staticmethod
+    def _pack(rows: list[dict[str, np.ndarray]], lengths: list[int], packs: list[list[int]]) -> list[dict[str, np.ndarray]]:
+        """Concatenate the sequences of each pack into one row, with `position_ids` restarting at each sequence."""
         keys = list(rows[0])
         return [
             {
@@ -125,7 +146,10 @@ class PinFMDataCollator:
             for row, n in zip(rows, lengths):
                 row["attention_mask"] = np.ones(n, dtype=np.int64)
         if self.pack_length is not None:
-            rows = self._pack(rows, lengths)
+            packs = self._packs(lengths)
+            if self.pack_first_fit:  # stacked keys follow the sequences in their packed order
+                features = [features[i] for pack in packs for i in pack]
+            rows = self._pack(rows, lengths, packs)
             keys.append("position_ids")
             lengths = [len(row["input_ids"]) for row in rows]
         width = max(lengths)
