@@ -164,6 +164,10 @@ def build_model(
             f"--full_softmax_max_items ({train_args.full_softmax_max_items:,}): use sampled negatives "
             "(--full_softmax false --num_negatives 1024) or raise the limit if memory allows."
         )
+    if objective.contrastive_loss_weight > 0 and not (model_args.hidden_dropout_prob > 0 or model_args.attention_dropout > 0):
+        raise ValueError(
+            "--contrastive_loss_weight compares two dropout passes: set --hidden_dropout_prob or --attention_dropout > 0."
+        )
     config = PinFMConfig(
         item_vocab_size=len(tokenizer),
         action_vocab_size=tokenizer.action_vocab_size,

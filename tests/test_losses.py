@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from pinfm_hf import PinFMConfig, PinFMForPretraining
 from pinfm_hf.losses import (
     ScoresLogSumExp,
+    contrastive_loss,
     full_softmax_loss,
     masked_mean,
     popularity_cdf,
@@ -256,6 +257,38 @@ class TestSampleNegatives:
         num_samples = kwargs.pop("num_samples")
         with pytest.raises(ValueError, match=match):
             sample_negatives(num_samples, **kwargs)
+
+
+class TestContrastiveLoss:
+    def test_matches_cross_entropy_both_ways(self):
+        a, b = _normed(5, 4, seed=1), _normed(5, 4, seed=2)
+        logits = a @ b.T / 0.5
+        expected = (F.cross_entropy(logits, torch.arange(5)) + F.cross_entropy(logits.T, torch.arange(5))) / 2
+        torch.testing.assert_close(contrastive_loss(a, b, temperature=0.5), expected.float())
+
+    def test_queries_with_the_same_target_are_not_negatives(self):
+        a, b = _normed(4, 3, seed=3), _normed(4, 3, seed=4)
+        targets = torch.tensor([7, 7, 8, 9])
+        logits = a @ b.T / 0.2
+        logits[0, 1] = logits[1, 0] = float("-inf")  # 0 and 1 share target 7: neither is the other's negative
+        expected = (F.cross_entropy(logits, torch.arange(4)) + F.cross_entropy(logits.T, torch.arange(4))) / 2
+        torch.testing.assert_close(contrastive_loss(a, b, targets, temperature=0.2), expected.float())
+        assert not torch.isclose(contrastive_loss(a, b, temperature=0.2), expected.float())
+
+    def test_identical_views_far_apart_have_a_lower_loss_than_mixed_ones(self):
+        a = torch.eye(4, dtype=torch.float64)
+        assert contrastive_loss(a, a, temperature=0.1) < 1e-3
+        assert contrastive_loss(a, a.roll(1, dims=0), temperature=0.1) > 5
+
+    def test_empty_and_bad_inputs(self):
+        a = torch.zeros(0, 3, requires_grad=True)
+        out = contrastive_loss(a, a * 1.0, temperature=0.1)
+        out.backward()
+        assert out.item() == 0
+        with pytest.raises(ValueError, match="view_a"):
+            contrastive_loss(torch.zeros(2, 3), torch.zeros(3, 3), temperature=0.1)
+        with pytest.raises(ValueError, match="temperature"):
+            contrastive_loss(torch.zeros(2, 3), torch.zeros(2, 3), temperature=0.0)
 
 
 class TestMaskedMean:

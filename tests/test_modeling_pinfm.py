@@ -302,6 +302,45 @@ def test_each_loss_decreases(loss_name):
     assert losses[-1] < 0.8 * losses[0], losses
 
 
+def test_contrastive_loss_compares_two_dropout_passes_in_training_only():
+    tester = PinFMModelTester(seq_length=12, hidden_dropout_prob=0.3, contrastive_loss_weight=0.5, contrastive_max_queries=20)
+    model = tester.pretraining_model().train()
+    inputs, labels = pretraining_batch(tester)
+    torch.manual_seed(0)
+    out = model(**inputs, labels=labels)
+    assert out.contrastive_loss is not None and out.contrastive_loss.item() > 0
+    torch.testing.assert_close(out.loss, out.next_token_loss + 0.5 * out.contrastive_loss)
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    # Without dropout the two passes are the same queries: nothing to tell them apart but the other queries.
+    model.eval()
+    assert model(**inputs, labels=labels).contrastive_loss is None  # not an evaluation loss
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    without_dropout = model(**inputs, labels=labels).contrastive_loss
+    assert without_dropout < out.contrastive_loss
+
+
+def test_contrastive_loss_pulls_views_of_a_query_together():
+    torch.manual_seed(0)
+    tester = PinFMModelTester(
+        seq_length=12, hidden_dropout_prob=0.3, next_token_loss_weight=0.0, contrastive_loss_weight=1.0,
+    )
+    model = tester.pretraining_model().train()
+    inputs, labels = pretraining_batch(tester)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(15):
+        out = model(**inputs, labels=labels)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(out.contrastive_loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
 def test_losses_are_zero_safe_without_positive_targets():
     from pinfm_hf.data import PinFMDataCollator
 

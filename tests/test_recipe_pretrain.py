@@ -219,6 +219,19 @@ def test_a_training_time_budget_stops_the_run_and_still_tests_and_saves(tmp_path
     assert list_checkpoints(tmp_path / "checkpoints")[-1].name == "checkpoint-1"
 
 
+def test_the_contrastive_loss_is_trained_logged_and_carded_and_refused_without_dropout(tmp_path):
+    run_recipe(tmp_path / "on", "--contrastive_loss_weight", "0.2", "--max_steps", "3")
+    logged = [r for r in read_jsonl(tmp_path / "on" / "train_log.jsonl") if "loss" in r]
+    assert len(logged) == 3 and all(r["contrastive_loss"] > 0 for r in logged)
+    assert "contrastive" in (tmp_path / "on" / "model" / "README.md").read_text()
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "pretrain.py"), "--config", str(TINY), "--output_dir", str(tmp_path / "off"),
+         "--contrastive_loss_weight", "0.2", "--hidden_dropout_prob", "0", "--attention_dropout", "0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0 and "--contrastive_loss_weight compares two dropout passes" in result.stderr
+
+
 def _prepared_slice(tmp_path: Path, data_dir: Path) -> Path:
     """The first 300 ML-1M users' events as an event file of one's own, and that file prepared on DuckDB."""
     pytest.importorskip("duckdb")

@@ -1,7 +1,8 @@
 """
 Retrieval losses for PinFM pretraining: sampled softmax (with logQ correction and accidental-hit masking), full
-softmax for small vocabularies, negative sampling, a zero-safe masked mean, and the pretraining objective
-([`PretrainingObjective`], [`next_item_losses`]: PinFM's next-, multi- and future-token losses).
+softmax for small vocabularies, negative sampling, a zero-safe masked mean, a contrastive loss between two dropout
+views, and the pretraining objective ([`PretrainingObjective`], [`next_item_losses`]: PinFM's next-, multi- and
+future-token losses).
 
 This file is copied next to `modeling_pinfm.py` for `trust_remote_code`, so it imports only `torch`.
 """
@@ -277,6 +278,45 @@ def popularity_cdf(log_probs: torch.Tensor, first_id: int = 0) -> torch.Tensor:
     return cdf / cdf[-1]
 
 
+def contrastive_loss(
+    view_a: torch.Tensor,
+    view_b: torch.Tensor,
+    target_ids: Optional[torch.LongTensor] = None,
+    *,
+    temperature: float,
+) -> torch.Tensor:
+    """
+    InfoNCE between two views of the same queries (DuoRec's model-level augmentation: two forward passes with
+    different dropout masks). Each query's other view is its positive and the other queries' views its negatives,
+    in both directions; queries with the same next item are not negatives of each other (DuoRec's false-negative
+    mask), since pulling them apart would fight the next-item loss.
+
+    Args:
+        view_a, view_b (`torch.Tensor` of shape `(N, P)`):
+            L2-normalised embeddings of the same N queries from two passes.
+        target_ids (`torch.LongTensor` of shape `(N,)`, *optional*):
+            Each query's next item, for the false-negative mask.
+        temperature (`float`):
+            Logits are `cosine / temperature`.
+
+    Returns:
+        0-d `torch.Tensor`: the mean loss over queries and both directions (0 with gradients when `N` is 0).
+    """
+    if view_a.dim() != 2 or view_a.shape != view_b.shape:
+        raise ValueError(f"`view_a` and `view_b` must both have shape (N, P), got {tuple(view_a.shape)} and {tuple(view_b.shape)}.")
+    _check_temperature(temperature)
+    N = view_a.shape[0]
+    if N == 0:
+        return (view_a.sum() + view_b.sum()) * 0.0
+    logits = (view_a / temperature @ view_b.T).float()  # (N, N); the diagonal holds the positives
+    if target_ids is not None:
+        same_target = target_ids.unsqueeze(0) == target_ids.unsqueeze(1)
+        same_target.fill_diagonal_(False)
+        logits = logits.masked_fill(same_target, torch.finfo(logits.dtype).min)
+    labels = torch.arange(N, device=logits.device)
+    return (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels)) / 2
+
+
 def masked_mean(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """
     Mean of `loss` over the rows where `mask` is true; zero-safe.
@@ -298,7 +338,7 @@ def masked_mean(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return total / mask.sum().clamp(min=1)
 
 
-LOSS_NAMES = ("next_token", "multi_token", "future_token")
+LOSS_NAMES = ("next_token", "multi_token", "future_token", "contrastive")
 
 
 @dataclass
@@ -339,12 +379,25 @@ class PretrainingObjective:
                   "choices": ["auto", "true", "false"]},
     )
     initial_temperature: float = field(default=0.05, metadata={"help": "Starting value of the learnable softmax temperature."})
+    contrastive_loss_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of a contrastive loss between two dropout passes over the batch (DuoRec): each "
+                  "next-token query is pulled towards its other view and away from the other queries. Costs a second "
+                  "encoder pass; needs dropout. Helps sparse, short-history logs."},
+    )
+    contrastive_temperature: float = field(default=0.2, metadata={"help": "Temperature of the contrastive loss."})
+    contrastive_max_queries: int = field(
+        default=1024, metadata={"help": "Next-token queries per batch in the contrastive loss (uniform subsample): its cost grows as their square."}
+    )
 
     def __post_init__(self):
-        for name in ("next_token_loss_weight", "multi_token_loss_weight", "future_token_loss_weight"):
+        for name in ("next_token_loss_weight", "multi_token_loss_weight", "future_token_loss_weight", "contrastive_loss_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)!r}.")
-        for name in ("multi_token_window", "future_token_input_length", "num_negatives", "initial_temperature"):
+        for name in (
+            "multi_token_window", "future_token_input_length", "num_negatives", "initial_temperature",
+            "contrastive_temperature", "contrastive_max_queries",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not value > 0:
                 raise ValueError(f"--{name} must be > 0, got {value!r}.")
@@ -367,7 +420,7 @@ class PretrainingObjective:
         return {name: getattr(self, f"{name}_loss_weight") for name in LOSS_NAMES}
 
     def weighted_sum(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The training loss: each loss of `next_item_losses` times its weight."""
+        """The training loss: each loss of `next_item_losses` (and `contrastive`) times its weight."""
         return sum(self.weights[name] * value for name, value in losses.items())
 
 
@@ -493,6 +546,33 @@ def next_item_losses(
         )
         losses[name] = per_row.mean()
     return losses
+
+
+def next_token_contrastive_loss(
+    query: torch.Tensor,
+    second_query: torch.Tensor,
+    labels: torch.LongTensor,
+    attention_mask: Optional[torch.Tensor],
+    *,
+    position_ids: Optional[torch.LongTensor] = None,
+    objective: PretrainingObjective,
+) -> torch.Tensor:
+    """
+    [`contrastive_loss`] over the next-token queries of a batch (those of `next_item_losses`' next-token loss, at
+    most `objective.contrastive_max_queries` of them): `query` and `second_query` `(B, T, P)` are two dropout passes
+    over the same inputs; `labels`, `attention_mask` and `position_ids` as in [`next_item_losses`].
+    """
+    valid_query = (labels != -100 if attention_mask is None else attention_mask).bool()
+    sequence_ids = None if position_ids is None else (position_ids == 0).long().cumsum(dim=1)
+    query_index, target_index = offset_pairs(valid_query, labels != -100, range(1, 2), sequence_ids)
+    if query_index.numel() > objective.contrastive_max_queries:
+        keep = torch.randperm(query_index.numel(), device=query.device)[: objective.contrastive_max_queries]
+        query_index, target_index = query_index[keep], target_index[keep]
+    P = query.shape[-1]
+    return contrastive_loss(
+        query.reshape(-1, P)[query_index], second_query.reshape(-1, P)[query_index], labels.reshape(-1)[target_index],
+        temperature=objective.contrastive_temperature,
+    )
 
 
 def _shared_negatives(

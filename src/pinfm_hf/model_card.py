@@ -22,8 +22,8 @@ CARD_CONFIG_FIELDS = (
     "num_item_hash_tables",
 )
 CARD_OBJECTIVE_FIELDS = (
-    "next_token_loss_weight", "multi_token_loss_weight", "future_token_loss_weight", "num_negatives", "negative_sampling",
-    "full_softmax",
+    "next_token_loss_weight", "multi_token_loss_weight", "future_token_loss_weight", "contrastive_loss_weight",
+    "num_negatives", "negative_sampling", "full_softmax",
 )
 DATASET_IDS = {"ml-1m": "movielens-1m", "taobao": "taobao-user-behavior"}
 

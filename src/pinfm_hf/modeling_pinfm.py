@@ -40,7 +40,7 @@ from .embeddings_pinfm import (
     packed_sequence_ends,
     packed_sequence_ids,
 )
-from .losses import PretrainingObjective, next_item_losses, popularity_cdf
+from .losses import PretrainingObjective, next_item_losses, next_token_contrastive_loss, popularity_cdf
 from .quantization_pinfm import QUANTIZATION_TYPES, PinFMQuantizedEmbedding
 
 
@@ -97,8 +97,9 @@ class PinFMForPretrainingOutput(ModelOutput):
     Args:
         loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
             Weighted sum of the enabled losses.
-        next_token_loss, multi_token_loss, future_token_loss (`torch.FloatTensor` of shape `()`, *optional*):
-            The individual losses (unweighted), when `labels` is given and their weight is positive.
+        next_token_loss, multi_token_loss, future_token_loss, contrastive_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            The individual losses (unweighted), when `labels` is given and their weight is positive (the contrastive
+            loss in training mode only: it compares two dropout passes).
         query_embeddings (`torch.FloatTensor` of shape `(batch_size, sequence_length, projection_size)`):
             L2-normalised scoring projections of every position; score items with [`~PinFMForPretraining.score_items`].
             Finite but meaningless at padding positions (so also everywhere in an all-padding row).
@@ -111,6 +112,7 @@ class PinFMForPretrainingOutput(ModelOutput):
     next_token_loss: Optional[torch.FloatTensor] = None
     multi_token_loss: Optional[torch.FloatTensor] = None
     future_token_loss: Optional[torch.FloatTensor] = None
+    contrastive_loss: Optional[torch.FloatTensor] = None
     query_embeddings: Optional[torch.FloatTensor] = None
     user_embedding: Optional[torch.FloatTensor] = None
     last_hidden_state: Optional[torch.FloatTensor] = None
@@ -787,16 +789,12 @@ class PinFMForPretraining(PinFMPreTrainedModel):
         """
         if labels is not None and input_ids is not None and labels.shape != input_ids.shape:
             raise ValueError(f"`labels` has shape {tuple(labels.shape)}, but `input_ids` has {tuple(input_ids.shape)}.")
+        event_inputs = dict(
+            attention_mask=attention_mask, action_ids=action_ids, surface_ids=surface_ids, timestamps=timestamps,
+            end_timestamps=end_timestamps, position_ids=position_ids,
+        )
         outputs = self.pinfm(
-            input_ids,
-            attention_mask=attention_mask,
-            action_ids=action_ids,
-            surface_ids=surface_ids,
-            timestamps=timestamps,
-            end_timestamps=end_timestamps,
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
-            position_ids=position_ids,
+            input_ids, output_hidden_states=output_hidden_states, output_attentions=output_attentions, **event_inputs
         )
         query = self.next_item_head.query(outputs.last_hidden_state)  # (B, T, P)
         losses = {}
@@ -804,11 +802,18 @@ class PinFMForPretraining(PinFMPreTrainedModel):
             losses = self.next_item_head.losses(
                 query, labels, attention_mask, self.pinfm.embeddings.item_embeddings, self.objective, position_ids
             )
+            if self.training and self.objective.contrastive_loss_weight > 0:
+                # A second pass draws other dropout masks: the second view of every query (DuoRec).
+                second_query = self.next_item_head.query(self.pinfm(input_ids, **event_inputs).last_hidden_state)
+                losses["contrastive"] = next_token_contrastive_loss(
+                    query, second_query, labels, attention_mask, position_ids=position_ids, objective=self.objective
+                )
         return PinFMForPretrainingOutput(
             loss=self.objective.weighted_sum(losses) if losses else None,
             next_token_loss=losses.get("next_token"),
             multi_token_loss=losses.get("multi_token"),
             future_token_loss=losses.get("future_token"),
+            contrastive_loss=losses.get("contrastive"),
             query_embeddings=query,
             user_embedding=outputs.user_embedding,
             last_hidden_state=outputs.last_hidden_state,
