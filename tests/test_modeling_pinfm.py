@@ -279,6 +279,20 @@ def pretraining_batch(tester: PinFMModelTester):
     return inputs, labels
 
 
+def train_and_track(model, inputs, labels, loss_name: str, steps: int = 15) -> list[float]:
+    """Train on one batch with Adam; the value of output `<loss_name>_loss` (never None) at each step."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        out = model(**inputs, labels=labels)
+        assert getattr(out, f"{loss_name}_loss") is not None
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(getattr(out, f"{loss_name}_loss").item())
+    return losses
+
+
 @pytest.mark.parametrize("loss_name", ["next_token", "multi_token", "future_token"])
 def test_each_loss_decreases(loss_name):
     torch.manual_seed(0)
@@ -289,16 +303,9 @@ def test_each_loss_decreases(loss_name):
     )
     model = tester.pretraining_model().train()
     inputs, labels = pretraining_batch(tester)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(15):
-        out = model(**inputs, labels=labels)
-        assert getattr(out, f"{loss_name}_loss") is not None
-        assert all(getattr(out, f"{other}_loss") is None for other in ("next_token", "multi_token", "future_token") if other != loss_name)
-        out.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(out.loss.item())
+    out = model(**inputs, labels=labels)
+    assert all(getattr(out, f"{other}_loss") is None for other in ("next_token", "multi_token", "future_token") if other != loss_name)
+    losses = train_and_track(model, inputs, labels, loss_name)
     assert losses[-1] < 0.8 * losses[0], losses
 
 
@@ -330,14 +337,7 @@ def test_contrastive_loss_pulls_views_of_a_query_together():
     )
     model = tester.pretraining_model().train()
     inputs, labels = pretraining_batch(tester)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(15):
-        out = model(**inputs, labels=labels)
-        out.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(out.contrastive_loss.item())
+    losses = train_and_track(model, inputs, labels, "contrastive")
     assert losses[-1] < 0.8 * losses[0], losses
 
 

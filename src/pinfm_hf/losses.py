@@ -449,6 +449,11 @@ def offset_pairs(
     return torch.cat(query_index), torch.cat(target_index)
 
 
+def packed_sequence_ids(position_ids: Optional[torch.LongTensor]) -> Optional[torch.LongTensor]:
+    """Which sequence of its row each position belongs to (`(B, T)`, from 1) in packed rows; None for one per row."""
+    return None if position_ids is None else (position_ids == 0).long().cumsum(dim=1)
+
+
 def next_item_losses(
     query: torch.Tensor,
     labels: torch.LongTensor,
@@ -488,7 +493,7 @@ def next_item_losses(
     target = labels != -100  # (B, T)
     targets = labels.clamp(min=0)
 
-    sequence_ids = None if position_ids is None else (position_ids == 0).long().cumsum(dim=1)
+    sequence_ids = packed_sequence_ids(position_ids)
     window = range(1, objective.multi_token_window + 1)
     pairs = {}
     if objective.next_token_loss_weight > 0:
@@ -563,7 +568,7 @@ def next_token_contrastive_loss(
     over the same inputs; `labels`, `attention_mask` and `position_ids` as in [`next_item_losses`].
     """
     valid_query = (labels != -100 if attention_mask is None else attention_mask).bool()
-    sequence_ids = None if position_ids is None else (position_ids == 0).long().cumsum(dim=1)
+    sequence_ids = packed_sequence_ids(position_ids)
     query_index, target_index = offset_pairs(valid_query, labels != -100, range(1, 2), sequence_ids)
     if query_index.numel() > objective.contrastive_max_queries:
         keep = torch.randperm(query_index.numel(), device=query.device)[: objective.contrastive_max_queries]
