@@ -4,7 +4,10 @@
 
 `full_softmax_loss` divides the `(N, D)` queries by the temperature; the reference divides the `(N, V)` logits, as
 the loss did until 2026-11-29. Both give the same loss (checked here); the ratio is the speed-up. A third row runs
-`full_softmax_loss` under CPU bf16 autocast, to show what mixed precision would add on this machine.
+`full_softmax_loss` under CPU bf16 autocast, to show what mixed precision would add on this machine, and a fourth runs
+it with the log-partition's blocks at 16 MiB of logits (`ScoresLogSumExp.BLOCK_ELEMENTS` before 2026-12-05).
+
+    python benchmarks/bench_loss.py --rows 3500 --items 19385   # a packed Sports step: 3,500 queries, 19,385 items
 """
 
 import argparse
@@ -15,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pinfm_hf.losses import full_softmax_loss
+from pinfm_hf.losses import ScoresLogSumExp, full_softmax_loss
 
 from _report import emit  # benchmarks/ is on sys.path when a script runs
 
@@ -40,10 +43,20 @@ def main() -> None:
     log_temperature = torch.tensor(0.05).log().requires_grad_()
     targets = torch.randint(0, args.items, (args.rows,), generator=generator)
 
+    def with_blocks(block_elements: int):
+        def loss_fn(*args, **kwargs):
+            default, ScoresLogSumExp.BLOCK_ELEMENTS = ScoresLogSumExp.BLOCK_ELEMENTS, block_elements
+            try:
+                return full_softmax_loss(*args, **kwargs)
+            finally:
+                ScoresLogSumExp.BLOCK_ELEMENTS = default
+        return loss_fn
+
     variants = {
         "logits / temperature (before)": (logits_divided_loss, False),
         "queries / temperature (full_softmax_loss)": (full_softmax_loss, False),
         "queries / temperature, bf16 autocast": (full_softmax_loss, True),
+        "full_softmax_loss, 16 MiB blocks": (with_blocks(1 << 22), False),
     }
     losses, timings = {}, {name: [] for name in variants}
     for repeat in range(args.repeats + 1):  # the first round warms up
@@ -69,6 +82,7 @@ def main() -> None:
         "variants": rows,
         "speedup_queries_over_logits": round(rows[names[0]]["median_ms"] / rows[names[1]]["median_ms"], 2),
         "speedup_bf16_over_fp32": round(rows[names[1]]["median_ms"] / rows[names[2]]["median_ms"], 2),
+        "speedup_blocks_over_16mib_blocks": round(rows[names[3]]["median_ms"] / rows[names[1]]["median_ms"], 2),
     }
     emit(report, args.output)
 

@@ -161,9 +161,11 @@ class TestScoresLogSumExp:
     """The full softmax's log-partition, a block of queries at a time, with gradients recomputed per block."""
 
     @pytest.mark.parametrize("block_elements", [1, 40, 1 << 22])  # one query per block, a ragged last block, one block
-    def test_value_and_gradients_match_logsumexp(self, monkeypatch, block_elements):
+    # Logits up to 5 are shifted by their Cauchy-Schwarz bound; up to 200 (exp overflows unshifted) by the row maximum.
+    @pytest.mark.parametrize("scale", [5.0, 200.0])
+    def test_value_and_gradients_match_logsumexp(self, monkeypatch, block_elements, scale):
         monkeypatch.setattr(ScoresLogSumExp, "BLOCK_ELEMENTS", block_elements)
-        query = (_normed(7, 8, seed=1).float() * 5).requires_grad_()
+        query = (_normed(7, 8, seed=1).float() * scale).requires_grad_()
         items = _normed(13, 8, seed=2).float().requires_grad_()
         weights = torch.rand(7, generator=torch.Generator().manual_seed(3))
         (scores_logsumexp(query, items) * weights).sum().backward()
@@ -173,6 +175,12 @@ class TestScoresLogSumExp:
         torch.testing.assert_close(scores_logsumexp(query, items), expected)
         torch.testing.assert_close(query.grad, reference_query.grad)
         torch.testing.assert_close(items.grad, reference_items.grad)
+
+    def test_rows_with_loose_and_tight_bounds_in_one_block(self):
+        """A block that mixes rows under and over `MAX_BOUND_SHIFT` falls back to row maxima for all of them."""
+        query = _normed(6, 8, seed=6).float() * torch.tensor([1.0, 60.0, 3.0, 41.0, 0.5, 39.0])[:, None]
+        items = _normed(11, 8, seed=7).float() * 0.9
+        torch.testing.assert_close(scores_logsumexp(query, items), torch.logsumexp(query @ items.T, dim=-1))
 
     def test_autocast_runs_the_products_in_its_dtype(self):
         query, items = (_normed(5, 8, seed=4).float() * 5).requires_grad_(), _normed(9, 8, seed=5).float().requires_grad_()
