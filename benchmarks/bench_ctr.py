@@ -51,6 +51,9 @@ LORA_VARIANTS = {  # `--lora_sweep`: what LoRA needs to pay, each on top of the 
     "r4, lr 2e-3, item bias": ["--learning_rate", "0.002", "--ctr_item_bias", "true"],
     "r4, lr 1e-2, item bias": ["--learning_rate", "0.01", "--ctr_item_bias", "true"],
     "r2, lr 2e-3, item bias": ["--learning_rate", "0.002", "--ctr_item_bias", "true", "--lora_rank", "2", "--lora_alpha", "4"],
+    # 2026-12-05: the config's LoRA (r2, lr 2e-3, item bias) plus an embedding LoRA on the item table
+    "r2, item table r1": ["--lora_item_embeddings_rank", "1"],
+    "r2, item table r2": ["--lora_item_embeddings_rank", "2"],
 }
 SIZES = {  # GPSD scaling check: three encoder sizes, everything else as the base config (which is d64-l2); small
     # enough for a 2-core CPU (pretraining time grows with size)

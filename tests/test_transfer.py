@@ -166,3 +166,37 @@ def test_unknown_strategy_and_field(base):
         build_ctr_model(path, "partial", ctr_config(path))
     with pytest.raises(ValueError, match="Unknown PinFMConfig field"):
         ctr_config_from_base(path, ctr_heads="mlp")
+
+
+def test_lora_on_the_item_table_trains_a_low_rank_update_and_round_trips(base, tmp_path):
+    path, _ = base
+    result = build_ctr_model(path, "lora", ctr_config(path), lora_rank=2, lora_alpha=4, lora_item_embeddings_rank=1)
+    model = result.model
+    table = model.get_base_model().pinfm.embeddings.item_embeddings.table
+    assert table.lora_embedding_A["default"].shape == (1, table.base_layer.num_embeddings)  # rank 1 there, rank 2 elsewhere
+    assert model.get_base_model().pinfm.layers[0].self_attn.q_proj.lora_A["default"].weight.shape[0] == 2
+    assert not table.base_layer.weight.requires_grad  # the pretrained rows stay frozen; only the update trains
+    frozen_rows = table.base_layer.weight.detach().clone()
+    optimizer = torch.optim.AdamW(optimizer_param_groups(result, learning_rate=5e-2, backbone_learning_rate=0.0))
+    for _ in range(3):
+        model(**make_batch(), labels=torch.tensor([1.0, 0.0, 1.0, 0.0])).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert torch.equal(table.base_layer.weight, frozen_rows)
+    assert torch.count_nonzero(table.lora_embedding_B["default"]) > 0  # B starts at zero: it moved
+    model.eval()
+    batch = make_batch(seed=3)
+    with torch.no_grad():
+        expected = model(**batch).logits
+    save_ctr_adapter(model, tmp_path / "like")
+    with torch.no_grad():
+        reloaded = load_ctr_adapters(path, {"like": tmp_path / "like"})(**batch).logits
+    torch.testing.assert_close(reloaded, expected)
+
+
+def test_lora_on_a_hashed_item_table_is_refused(tmp_path):
+    config = PinFMConfig(item_vocab_size=60, action_vocab_size=6, hidden_size=16, num_attention_heads=2,
+                         num_item_hash_tables=2, item_hash_table_size=32)
+    PinFMForPretraining(config).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="lora_item_embeddings_rank"):
+        build_ctr_model(tmp_path, "lora", ctr_config(tmp_path), lora_rank=2, lora_item_embeddings_rank=1)

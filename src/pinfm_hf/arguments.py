@@ -380,12 +380,18 @@ class TransferArguments:
     lora_rank: int = 4
     lora_alpha: int = 8
     lora_dropout: float = 0.0
+    lora_item_embeddings_rank: int = field(
+        default=0,
+        metadata={"help": "--transfer lora: also adapt the item table with an embedding LoRA of this rank (0: frozen)."},
+    )
     allow_leaky_base: bool = field(
         default=False, metadata={"help": "Accept a base pretrained on events after the cut (its figures then leak)."}
     )
 
     def __post_init__(self) -> None:
-        check_ranges(self, positive=("lora_rank", "lora_alpha"), fractions=("lora_dropout",))
+        check_ranges(
+            self, positive=("lora_rank", "lora_alpha"), non_negative=("lora_item_embeddings_rank",), fractions=("lora_dropout",)
+        )
         if self.transfer not in TRANSFER_STRATEGIES:
             raise ValueError(f"--transfer must be one of {sorted(TRANSFER_STRATEGIES)}, got {self.transfer!r}.")
 

@@ -37,6 +37,7 @@ TRANSFER_STRATEGIES = {
 # Saved next to a PEFT adapter: the CTR config the base must be built with (head shape, side features, fusion).
 CTR_CONFIG_NAME = "pinfm_ctr_config.json"
 CTR_HEAD_MODULES = ["ctr_head", "ctr_feature_embeddings", "ctr_candidate_feature_proj", "ctr_item_bias"]
+ITEM_TABLE_MODULE = "item_embeddings.table"  # the encoder's item table, for `lora_item_embeddings_rank`
 
 
 @dataclass
@@ -94,13 +95,16 @@ def build_ctr_model(
     lora_rank: int = 8,
     lora_alpha: int = 16,
     lora_dropout: float = 0.0,
+    lora_item_embeddings_rank: int = 0,
     revision: Optional[str] = None,
 ) -> TransferredModel:
     """
     Build a `PinFMForCTR` from the pretrained folder (or hub repo id at `revision`) `base` with a transfer strategy (see
     `TRANSFER_STRATEGIES`). `config` is the CTR config (e.g. from [`ctr_config_from_base`]); `objective` is what its
     auxiliary next-item loss follows, when `config.ctr_aux_loss_weight > 0`. Random parts are drawn from the current
-    torch seed, so seed before calling for a reproducible head.
+    torch seed, so seed before calling for a reproducible head. With `strategy="lora"`, `lora_item_embeddings_rank > 0`
+    also adapts the item table (PEFT's embedding LoRA, at that rank, with the same alpha / rank scaling): on ML-1M
+    what transfers is the item table (sparse transfer + freeze is the best strategy), so a use case may need to move it.
     """
     if strategy not in TRANSFER_STRATEGIES:
         raise ValueError(f"Unknown transfer strategy {strategy!r}; choose one of {sorted(TRANSFER_STRATEGIES)}.")
@@ -140,11 +144,20 @@ def build_ctr_model(
     transferred -= frozen
 
     if strategy == "lora":
+        target_modules, rank_pattern, alpha_pattern = list(PINFM_LORA_TARGET_MODULES), {}, {}
+        if lora_item_embeddings_rank > 0:
+            if not isinstance(getattr(model.pinfm.embeddings.item_embeddings, "table", None), nn.Embedding):
+                raise ValueError("`lora_item_embeddings_rank` needs one float item table (not hashed, not quantised).")
+            target_modules.append(ITEM_TABLE_MODULE)
+            rank_pattern[ITEM_TABLE_MODULE] = lora_item_embeddings_rank
+            alpha_pattern[ITEM_TABLE_MODULE] = lora_alpha * lora_item_embeddings_rank / lora_rank
         lora_config = LoraConfig(
             r=lora_rank,
             lora_alpha=lora_alpha,
             lora_dropout=lora_dropout,
-            target_modules=PINFM_LORA_TARGET_MODULES,
+            target_modules=target_modules,
+            rank_pattern=rank_pattern,
+            alpha_pattern=alpha_pattern,
             modules_to_save=[m for m in CTR_HEAD_MODULES if getattr(model, m, None) is not None],
         )
         model = get_peft_model(model, lora_config)
