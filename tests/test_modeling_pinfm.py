@@ -254,6 +254,8 @@ class PinFMModelTest(unittest.TestCase):
             PretrainingObjective(negative_sampling="zipf")
         with pytest.raises(ValueError, match="multi_token_loss_weight"):
             PretrainingObjective(multi_token_loss_weight=-1)
+        with pytest.raises(ValueError, match="contrastive_item_mask_prob"):
+            PretrainingObjective(contrastive_item_mask_prob=1.0)
 
 
 def test_lora_wrap_merge_gives_equal_outputs():
@@ -328,6 +330,40 @@ def test_contrastive_loss_compares_two_dropout_passes_in_training_only():
             module.p = 0.0
     without_dropout = model(**inputs, labels=labels).contrastive_loss
     assert without_dropout < out.contrastive_loss
+
+
+def test_item_mask_augmentation_masks_only_real_items_at_the_given_rate():
+    from pinfm_hf.modeling_pinfm import MASK_ITEM_ID, mask_random_items
+    from pinfm_hf.tokenization_pinfm import MASK_ID
+
+    assert MASK_ITEM_ID == MASK_ID
+    torch.manual_seed(0)
+    input_ids = torch.randint(4, 100, (64, 50))
+    input_ids[:, :10] = 0  # left padding
+    input_ids[:, 10] = 3  # a special token (the candidate)
+    attention_mask = (input_ids != 0).long()
+    masked = mask_random_items(input_ids, attention_mask, 0.3, num_special_item_tokens=4)
+    changed = masked != input_ids
+    assert (masked[changed] == MASK_ITEM_ID).all()
+    assert not changed[:, :11].any()
+    assert abs(changed[:, 11:].float().mean().item() - 0.3) < 0.03
+    assert mask_random_items(input_ids, attention_mask, 0.0, 4) is input_ids
+
+
+def test_contrastive_loss_second_view_sees_masked_items():
+    tester = PinFMModelTester(
+        seq_length=12, hidden_dropout_prob=0.0, contrastive_loss_weight=1.0, contrastive_item_mask_prob=0.5,
+    )
+    model = tester.pretraining_model().train()
+    inputs, labels = pretraining_batch(tester)
+    # Without dropout the only difference between the views is the masked items: the loss falls as they are pulled together.
+    unmasked = PinFMModelTester(seq_length=12, hidden_dropout_prob=0.0, contrastive_loss_weight=1.0)
+    model.objective = unmasked.objective
+    same_views = model(**inputs, labels=labels).contrastive_loss
+    model.objective = tester.objective
+    torch.manual_seed(0)
+    masked_views = model(**inputs, labels=labels).contrastive_loss
+    assert masked_views > same_views + 0.01, (masked_views, same_views)
 
 
 def test_contrastive_loss_pulls_views_of_a_query_together():

@@ -417,6 +417,11 @@ class PretrainingObjective:
     contrastive_max_queries: int = field(
         default=1024, metadata={"help": "Next-token queries per batch in the contrastive loss (uniform subsample): its cost grows as their square."}
     )
+    contrastive_item_mask_prob: float = field(
+        default=0.0,
+        metadata={"help": "Share of the input items replaced by the mask token in the contrastive loss's second pass "
+                  "(CL4SRec's item-mask augmentation, on top of the dropout views); 0 keeps the inputs as they are."},
+    )
 
     def __post_init__(self):
         for name in ("next_token_loss_weight", "multi_token_loss_weight", "future_token_loss_weight", "contrastive_loss_weight"):
@@ -429,6 +434,8 @@ class PretrainingObjective:
             value = getattr(self, name)
             if isinstance(value, bool) or not value > 0:
                 raise ValueError(f"--{name} must be > 0, got {value!r}.")
+        if not 0 <= self.contrastive_item_mask_prob < 1:
+            raise ValueError(f"--contrastive_item_mask_prob must be in [0, 1), got {self.contrastive_item_mask_prob!r}.")
         # True/False (Python, YAML) or 'true'/'false' (a flag) become a bool; 'auto' stays until `resolve_full_softmax`.
         value = str(self.full_softmax).lower()
         if value not in ("true", "false", "auto"):

@@ -147,6 +147,26 @@ def gather_sequence_ends(
     return values[packed_sequence_ends(attention_mask.bool(), position_ids)]
 
 
+# The tokenizer's `<mask>` item id (the special item ids are padding, unknown, mask, candidate).
+MASK_ITEM_ID = 2
+
+
+def mask_random_items(
+    input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor], probability: float, num_special_item_tokens: int
+) -> torch.LongTensor:
+    """
+    `input_ids` with each real item (not padding or another special token) replaced by [`MASK_ITEM_ID`] with
+    `probability`: CL4SRec's item-mask augmentation of a sequence. Returns `input_ids` itself when `probability` is 0.
+    """
+    if probability == 0:
+        return input_ids
+    maskable = input_ids >= num_special_item_tokens
+    if attention_mask is not None:
+        maskable &= attention_mask.bool()
+    drawn = torch.rand(input_ids.shape, device=input_ids.device) < probability
+    return input_ids.masked_fill(maskable & drawn, MASK_ITEM_ID)
+
+
 def sequence_attention_mask(valid: torch.BoolTensor, position_ids: Optional[torch.LongTensor] = None) -> torch.BoolTensor:
     """
     `(B, 1, T, T)` boolean SDPA mask: causal over real events, and with `position_ids` (packed rows) block-diagonal, so
@@ -803,8 +823,12 @@ class PinFMForPretraining(PinFMPreTrainedModel):
                 query, labels, attention_mask, self.pinfm.embeddings.item_embeddings, self.objective, position_ids
             )
             if self.training and self.objective.contrastive_loss_weight > 0:
-                # A second pass draws other dropout masks: the second view of every query (DuoRec).
-                second_query = self.next_item_head.query(self.pinfm(input_ids, **event_inputs).last_hidden_state)
+                # A second pass draws other dropout masks (DuoRec), on inputs with some items masked (CL4SRec): the
+                # second view of every query.
+                second_input_ids = mask_random_items(
+                    input_ids, attention_mask, self.objective.contrastive_item_mask_prob, self.config.num_special_item_tokens
+                )
+                second_query = self.next_item_head.query(self.pinfm(second_input_ids, **event_inputs).last_hidden_state)
                 losses["contrastive"] = next_token_contrastive_loss(
                     query, second_query, labels, attention_mask, position_ids=position_ids, objective=self.objective
                 )
@@ -833,4 +857,5 @@ __all__ = [
     "gather_last_valid",
     "gather_sequence_ends",
     "last_valid_index",
+    "mask_random_items",
 ]
