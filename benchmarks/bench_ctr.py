@@ -215,6 +215,10 @@ def main() -> None:
         report[key] = entry
         print(f"\n{key} (base: {entry['base']})\n" + summary_table(rows, [] if args.lora_sweep else peers), file=sys.stderr)
     if args.output:
+        # Re-read before writing: another invocation may have written other use cases to the same file meanwhile.
+        latest = json.loads(args.output.read_text()) if args.output.exists() else {}
+        written = {f"{USE_CASES[u][0]}/{u}" for u in args.use_cases}
+        report = {**latest, **{key: entry for key, entry in report.items() if key in written}}
         atomic_write_json(args.output, report)
     print(json.dumps(report, indent=2))
 
