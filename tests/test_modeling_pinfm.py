@@ -356,7 +356,7 @@ def test_contrastive_loss_second_view_sees_masked_items():
     )
     model = tester.pretraining_model().train()
     inputs, labels = pretraining_batch(tester)
-    # Without dropout the only difference between the views is the masked items: the loss falls as they are pulled together.
+    # Without hidden dropout the views differ mostly by the masked items: masking must raise the loss.
     unmasked = PinFMModelTester(seq_length=12, hidden_dropout_prob=0.0, contrastive_loss_weight=1.0)
     model.objective = unmasked.objective
     same_views = model(**inputs, labels=labels).contrastive_loss
