@@ -1,5 +1,6 @@
 """Shared fixtures: the real data sets under ../shared/data (tests skip when it is absent)."""
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -19,6 +20,17 @@ def shared_data_dir() -> Path:
     if not SHARED_DATA_DIR.is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA_DIR} (see the project README: ../shared/data)")
     return SHARED_DATA_DIR
+
+
+@pytest.fixture
+def two_process_launcher(worker_id) -> tuple[str, ...]:
+    """`accelerate launch` of two CPU processes on a rendezvous port of this test worker's own (as transformers'
+    `get_torch_dist_unique_port` does). Two workers launching at once can both find the default port 29500 free before
+    either binds it; the likely cause of a two-process test that hung in CI (2026-12-05)."""
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
+    worker_index = int(worker_id[2:]) if worker_id.startswith("gw") else 0  # "master" without xdist
+    config = Path(__file__).resolve().parents[1] / "recipes" / "accelerate" / "cpu_2proc.yaml"
+    return (accelerate, "launch", "--config_file", str(config), "--main_process_port", str(29510 + worker_index))
 
 
 def _load_or_skip(path: Path, loader):

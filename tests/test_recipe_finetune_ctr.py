@@ -3,7 +3,6 @@ guard, and two processes with gradient sync."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -107,14 +106,13 @@ def test_a_base_that_saw_the_test_period_is_refused(base, tmp_path):
     assert "leaked into pretraining" in result.stderr and "--time_cut_quantile 0.5" in result.stderr
 
 
-def test_two_processes_sync_gradients_and_gather_metrics_once(base, tmp_path):
-    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
+def test_two_processes_sync_gradients_and_gather_metrics_once(base, tmp_path, two_process_launcher):
     output_dir = tmp_path / "ddp"
     run(
         "finetune_ctr.py", TINY_CTR, output_dir, "--base", str(base), "--deduplicate_histories", "true",
         # The cold-start switches too: item features in the candidate token, young-item dropout, random bucket ids.
         "--ctr_candidate_item_features", "true", "--ctr_young_item_dropout", "0.5", "--candidate_id_randomization", "0.2",
-        launcher=(accelerate, "launch", "--config_file", str(ROOT / "recipes/accelerate/cpu_2proc.yaml")),
+        launcher=two_process_launcher,
         env={"ACCELERATE_USE_CPU": "1"},
     )
     results = json.loads((output_dir / "results.json").read_text())

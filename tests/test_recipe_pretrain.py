@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -116,14 +115,13 @@ def test_full_softmax_over_a_large_vocabulary_is_refused(tmp_path):
     ("--packing", "false", "--group_by_length", "true"),  # every rank must draw the same length-grouped batches
     ("--item_optimizer", "rowwise_adagrad"),  # sparse item gradients, all-reduced by DDP like dense ones
 ], ids=["packed", "grouped", "sparse_items"])
-def test_two_processes_sync_gradients_and_gather_metrics_once(tmp_path, shared_data_dir, batching):
-    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
+def test_two_processes_sync_gradients_and_gather_metrics_once(tmp_path, shared_data_dir, batching, two_process_launcher):
     output_dir = tmp_path / "ddp"
     run_recipe(
         output_dir,
         "--max_eval_users", "199",  # odd on purpose: gather_for_metrics must drop the padding duplicate
         *batching,
-        launcher=(accelerate, "launch", "--config_file", str(ROOT / "recipes/accelerate/cpu_2proc.yaml")),
+        launcher=two_process_launcher,
         env={"ACCELERATE_USE_CPU": "1"},
     )
     results = json.loads((output_dir / "results.json").read_text())
@@ -282,12 +280,11 @@ def test_prepared_events_stream_and_a_killed_run_resumes_exactly(tmp_path, share
     torch.testing.assert_close(torch.tensor([l for _, l in resumed]), torch.tensor([l for _, l in losses]))
 
 
-def test_prepared_events_in_two_processes_share_the_stream_and_resume_exactly(tmp_path, shared_data_dir):
+def test_prepared_events_in_two_processes_share_the_stream_and_resume_exactly(tmp_path, shared_data_dir, two_process_launcher):
     # The main process encodes the shards, the other reads the same files; each streams its own shards, the ranks keep
     # equal weights, count every test user once, and a run killed mid-epoch resumes to the same losses.
     _prepared_slice(tmp_path, shared_data_dir)
-    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
-    launcher = (accelerate, "launch", "--config_file", str(ROOT / "recipes/accelerate/cpu_2proc.yaml"))
+    launcher = two_process_launcher
     prepared = ("--prepared", str(tmp_path / "prepared"), "--max_eval_users", "199", *STREAM_FLAGS)
     run_recipe(tmp_path / "ddp", *prepared, launcher=launcher, env={"ACCELERATE_USE_CPU": "1"})
     results = json.loads((tmp_path / "ddp" / "results.json").read_text())
