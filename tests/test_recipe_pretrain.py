@@ -209,12 +209,18 @@ def test_choosing_the_epoch_on_in_sample_validation_is_refused(tmp_path):
     assert result.returncode != 0 and "--load_best_model_at_end chooses the epoch on validation" in result.stderr
 
 
-def test_a_training_time_budget_stops_the_run_and_still_tests_and_saves(tmp_path):
+def test_a_training_time_budget_stops_the_run_and_still_tests_and_saves_and_a_resume_trains_on(tiny_run, tmp_path):
     run_recipe(tmp_path, "--max_train_minutes", "0.0001")  # spent by the first step
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["steps"] == 1 and [s for s, _ in step_losses(tmp_path)] == [1]
     assert results["test"]["num_users"] == 200 and (tmp_path / "model" / "model.safetensors").is_file()
     assert list_checkpoints(tmp_path / "checkpoints")[-1].name == "checkpoint-1"
+    # A new budget (here none) trains on from the step the budget stopped at, as if the run had not stopped.
+    run_recipe(tmp_path, "--resume_from_checkpoint", "latest")
+    resumed, uninterrupted = step_losses(tmp_path), step_losses(tiny_run)
+    assert [s for s, _ in resumed] == [s for s, _ in uninterrupted]
+    torch.testing.assert_close(torch.tensor([l for _, l in resumed]), torch.tensor([l for _, l in uninterrupted]))
+    assert json.loads((tmp_path / "results.json").read_text())["steps"] == len(uninterrupted)
 
 
 def test_the_contrastive_loss_is_trained_logged_and_carded_and_refused_without_dropout(tmp_path):

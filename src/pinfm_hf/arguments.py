@@ -211,7 +211,8 @@ class TrainingArguments:
     max_train_minutes: Optional[float] = field(
         default=None,
         metadata={"help": "Stop training once this much training time is spent (validation not counted), then test and "
-                  "save as at the end of the plan: runs at a fixed wall-time budget."},
+                  "save as at the end of the plan: runs at a fixed wall-time budget. `--resume_from_checkpoint latest` with a "
+                  "new budget trains on from where it stopped."},
     )
     report_to: Optional[str] = field(default=None, metadata={"help": "An Accelerate tracker, e.g. 'tensorboard'."})
     eval_every_epochs: int = field(default=0, metadata={"help": "Validate every N epochs (0: only the final test)."})

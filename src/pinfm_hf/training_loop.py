@@ -86,6 +86,7 @@ class TrainingLoop:
         self.run_log.restart(self.position.step)
         self.done = self.position.step >= total_steps
         self.interrupted = False
+        self.budget_stopped = False  # by --max_train_minutes: the final checkpoint keeps its place, to train on later
         self.units_seen = 0
         self._step_losses: list[dict[str, torch.Tensor]] = []
         self._progress = tqdm(
@@ -169,6 +170,7 @@ class TrainingLoop:
         if self.budget_spent():
             logger.warning(f"Stopping after step {self.step}: the training time budget ({self.args.max_train_minutes} min) is spent.")
             self.total_steps = self.position.step  # the plan ends here: a final checkpoint, then the outputs
+            self.budget_stopped = True
         if self.position.step % self.args.checkpointing_steps == 0 or self.interrupted:
             self.checkpoint()
         self.done = self.position.step >= self.total_steps
@@ -194,7 +196,7 @@ class TrainingLoop:
         if patience and position.validations_since_best >= patience:
             logger.warning(f"Early stopping at step {position.step}: no better validation in {patience} (best at step "
                            f"{position.best_step}: {position.best_metric:.4f}).")
-            self.done = True
+            self.done, self.budget_stopped = True, False  # finished: a resume has nothing left to train
         return improved
 
     @property
@@ -242,9 +244,14 @@ class TrainingLoop:
         seconds = self.train_seconds
         if self.interrupted:
             logger.warning(f"Stopped after step {self.step} as asked (--stop_after_steps); resume with --resume_from_checkpoint latest.")
-        elif self.position.step % self.args.checkpointing_steps != 0:
-            self.position.epoch, self.position.batches_in_epoch = self.num_epochs, 0
-            self.checkpoint()
+        else:
+            if self.budget_stopped:
+                logger.warning(f"Stopped after step {self.step} on the time budget; resume with --resume_from_checkpoint "
+                               "latest (and a new --max_train_minutes) to train on from there.")
+            else:  # the plan is done or validation stopped it early: a resume has nothing left to train
+                self.position.epoch, self.position.batches_in_epoch = self.num_epochs, 0
+            if self.position.step % self.args.checkpointing_steps != 0:
+                self.checkpoint()
         return seconds
 
     def budget_spent(self) -> bool:
