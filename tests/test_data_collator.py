@@ -116,3 +116,54 @@ def test_packing_refuses_what_it_cannot_pack():
         PinFMDataCollator(pack_length=2)(features())
     with pytest.raises(ValueError, match="Example 1 has no events"):
         PinFMDataCollator(pack_length=4)([{"input_ids": [1]}, {"input_ids": []}])
+
+
+def _positive_pool_rows():
+    # Item 7 is the next item after three different histories; item 9 after one; first events are never targets.
+    return [
+        {"input_ids": [5, 6, 7, 8], "timestamps": [1, 2, 3, 4]},
+        {"input_ids": [4, 7, 9], "timestamps": [10, 11, 12]},
+        {"input_ids": [6, 5, 7], "timestamps": [20, 21, 22]},
+        {"input_ids": [7, 4], "timestamps": [30, 31]},
+    ]
+
+
+@pytest.mark.parametrize("pack_length", [None, 6])
+def test_same_target_positives_are_prefixes_followed_by_the_same_item(pack_length):
+    import numpy as np
+    import pyarrow as pa
+
+    from pinfm_hf.data import SameTargetPositives
+
+    rows = _positive_pool_rows()
+    pool = SameTargetPositives(pa.Table.from_pylist(rows), ["timestamps"], max_length=2)
+    assert pool.num_targets == 3 + 2 + 2 + 1
+    collator = PinFMDataCollator(return_labels=True, pack_length=pack_length, positives=pool)
+    batch = collator(rows)
+    again = collator(rows)
+    assert all(torch.equal(batch["positive_inputs"][k], again["positive_inputs"][k]) for k in batch["positive_inputs"])
+    # Every target but the first event of each sequence has a positive, and nothing else does.
+    index = batch["positive_index"].flatten()
+    starts = batch["position_ids"] == 0 if pack_length else torch.arange(batch["input_ids"].shape[1]) == 0
+    expected = (batch["labels"] != -100) & ~starts
+    assert torch.equal(index >= 0, expected.flatten())
+    followers = {}  # each (prefix of at most 2 events) -> the items that follow it in the pool's rows
+    for row in rows:
+        for t in range(1, len(row["input_ids"])):
+            followers.setdefault(tuple(row["input_ids"][max(0, t - 2) : t]), set()).add(row["input_ids"][t])
+    positive = batch["positive_inputs"]
+    flat_ids, flat_mask = positive["input_ids"].flatten(), positive["attention_mask"].flatten()
+    flat_positions = positive["position_ids"].flatten() if pack_length else torch.arange(positive["input_ids"].shape[1]).repeat(positive["input_ids"].shape[0])
+    for target, end in zip(batch["labels"].flatten()[expected.flatten()].tolist(), index[expected.flatten()].tolist()):
+        start = end - int(flat_positions[end])
+        assert bool(flat_mask[end]) and (end + 1 == len(flat_ids) or int(flat_positions[end + 1]) == 0 or not flat_mask[end + 1])
+        prefix = tuple(flat_ids[start : end + 1].tolist())
+        assert target in followers[prefix], (target, prefix)
+    assert set(positive) >= {"input_ids", "attention_mask", "timestamps"}
+    # At most max_positives targets get one.
+    capped = PinFMDataCollator(return_labels=True, pack_length=pack_length, positives=pool, max_positives=3)(rows)
+    assert int((capped["positive_index"] >= 0).sum()) == 3
+    # An item that is never a training target has no positive to draw.
+    with pytest.raises(ValueError, match="never one of the training rows"):
+        collator([{"input_ids": [5, 40], "timestamps": [1, 2]}])
+    assert np.array_equal(pool.offsets, [0, 4, 7, 10, 12])

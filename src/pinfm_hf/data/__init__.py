@@ -2,6 +2,7 @@
 `streaming` feeds its shards to training)."""
 
 from .collator import PinFMDataCollator
+from .positives import SameTargetPositives
 from .ctr import (
     CTR_USE_CASES,
     FEATURES_FILE_NAME,
@@ -76,6 +77,7 @@ __all__ = [
     "EpochRandomSampler",
     "LengthGroupedEpochSampler",
     "PinFMDataCollator",
+    "SameTargetPositives",
     "PreparedEvents",
     "StreamingBatches",
     "StreamingDataLoader",
