@@ -31,7 +31,6 @@ from pinfm_hf.data import (
     LengthGroupedEpochSampler,
     PinFMDataCollator,
     PreparedEvents,
-    SameTargetPositives,
     StreamingBatches,
     StreamingDataLoader,
     TokenBudgetBatchSampler,
@@ -66,9 +65,7 @@ class PretrainingData:
     catalogue_ids: Optional[torch.LongTensor]  # the ids evaluation ranks (None: the vocabulary's items)
 
 
-def load_data(
-    data_args: PretrainingDataArguments, train_args: PretrainingArguments, objective: PretrainingObjective, accelerator
-) -> PretrainingData:
+def load_data(data_args: PretrainingDataArguments, train_args: PretrainingArguments, accelerator) -> PretrainingData:
     """Events -> per-user sequences -> leave-last-out splits -> the tokenizer -> tokens -> loaders."""
     # Vocabulary-free: no item kept, every id hashed into the buckets.
     vocabulary = dict(min_count=data_args.min_item_count, max_vocab_size=0 if data_args.vocabulary_free else data_args.max_vocab_size,
@@ -113,22 +110,11 @@ def load_data(
     logger.info("Evaluation ranks %s.", "items outside each user's history" if exclude else "every item")
 
     positives = data_args.positive_action_names(tokenizer.action_tokens[2:])
-    positive_action_ids = tokenizer.convert_actions_to_ids(positives) if positives else None
     pack_length = data_args.max_length if train_args.packing else None
-    same_target = None  # DuoRec's supervised positives for the contrastive loss, drawn from the training rows
-    if objective.contrastive_loss_weight > 0 and objective.contrastive_positives == "same_target":
-        if data_args.prepared:
-            raise ValueError("--contrastive_positives same_target draws from the training rows in memory: not with --prepared.")
-        same_target = SameTargetPositives(
-            train_table, [k for k in ("action_ids", "surface_ids", "timestamps") if k in train_table.column_names],
-            positive_action_ids=positive_action_ids, max_length=min(data_args.max_length, 50),
-        )
-        logger.info("Same-target positives: %s training targets to draw from.", f"{same_target.num_targets:,}")
     collator = PinFMDataCollator(
         pad_token_id=tokenizer.pad_token_id, max_length=data_args.max_length, return_labels=True,
-        positive_action_ids=positive_action_ids, pack_length=pack_length,
+        positive_action_ids=tokenizer.convert_actions_to_ids(positives) if positives else None, pack_length=pack_length,
         pack_first_fit=True,  # training rows only: the order of sequences within a batch does not matter to the losses
-        positives=same_target, max_positives=objective.contrastive_max_queries,
     )
     # Random users, about as many events per step as padded batches of per_device_train_batch_size users hold.
     max_tokens = train_args.per_device_train_batch_tokens or max(1, round(train_args.per_device_train_batch_size * train_events / train_rows))
@@ -207,7 +193,7 @@ def main(args: Optional[list[str]] = None) -> dict:
     start_time = time.time()
 
     # ----- data and model -----
-    data = load_data(data_args, train_args, objective, accelerator)
+    data = load_data(data_args, train_args, accelerator)
     model = build_model(data, data_args, model_args, objective, train_args)
     optimizers = build_optimizers(
         model, learning_rate=train_args.learning_rate, weight_decay=train_args.weight_decay, adam_beta2=train_args.adam_beta2,

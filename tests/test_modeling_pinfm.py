@@ -332,32 +332,6 @@ def test_contrastive_loss_compares_two_dropout_passes_in_training_only():
     assert without_dropout < out.contrastive_loss
 
 
-def test_same_target_positives_that_are_the_queries_own_prefixes_give_the_dropout_views_loss():
-    # Each target's positive is its own query (the batch itself as positive_inputs, positive_index pointing at the
-    # query's position): the second pass is then the dropout pass, to the bit; an index off by one is not.
-    tester = PinFMModelTester(seq_length=12, hidden_dropout_prob=0.3, contrastive_loss_weight=0.5, contrastive_max_queries=1000)
-    model = tester.pretraining_model().train()
-    inputs, labels = pretraining_batch(tester)
-    torch.manual_seed(0)
-    dropout_views = model(**inputs, labels=labels).contrastive_loss
-    B, T = labels.shape
-    flat = torch.arange(B * T).view(B, T)
-    own, shifted = torch.full((B, T), -1), torch.full((B, T), -1)
-    own[:, 1:], shifted[:, 2:] = flat[:, :-1], flat[:, :-2]
-    model.objective = dataclasses.replace(tester.objective, contrastive_positives="same_target")
-    with pytest.raises(ValueError, match="needs `positive_inputs` and `positive_index`"):
-        model(**inputs, labels=labels)
-    torch.manual_seed(0)
-    same_target = model(**inputs, labels=labels, positive_inputs=dict(inputs), positive_index=own)
-    torch.testing.assert_close(same_target.contrastive_loss, dropout_views)
-    torch.testing.assert_close(same_target.loss, same_target.next_token_loss + 0.5 * same_target.contrastive_loss)
-    torch.manual_seed(0)
-    off_by_one = model(**inputs, labels=labels, positive_inputs=dict(inputs), positive_index=shifted).contrastive_loss
-    assert (off_by_one - dropout_views).abs() > 1e-3
-    with pytest.raises(ValueError, match="contrastive_positives"):
-        PretrainingObjective(contrastive_positives="other_users")
-
-
 def test_item_mask_augmentation_masks_only_real_items_at_the_given_rate():
     from pinfm_hf.modeling_pinfm import MASK_ITEM_ID, mask_random_items
     from pinfm_hf.tokenization_pinfm import MASK_ID

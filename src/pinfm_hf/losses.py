@@ -422,13 +422,6 @@ class PretrainingObjective:
         metadata={"help": "Share of the input items replaced by the mask token in the contrastive loss's second pass "
                   "(CL4SRec's item-mask augmentation, on top of the dropout views); 0 keeps the inputs as they are."},
     )
-    contrastive_positives: str = field(
-        default="dropout",
-        metadata={"help": "The other view of a next-token query in the contrastive loss: 'dropout' (the same inputs, "
-                  "other dropout masks: DuoRec's unsupervised view) or 'same_target' (another training sequence's "
-                  "prefix followed by the same item: DuoRec's supervised positive; the recipe draws them, and the "
-                  "second pass runs over those prefixes).", "choices": ["dropout", "same_target"]},
-    )
 
     def __post_init__(self):
         for name in ("next_token_loss_weight", "multi_token_loss_weight", "future_token_loss_weight", "contrastive_loss_weight"):
@@ -441,8 +434,6 @@ class PretrainingObjective:
             value = getattr(self, name)
             if isinstance(value, bool) or not value > 0:
                 raise ValueError(f"--{name} must be > 0, got {value!r}.")
-        if self.contrastive_positives not in ("dropout", "same_target"):
-            raise ValueError(f"--contrastive_positives must be 'dropout' or 'same_target', got {self.contrastive_positives!r}.")
         if not 0 <= self.contrastive_item_mask_prob < 1:
             raise ValueError(f"--contrastive_item_mask_prob must be in [0, 1), got {self.contrastive_item_mask_prob!r}.")
         # True/False (Python, YAML) or 'true'/'false' (a flag) become a bool; 'auto' stays until `resolve_full_softmax`.
@@ -604,31 +595,22 @@ def next_token_contrastive_loss(
     attention_mask: Optional[torch.Tensor],
     *,
     position_ids: Optional[torch.LongTensor] = None,
-    positive_index: Optional[torch.LongTensor] = None,
     objective: PretrainingObjective,
 ) -> torch.Tensor:
     """
     [`contrastive_loss`] over the next-token queries of a batch (those of `next_item_losses`' next-token loss, at
     most `objective.contrastive_max_queries` of them): `query` and `second_query` `(B, T, P)` are two dropout passes
-    over the same inputs; `labels`, `attention_mask` and `position_ids` as in [`next_item_losses`]. With
-    `positive_index` `(B, T)` (`PinFMDataCollator(positives=...)`), `second_query` is the pass over the positives'
-    prefixes instead, and a query's other view is the one at `positive_index` of its target (queries whose target
-    has -1 are left out).
+    over the same inputs; `labels`, `attention_mask` and `position_ids` as in [`next_item_losses`].
     """
     valid_query = (labels != -100 if attention_mask is None else attention_mask).bool()
     sequence_ids = packed_sequence_ids(position_ids)
     query_index, target_index = offset_pairs(valid_query, labels != -100, range(1, 2), sequence_ids)
-    second_index = query_index
-    if positive_index is not None:
-        second_index = positive_index.reshape(-1)[target_index]
-        keep = second_index >= 0
-        query_index, target_index, second_index = query_index[keep], target_index[keep], second_index[keep]
     if query_index.numel() > objective.contrastive_max_queries:
         keep = torch.randperm(query_index.numel(), device=query.device)[: objective.contrastive_max_queries]
-        query_index, target_index, second_index = query_index[keep], target_index[keep], second_index[keep]
+        query_index, target_index = query_index[keep], target_index[keep]
     P = query.shape[-1]
     return contrastive_loss(
-        query.reshape(-1, P)[query_index], second_query.reshape(-1, P)[second_index], labels.reshape(-1)[target_index],
+        query.reshape(-1, P)[query_index], second_query.reshape(-1, P)[query_index], labels.reshape(-1)[target_index],
         temperature=objective.contrastive_temperature,
     )
 

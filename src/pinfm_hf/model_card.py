@@ -23,7 +23,7 @@ CARD_CONFIG_FIELDS = (
 )
 CARD_OBJECTIVE_FIELDS = (
     "next_token_loss_weight", "multi_token_loss_weight", "future_token_loss_weight", "contrastive_loss_weight",
-    "contrastive_positives", "num_negatives", "negative_sampling", "full_softmax",
+    "num_negatives", "negative_sampling", "full_softmax",
 )
 DATASET_IDS = {"ml-1m": "movielens-1m", "taobao": "taobao-user-behavior"}
 

@@ -796,8 +796,6 @@ class PinFMForPretraining(PinFMPreTrainedModel):
         output_hidden_states: Optional[bool] = None,
         output_attentions: Optional[bool] = None,
         position_ids: Optional[torch.LongTensor] = None,
-        positive_inputs: Optional[dict[str, torch.Tensor]] = None,
-        positive_index: Optional[torch.LongTensor] = None,
     ) -> PinFMForPretrainingOutput:
         r"""
         Args:
@@ -808,10 +806,6 @@ class PinFMForPretraining(PinFMPreTrainedModel):
             Other inputs: see [`PinFMModel.forward`]. An all-padding row is allowed (no loss term, zero
             `user_embedding`) and leaves the other rows' outputs unchanged. Packed rows (`position_ids`) give the
             same hidden states, query/target pairs and losses as the same sequences one per row.
-            positive_inputs (`dict[str, torch.Tensor]`, *optional*), positive_index (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
-                The supervised positives of the contrastive loss (`objective.contrastive_positives="same_target"`),
-                as `PinFMDataCollator(positives=...)` gives them: the positives' prefixes (model inputs) and, per
-                target event, the flat index of its positive's last event in them (-1: none).
         """
         if labels is not None and input_ids is not None and labels.shape != input_ids.shape:
             raise ValueError(f"`labels` has shape {tuple(labels.shape)}, but `input_ids` has {tuple(input_ids.shape)}.")
@@ -829,25 +823,14 @@ class PinFMForPretraining(PinFMPreTrainedModel):
                 query, labels, attention_mask, self.pinfm.embeddings.item_embeddings, self.objective, position_ids
             )
             if self.training and self.objective.contrastive_loss_weight > 0:
-                if self.objective.contrastive_positives == "same_target":
-                    # The second view of a query: another sequence followed by the same item (DuoRec's supervised one).
-                    if positive_index is None:
-                        raise ValueError("contrastive_positives='same_target' needs `positive_inputs` and `positive_index`: "
-                                         "collate with `PinFMDataCollator(positives=SameTargetPositives(...))`.")
-                    second_query = query if positive_inputs is None else self.next_item_head.query(
-                        self.pinfm(**positive_inputs).last_hidden_state
-                    )  # no positive_inputs: no target in the batch, so no pair either
-                else:
-                    # A second pass draws other dropout masks (DuoRec), on inputs with some items masked (CL4SRec): the
-                    # second view of every query.
-                    second_input_ids = mask_random_items(
-                        input_ids, attention_mask, self.objective.contrastive_item_mask_prob, self.config.num_special_item_tokens
-                    )
-                    second_query = self.next_item_head.query(self.pinfm(second_input_ids, **event_inputs).last_hidden_state)
-                    positive_index = None
+                # A second pass draws other dropout masks (DuoRec), on inputs with some items masked (CL4SRec): the
+                # second view of every query.
+                second_input_ids = mask_random_items(
+                    input_ids, attention_mask, self.objective.contrastive_item_mask_prob, self.config.num_special_item_tokens
+                )
+                second_query = self.next_item_head.query(self.pinfm(second_input_ids, **event_inputs).last_hidden_state)
                 losses["contrastive"] = next_token_contrastive_loss(
-                    query, second_query, labels, attention_mask, position_ids=position_ids, positive_index=positive_index,
-                    objective=self.objective,
+                    query, second_query, labels, attention_mask, position_ids=position_ids, objective=self.objective
                 )
         return PinFMForPretrainingOutput(
             loss=self.objective.weighted_sum(losses) if losses else None,

@@ -2,7 +2,6 @@
 `streaming` feeds its shards to training)."""
 
 from .collator import PinFMDataCollator
-from .positives import SameTargetPositives
 from .ctr import (
     CTR_USE_CASES,
     FEATURES_FILE_NAME,
@@ -77,7 +76,6 @@ __all__ = [
     "EpochRandomSampler",
     "LengthGroupedEpochSampler",
     "PinFMDataCollator",
-    "SameTargetPositives",
     "PreparedEvents",
     "StreamingBatches",
     "StreamingDataLoader",

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
-
-
-if TYPE_CHECKING:
-    from .positives import SameTargetPositives
 
 
 # Keys holding one value per event; they are truncated and padded together.
@@ -50,15 +46,6 @@ class PinFMDataCollator:
             decreasing) instead of in order: fewer rows when sequences are long (ML-1M's windows fill ~77% of their
             rows in order, ~97% this way), the same (query, target) pairs. The examples are reordered, so for
             training batches only: outputs per sequence and stacked keys then follow the new order, not the input's.
-        positives ([`SameTargetPositives`], *optional*):
-            With `return_labels`: add DuoRec's supervised positives for the contrastive loss: for (at most
-            `max_positives`, a uniform draw of) the next-token targets, another training sequence's prefix followed by
-            the same item, batched as `positive_inputs` (a dict of the sequence keys, packed or padded as the batch)
-            with `positive_index` `(B, T)`: for a target event, the flat index into `positive_inputs` of the last
-            event of its positive's prefix, else -1. The draws depend on the batch's content only (a resumed run
-            repeats them).
-        max_positives (`int`, *optional*, defaults to 1024):
-            At most this many targets per batch get a positive (the contrastive loss's `contrastive_max_queries`).
 
     Keys other than the sequence keys (`target_ids`, `label`, ...) are stacked as they are (float64 becomes
     float32); string values (such as `user_id`) are left out, as `transformers.default_data_collator` does.
@@ -71,8 +58,6 @@ class PinFMDataCollator:
     positive_action_ids: Optional[Sequence[int]] = None
     pack_length: Optional[int] = None
     pack_first_fit: bool = False
-    positives: Optional["SameTargetPositives"] = None
-    max_positives: int = 1024
 
     def __post_init__(self) -> None:
         if self.padding_side not in ("left", "right"):
@@ -151,41 +136,6 @@ class PinFMDataCollator:
             for pack in packs
         ]
 
-    def _positive_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-        """`positive_inputs` and `positive_index` (see `positives`) for the next-token targets of `batch`."""
-        from .positives import batch_rng
-
-        if "labels" not in batch:
-            raise ValueError("`positives` are drawn for the next-token targets: set `return_labels=True`.")
-        attended = batch["attention_mask"] != 0
-        if "position_ids" in batch:
-            first = attended & (batch["position_ids"] == 0)
-        else:
-            first = attended & (attended.long().cumsum(dim=1) == 1)
-        targets = torch.nonzero(((batch["labels"] != IGNORE_INDEX) & ~first).flatten()).flatten().numpy()
-        rng = batch_rng(batch["input_ids"])
-        if len(targets) > self.max_positives:
-            targets = np.sort(rng.choice(targets, self.max_positives, replace=False))
-        positive_index = torch.full(batch["input_ids"].shape, -1, dtype=torch.long)
-        if len(targets) == 0:
-            return {"positive_index": positive_index}
-        prefixes = self.positives.sample(batch["labels"].flatten().numpy()[targets], rng)
-        lengths = [len(prefix["input_ids"]) for prefix in prefixes]
-        collate = PinFMDataCollator(
-            pad_token_id=self.pad_token_id, padding_side="right",
-            pack_length=None if self.pack_length is None else max(self.pack_length, max(lengths)),
-        )
-        positive_inputs = collate(prefixes)
-        width = positive_inputs["input_ids"].shape[1]
-        if collate.pack_length is None:  # one prefix per row
-            ends = np.arange(len(prefixes)) * width + np.asarray(lengths) - 1
-        else:  # in order, several per row: where `_packs` put each prefix
-            ends = np.empty(len(prefixes), dtype=np.int64)
-            for row, pack in enumerate(collate._packs(lengths)):
-                ends[pack] = row * width + np.cumsum([lengths[i] for i in pack]) - 1
-        positive_index.view(-1)[torch.from_numpy(targets)] = torch.from_numpy(ends)
-        return {"positive_inputs": positive_inputs, "positive_index": positive_index}
-
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if len(features) == 0:
             raise ValueError("Cannot collate an empty list of examples.")
@@ -220,8 +170,6 @@ class PinFMDataCollator:
                     raise ValueError("`positive_action_ids` selects targets by action: the examples need `action_ids`.")
                 target &= torch.isin(batch["action_ids"], torch.tensor(list(self.positive_action_ids)))
             batch["labels"] = batch["input_ids"].masked_fill(~target, IGNORE_INDEX)
-        if self.positives is not None:
-            batch.update(self._positive_inputs(batch))
 
         for key in features[0]:
             if key in batch or key in SEQUENCE_KEYS:
