@@ -244,14 +244,14 @@ class TrainingLoop:
         seconds = self.train_seconds
         if self.interrupted:
             logger.warning(f"Stopped after step {self.step} as asked (--stop_after_steps); resume with --resume_from_checkpoint latest.")
-        else:
-            if self.budget_stopped:
-                logger.warning(f"Stopped after step {self.step} on the time budget; resume with --resume_from_checkpoint "
-                               "latest (and a new --max_train_minutes) to train on from there.")
-            else:  # the plan is done or validation stopped it early: a resume has nothing left to train
-                self.position.epoch, self.position.batches_in_epoch = self.num_epochs, 0
-            if self.position.step % self.args.checkpointing_steps != 0:
-                self.checkpoint()
+            return seconds
+        if self.budget_stopped:
+            logger.warning(f"Stopped after step {self.step} on the time budget; resume with --resume_from_checkpoint "
+                           "latest (and a new --max_train_minutes) to train on from there.")
+        else:  # the plan is done or validation stopped it early: a resume has nothing left to train
+            self.position.epoch, self.position.batches_in_epoch = self.num_epochs, 0
+        if self.position.step % self.args.checkpointing_steps != 0:
+            self.checkpoint()
         return seconds
 
     def budget_spent(self) -> bool:
