@@ -35,6 +35,7 @@ from pinfm_hf.data import (
     EventTable,
     PinFMDataCollator,
     collate_impression_groups,
+    item_feature_table,
     side_feature_fields,
 )
 from pinfm_hf.evaluation import evaluate_ctr
@@ -133,10 +134,15 @@ def build_model(data: CTRData, data_args: CTRDataArguments, model_args: CTRModel
             f"impressions leaked into pretraining. Pretrain with `--time_cut_quantile {data_args.cut_quantile}`, or "
             "pass --allow_leaky_base to accept it knowingly."
         )
+    item_features = None
+    if config.ctr_history_field_match_features:
+        item_fields = [data.feature_fields[i] for i in config.ctr_item_feature_fields]
+        item_features = item_feature_table(data.events, data.tokenizer, data.encoder, item_fields)
+        logger.info("Item fields %s recorded for %d items (history matches by field).", item_fields, len(item_features[0]))
     return build_ctr_model(
         model_args.base, model_args.transfer, config, objective=objective,
         lora_rank=model_args.lora_rank, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
-        lora_item_embeddings_rank=model_args.lora_item_embeddings_rank,
+        lora_item_embeddings_rank=model_args.lora_item_embeddings_rank, item_features=item_features,
         revision=model_args.base_revision,
     )
 

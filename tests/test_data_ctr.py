@@ -20,6 +20,7 @@ from pinfm_hf.data import (
     build_ctr_samples,
     ctr_splits,
     collate_impression_groups,
+    item_feature_table,
     load_movielens_users,
     make_event_table,
     quantile_timestamp,
@@ -272,6 +273,28 @@ def test_feature_encoder_ml1m_genres(ml1m_events, ml1m_like, ml1m_users):
     values = row["genre"][0].as_py().split()
     assert ids[: len(values)].tolist() == [encoder.vocab.index(f"genre={v}") + 2 for v in values]
     assert (ids[len(values) :] == 0).all()
+
+
+def test_item_feature_table_encodes_each_known_items_fields_as_its_impressions_do(toy_events):
+    _, samples = build_ctr_samples(toy_events, positive_actions=["buy"], negative_actions=["skip"])
+    encoder = CTRFeatureEncoder.fit(samples, ["surface", "category"])
+    # A tokenizer that never saw item "d": its bucket is shared with other unseen items, so it gets no row.
+    seen = toy_events.table.filter(pc.not_equal(toy_events.table["item_id"], "d"))
+    tokenizer = PinFMTokenizer.from_events(make_event_table(seen, source="toy"))
+    token_ids, feature_ids = item_feature_table(toy_events, tokenizer, encoder, ["category"])
+    items = ["a", "b", "c", "v", "x", "y"]
+    assert sorted(token_ids.tolist()) == sorted(tokenizer.item_ids_to_token_ids(items).tolist())
+    assert feature_ids.shape == (6, 1)  # the category slot alone, not the surface's
+    by_token = dict(zip(token_ids.tolist(), feature_ids[:, 0].tolist()))
+    category = dict(zip(toy_events.table["item_id"].to_pylist(), toy_events.table["category"].to_pylist()))
+    for item in items:  # "v" (k3) is no impression: unknown to the encoder (1), still in the table
+        expected = encoder.vocab.index(f"category={category[item]}") + 2 if f"category={category[item]}" in encoder.vocab else 1
+        assert by_token[int(tokenizer.item_ids_to_token_ids([item])[0])] == expected, item
+    assert by_token[int(tokenizer.item_ids_to_token_ids(["v"])[0])] == 1
+    with pytest.raises(ValueError, match=r"Fields \['genre'\] are not encoded"):
+        encoder.encode(samples, fields=["genre"])
+    with pytest.raises(ValueError, match="no item feature column"):
+        item_feature_table(toy_events.table.drop_columns(["category"]), tokenizer, encoder, ["category"])
 
 
 def test_feature_encoder_save_load(tmp_path, monkeypatch):

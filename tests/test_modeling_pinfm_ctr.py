@@ -423,3 +423,65 @@ def test_history_counts_without_actions_are_refused_clearly():
     batch.pop("action_ids")
     with pytest.raises(ValueError, match="`action_ids` are required: .*ctr_history_count_features"):
         model(**batch)
+
+
+def genre_table(seed: int = 0) -> torch.Tensor:
+    """A random item -> (3 genre slots) table over side-feature ids 2..11, 0-padded; specials know nothing."""
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randint(2, 12, (VOCAB, 3), generator=g)
+    table[torch.rand(VOCAB, 3, generator=g) < 0.4] = 0
+    table[:4] = 0
+    return table
+
+
+def test_history_field_matches_count_events_sharing_a_genre_with_the_candidate_and_reach_the_head():
+    batch = make_batch()
+    ids, actions = batch["input_ids"], batch["action_ids"]
+    table = genre_table()
+    side = batch["side_feature_ids"]
+    side[:, :3] = table[ids[:, -1]]  # field 0 (3 slots) is the candidate item's genres, as the encoder gives them
+    side[3, :3] = torch.tensor([1, 0, 0])  # row 3: an unknown genre (id 1), which matches nothing
+    table[ids[3, 2]] = torch.tensor([1, 0, 0])  # ... even an event whose genre is unknown too
+    history = batch["attention_mask"].bool().clone()
+    history[:, -1] = False
+    expected = torch.zeros(4, ACTIONS)
+    for row in range(4):  # by hand: per action, events of the row's history with a genre in common with its candidate
+        wanted = {int(v) for v in side[row, :3] if v > 1}
+        for t in range(ids.shape[1] - 1):
+            if history[row, t] and wanted & {int(v) for v in table[ids[row, t]] if v > 1}:
+                expected[row, actions[row, t]] += 1
+    assert expected[:3].sum() > 0 and expected[3].sum() == 0
+
+    torch.manual_seed(0)
+    model = PinFMForCTR(make_config(ctr_history_count_features=True, ctr_history_field_match_features=True,
+                                    ctr_item_feature_fields=[0])).eval()
+    assert model.ctr_head.mlp[0].in_features == 16 + 2 * 4 + 2 * ACTIONS + ACTIONS  # + per action, genre matches
+    with torch.no_grad():
+        blank = model(**batch).logits  # no item's genres known yet: no event matches
+        model.set_item_features(torch.arange(VOCAB), table)
+        features = model.history_counts(ids, actions, history, ids[:, -1], torch.arange(4), candidate_side_feature_ids=side)
+        torch.testing.assert_close(features[:, 2 * ACTIONS :].expm1().round(), expected)
+        plain = model(**batch).logits
+        torch.testing.assert_close(model(**batch, deduplicate_histories=True).logits, plain, atol=1e-5, rtol=1e-5)
+    assert torch.equal(~torch.isclose(plain, blank), expected.sum(dim=1) > 0)
+    # Without side features nothing says what the candidate is: a clear error, not a silent zero.
+    with pytest.raises(ValueError, match="`side_feature_ids` are required"):
+        model.history_counts(ids, actions, history, ids[:, -1], torch.arange(4))
+    with pytest.raises(ValueError, match=r"must have shape \(2, 3\)"):
+        model.set_item_features(torch.tensor([4, 5]), torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="needs `ctr_item_feature_fields`"):
+        make_config(ctr_history_field_match_features=True)
+
+
+def test_the_item_field_table_is_saved_with_the_model(tmp_path):
+    torch.manual_seed(0)
+    config = make_config(ctr_history_field_match_features=True, ctr_item_feature_fields=[0])
+    model = PinFMForCTR(config).eval()
+    model.set_item_features(torch.arange(VOCAB), genre_table())
+    batch = make_batch()
+    batch["side_feature_ids"][:, :3] = genre_table()[batch["input_ids"][:, -1]]
+    model.save_pretrained(tmp_path)
+    reloaded = PinFMForCTR.from_pretrained(tmp_path).eval()
+    assert torch.equal(reloaded.ctr_item_features.item_feature_ids, model.ctr_item_features.item_feature_ids)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits)

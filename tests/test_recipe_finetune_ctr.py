@@ -12,9 +12,10 @@ import torch
 from huggingface_hub import ModelCard
 from transformers import AutoModelForSequenceClassification
 
-from pinfm_hf import PinFMForCTR
+from pinfm_hf import PinFMForCTR, PinFMTokenizer
 from pinfm_hf.data import CTRFeatureEncoder
 from pinfm_hf.checkpointing import list_checkpoints
+from pinfm_hf.tokenization_pinfm import SPECIAL_ITEM_TOKENS
 from pinfm_hf.training_utils import read_jsonl
 from pinfm_hf.transfer import load_ctr_adapters
 
@@ -79,7 +80,8 @@ def test_full_transfer_end_to_end(full_run):
 
 def test_lora_saves_a_small_adapter_that_reloads(base, tmp_path):
     output_dir = tmp_path / "lora"
-    run("finetune_ctr.py", TINY_CTR, output_dir, "--base", str(base), "--transfer", "lora")
+    run("finetune_ctr.py", TINY_CTR, output_dir, "--base", str(base), "--transfer", "lora",
+        "--ctr_history_field_match_features", "true")
     results = json.loads((output_dir / "results.json").read_text())
     assert results["trainable_parameters"] < results["model_parameters"] * 0.25
     adapter = output_dir / "adapter"
@@ -87,6 +89,12 @@ def test_lora_saves_a_small_adapter_that_reloads(base, tmp_path):
     assert not (adapter / "model.safetensors").exists()  # an adapter, not a copy of the base
     model = load_ctr_adapters(base, {"like": adapter})
     assert model.active_adapter == "like"
+    # The adapter carries its use case's item -> genre table (history matches by genre): the base's movies have
+    # genres the encoder knows (a genre absent from the 2,000 training impressions stays unknown), buckets none.
+    genres = model.get_base_model().ctr_item_features.modules_to_save["like"].item_feature_ids
+    tokenizer = PinFMTokenizer.from_pretrained(base)
+    assert (genres[len(SPECIAL_ITEM_TOKENS) : tokenizer.first_bucket_id] > 1).any(dim=1).float().mean() > 0.9
+    assert not genres[tokenizer.first_bucket_id :].any() and not genres[: len(SPECIAL_ITEM_TOKENS)].any()
     assert ModelCard.load(adapter / "README.md").data.library_name == "peft"
 
 

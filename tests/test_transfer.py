@@ -200,3 +200,27 @@ def test_lora_on_a_hashed_item_table_is_refused(tmp_path):
     PinFMForPretraining(config).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="lora_item_embeddings_rank"):
         build_ctr_model(tmp_path, "lora", ctr_config(tmp_path), lora_rank=2, lora_item_embeddings_rank=1)
+
+
+def test_the_item_field_table_travels_with_its_lora_adapter(base, tmp_path):
+    # Each use case fits its own side-feature vocabulary: its item -> genre table must come back with its adapter.
+    from test_modeling_pinfm_ctr import genre_table
+
+    path, _ = base
+    config = ctr_config(path, ctr_history_field_match_features=True, ctr_item_feature_fields=[0])
+    table = genre_table(seed=1)
+    torch.manual_seed(1)
+    result = build_ctr_model(path, "lora", config, lora_rank=2, lora_alpha=4, item_features=(torch.arange(60), table))
+    model = result.model.eval()
+    assert torch.equal(model.get_base_model().ctr_item_features.modules_to_save["default"].item_feature_ids, table.int())
+    batch = make_batch(seed=3)
+    batch["side_feature_ids"][:, :3] = table[batch["input_ids"][:, -1]]
+    with torch.no_grad():
+        expected = model(**batch).logits
+    save_ctr_adapter(model, tmp_path / "like")
+    reloaded = load_ctr_adapters(path, {"like": tmp_path / "like"})
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, expected)
+        torch.manual_seed(1)
+        blank = build_ctr_model(path, "lora", config, lora_rank=2, lora_alpha=4).model.eval()
+        assert not torch.allclose(blank(**batch).logits, expected)  # the same adapter without the table scores otherwise

@@ -401,7 +401,7 @@ class TransferArguments:
 CTR_MODEL_FIELDS = (
     "ctr_fusion", "ctr_head", "ctr_head_hidden_sizes", "ctr_num_cross_layers", "ctr_dropout", "ctr_feature_embedding_size",
     "ctr_aux_loss_weight", "ctr_candidate_item_features", "ctr_item_bias", "ctr_history_count_features",
-    "ctr_history_recency_features", "ctr_young_item_dropout", "ctr_young_item_age_days",
+    "ctr_history_recency_features", "ctr_history_field_match_features", "ctr_young_item_dropout", "ctr_young_item_age_days",
 )
 CTRModelArguments = config_arguments(
     "CTRModelArguments", CTR_MODEL_FIELDS, bases=(TransferArguments,),

@@ -150,6 +150,16 @@ class PinFMConfig(PretrainedConfig):
             above tell). A causal encoder sees the gaps between events, never an event's age at the impression, which
             is what "came back to it an hour later" rests on (gradient-boosted rankers rank it first on Taobao).
             `2 * action_vocab_size` inputs, no weights; needs timestamps.
+        ctr_history_field_match_features (`bool`, *optional*, defaults to `False`):
+            The same history features at the level of each item field (`ctr_item_feature_fields`, e.g. genre,
+            category) rather than the exact item: per field and action, `log1p` of how many history events share a
+            value of that field with the candidate ("carted twice in this category"), and with
+            `ctr_history_recency_features` the age of the latest of them. On Taobao and ML-1M, category- and
+            genre-level history rates are the gradient-boosted peer's strongest features: most candidates were never
+            seen by the user, but their category often was. The model holds each known item's field values
+            (`ctr_item_features.item_feature_ids`, filled from the data with `set_item_features`) so history events
+            need no side features of their own. `len(ctr_item_feature_fields) * action_vocab_size` inputs (twice
+            that with recency), no weights.
         ctr_young_item_dropout (`float`, *optional*, defaults to 0.0):
             Cold start (PinFM): during training, drop the sequence model's output for a candidate with this
             probability when the item is brand new, decaying linearly to 0 at `ctr_young_item_age_days`, so the head
@@ -213,6 +223,7 @@ class PinFMConfig(PretrainedConfig):
         ctr_item_bias: bool = False,
         ctr_history_count_features: bool = False,
         ctr_history_recency_features: bool = False,
+        ctr_history_field_match_features: bool = False,
         ctr_young_item_dropout: float = 0.0,
         ctr_young_item_age_days: float = 7.0,
         pretraining_max_timestamp: Optional[int] = None,
@@ -265,6 +276,7 @@ class PinFMConfig(PretrainedConfig):
         self.ctr_item_bias = ctr_item_bias
         self.ctr_history_count_features = ctr_history_count_features
         self.ctr_history_recency_features = ctr_history_recency_features
+        self.ctr_history_field_match_features = ctr_history_field_match_features
         self.ctr_young_item_dropout = ctr_young_item_dropout
         self.ctr_young_item_age_days = ctr_young_item_age_days
         self.pretraining_max_timestamp = pretraining_max_timestamp
@@ -306,6 +318,8 @@ class PinFMConfig(PretrainedConfig):
             )
         if self.ctr_candidate_item_features and not fields:
             raise ValueError("`ctr_candidate_item_features=True` needs `ctr_item_feature_fields` (which fields are item features).")
+        if self.ctr_history_field_match_features and not fields:
+            raise ValueError("`ctr_history_field_match_features=True` needs `ctr_item_feature_fields` (which fields to match).")
         if fields and any(not 0 <= f < len(slots) for f in fields):
             raise ValueError(f"`ctr_item_feature_fields` ({fields}) must index `ctr_feature_slots` ({slots}).")
 

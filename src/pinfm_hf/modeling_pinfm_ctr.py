@@ -8,6 +8,7 @@ Copied into saved model folders with `modeling_pinfm.py` for `trust_remote_code`
 and its siblings.
 """
 
+import itertools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -21,6 +22,10 @@ from .configuration_pinfm import PinFMConfig
 from .embeddings_pinfm import check_event_inputs, check_ids_in_range, checking_inputs
 from .losses import PretrainingObjective
 from .modeling_pinfm import PinFMModel, PinFMNextItemHead, PinFMPreTrainedModel, last_valid_index
+
+
+# Config switches of the ranking head's history features ([`PinFMForCTR.history_counts`]).
+HISTORY_FEATURE_FIELDS = ("ctr_history_count_features", "ctr_history_recency_features", "ctr_history_field_match_features")
 
 
 @dataclass
@@ -151,11 +156,45 @@ class PinFMItemBias(nn.Module):
         return self.weight[candidate_ids]
 
 
+class PinFMItemFeatureTable(nn.Module):
+    """
+    Each item id's side-feature ids for the item fields (`ctr_item_feature_fields`, their slots side by side as in
+    `side_feature_ids`), so history events can be matched to the candidate by field (genre, category) without side
+    features of their own. Data, not weights: filled by [`PinFMForCTR.set_item_features`], saved with the model and
+    with a LoRA adapter (the feature vocabulary is each use case's own); 0 (padding) for ids it does not know.
+    """
+
+    def __init__(self, config: PinFMConfig):
+        super().__init__()
+        self.slots = [config.ctr_feature_slots[f] for f in config.ctr_item_feature_fields]
+        # int32: 10^6 items x 8 slots is 32 MB.
+        self.register_buffer("item_feature_ids", torch.zeros(config.item_vocab_size, sum(self.slots), dtype=torch.int32))
+
+    def forward(self, item_ids: torch.LongTensor) -> torch.Tensor:
+        return self.item_feature_ids[item_ids]
+
+
 def candidate_history_matches(
     history_ids: torch.LongTensor, history: torch.BoolTensor, candidate_ids: torch.LongTensor, user_index: torch.LongTensor
 ) -> torch.BoolTensor:
     """`(N, T)`: which real events (`history` `(U, T)`) of each candidate's user `user_index` `(N,)` are on its item."""
     return (history_ids[user_index] == candidate_ids[:, None]) & history[user_index]
+
+
+def history_field_matches(
+    history_feature_ids: torch.Tensor,
+    history: torch.BoolTensor,
+    candidate_feature_ids: torch.LongTensor,
+    user_index: torch.LongTensor,
+) -> torch.BoolTensor:
+    """
+    `(N, T)`: which real events (`history` `(U, T)`) of each candidate's user `user_index` `(N,)` share a value of one
+    field with the candidate: `history_feature_ids` `(U, T, S)` are the events' items' slots of that field,
+    `candidate_feature_ids` `(N, S)` the candidate's. Padding (0) and unknown values (1) match nothing.
+    """
+    known = candidate_feature_ids > 1  # (N, S)
+    same = history_feature_ids[user_index].unsqueeze(-1) == candidate_feature_ids[:, None, None, :]  # (N, T, S, S)
+    return (same & known[:, None, None, :]).flatten(2).any(dim=-1) & history[user_index]
 
 
 def history_action_counts(
@@ -253,6 +292,11 @@ class PinFMForCTR(PinFMPreTrainedModel):
             head_input += 2 * config.action_vocab_size
         if config.ctr_history_recency_features:
             head_input += 2 * config.action_vocab_size
+        self.ctr_item_features = None
+        if config.ctr_history_field_match_features:
+            self.ctr_item_features = PinFMItemFeatureTable(config)
+            per_field = 2 if config.ctr_history_recency_features else 1
+            head_input += per_field * len(config.ctr_item_feature_fields) * config.action_vocab_size
         self.ctr_head = PinFMRankingHead(config, head_input)
         self.ctr_item_bias = PinFMItemBias(config) if config.ctr_item_bias else None
         self.ctr_candidate_feature_proj = None
@@ -265,6 +309,27 @@ class PinFMForCTR(PinFMPreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, PinFMItemBias):
             init.zeros_(module.weight)  # no item preferred before training
+        if isinstance(module, PinFMItemFeatureTable):
+            init.zeros_(module.item_feature_ids)  # no item's fields known until `set_item_features`
+
+    @torch.no_grad()
+    def set_item_features(self, item_ids: torch.LongTensor, item_feature_ids: torch.Tensor) -> None:
+        """
+        Record the item-field side-feature ids `(K, S)` of the item token ids `(K,)` (the slots of
+        `ctr_item_feature_fields`, side by side, as `CTRFeatureEncoder.encode(..., fields=item fields)` gives them),
+        for `ctr_history_field_match_features`. Ids not given stay unknown (they match nothing).
+        """
+        if self.ctr_item_features is None:
+            raise ValueError("This model was not configured with `ctr_history_field_match_features`.")
+        table = self.ctr_item_features.item_feature_ids
+        if item_feature_ids.shape != (item_ids.shape[0], table.shape[1]):
+            raise ValueError(
+                f"`item_feature_ids` must have shape ({item_ids.shape[0]}, {table.shape[1]}) (items, item-field slots), "
+                f"got {tuple(item_feature_ids.shape)}."
+            )
+        if item_ids.numel() and (item_ids.min() < 0 or item_ids.max() >= table.shape[0]):
+            raise ValueError(f"`item_ids` must be item token ids below `item_vocab_size` ({table.shape[0]}).")
+        table[item_ids.to(table.device)] = item_feature_ids.to(table)
 
     def history_counts(
         self,
@@ -275,30 +340,56 @@ class PinFMForCTR(PinFMPreTrainedModel):
         user_index: torch.LongTensor,
         history_timestamps: Optional[torch.LongTensor] = None,
         request_timestamps: Optional[torch.LongTensor] = None,
+        candidate_side_feature_ids: Optional[torch.LongTensor] = None,
     ) -> Optional[torch.Tensor]:
         """
         The history features of each candidate the config asks for: `history_action_counts`, then
-        `history_action_recency` (`history_timestamps` `(U, T)`, `request_timestamps` `(U,)`); None without either.
+        `history_action_recency` (`history_timestamps` `(U, T)`, `request_timestamps` `(U,)`), then per item field the
+        same on the events that share a value of the field with the candidate (`candidate_side_feature_ids` `(N, S)`);
+        None without any.
         """
-        wanted = [n for n in ("ctr_history_count_features", "ctr_history_recency_features") if getattr(self.config, n)]
+        config = self.config
+        wanted = [name for name in HISTORY_FEATURE_FIELDS if getattr(config, name)]
         if not wanted:
             return None
         if history_actions is None:
             raise ValueError(f"`action_ids` are required: this model was configured with `{wanted[0]}`.")
-        if self.config.ctr_history_recency_features and (history_timestamps is None or request_timestamps is None):
+        if config.ctr_history_recency_features and (history_timestamps is None or request_timestamps is None):
             raise ValueError("`timestamps` are required: this model was configured with `ctr_history_recency_features`.")
-        match = candidate_history_matches(history_ids, history, candidate_ids, user_index)  # (N, T), gathered once
-        features = []
-        if self.config.ctr_history_count_features:
-            features.append(history_action_counts(
-                history_ids, history_actions, history, candidate_ids, user_index, self.config.action_vocab_size, match
-            ))
-        if self.config.ctr_history_recency_features:
-            features.append(history_action_recency(
-                history_ids, history_actions, history_timestamps, history, request_timestamps, candidate_ids, user_index,
-                self.config.action_vocab_size, match,
-            ))
-        return torch.cat(features, dim=-1)
+        if config.ctr_history_field_match_features and candidate_side_feature_ids is None:
+            raise ValueError("`side_feature_ids` are required: this model was configured with `ctr_history_field_match_features`.")
+
+        A = config.action_vocab_size
+
+        def counts(match: torch.BoolTensor) -> torch.Tensor:
+            return history_action_counts(history_ids, history_actions, history, candidate_ids, user_index, A, match)
+
+        def recency(match: torch.BoolTensor) -> torch.Tensor:
+            return history_action_recency(
+                history_ids, history_actions, history_timestamps, history, request_timestamps, candidate_ids, user_index, A, match
+            )
+
+        parts = []
+        if config.ctr_history_count_features or config.ctr_history_recency_features:
+            match = candidate_history_matches(history_ids, history, candidate_ids, user_index)  # (N, T), gathered once
+            parts += [counts(match)] if config.ctr_history_count_features else []
+            parts += [recency(match)] if config.ctr_history_recency_features else []
+        if config.ctr_history_field_match_features:
+            # Per field, only the candidate-matched half of each feature: the per-user half does not depend on it.
+            history_fields = self.ctr_item_features(history_ids)  # (U, T, S): the item fields' slots, side by side
+            slot_start = [0, *itertools.accumulate(config.ctr_feature_slots)]
+            column = 0
+            for field in config.ctr_item_feature_fields:
+                width = config.ctr_feature_slots[field]
+                match = history_field_matches(
+                    history_fields[..., column : column + width], history,
+                    candidate_side_feature_ids[:, slot_start[field] : slot_start[field] + width], user_index,
+                )
+                parts.append(counts(match)[:, A:])
+                if config.ctr_history_recency_features:
+                    parts.append(recency(match)[:, A:])
+                column += width
+        return torch.cat(parts, dim=-1)
 
     def candidate_feature_embeddings(self, side_feature_ids: Optional[torch.LongTensor]) -> Optional[torch.Tensor]:
         """Cold start: the candidate's item side features, projected to one token embedding `(N, hidden)`."""
@@ -347,7 +438,7 @@ class PinFMForCTR(PinFMPreTrainedModel):
             if side_feature_ids is None:
                 raise ValueError("`side_feature_ids` are required: this model was configured with side features.")
             parts.append(self.ctr_feature_embeddings(side_feature_ids))
-        if self.config.ctr_history_count_features or self.config.ctr_history_recency_features:
+        if any(getattr(self.config, name) for name in HISTORY_FEATURE_FIELDS):
             if history_counts is None:
                 raise ValueError("`history_counts` are required: this model was configured with history features.")
             parts.append(history_counts.to(parts[0].dtype))
@@ -440,7 +531,7 @@ class PinFMForCTR(PinFMPreTrainedModel):
             # Pretraining losses see history events only: the candidate's outcome is the label, not a target.
             history_counts = self.history_counts(
                 input_ids, action_ids, history, candidate_ids, rows, timestamps,
-                timestamps[rows, candidate_index] if timestamps is not None else None,
+                timestamps[rows, candidate_index] if timestamps is not None else None, side_feature_ids,
             )
             scored = PinFMDCATOutput(
                 logits=self.ranking_logits(
@@ -619,7 +710,8 @@ class PinFMForCTR(PinFMPreTrainedModel):
         has_history = valid.any(dim=1, keepdim=True).to(candidate_hidden.dtype)
         user_embedding = (context.user_embedding * has_history)[user_index]
         history_counts = self.history_counts(
-            events["input_ids"], events["action_ids"], valid, candidate_ids, user_index, events["timestamps"], request_timestamps
+            events["input_ids"], events["action_ids"], valid, candidate_ids, user_index, events["timestamps"],
+            request_timestamps, candidate_side_feature_ids,
         )
         return PinFMDCATOutput(
             logits=self.ranking_logits(

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers.utils import logging
@@ -36,7 +37,8 @@ TRANSFER_STRATEGIES = {
 }
 # Saved next to a PEFT adapter: the CTR config the base must be built with (head shape, side features, fusion).
 CTR_CONFIG_NAME = "pinfm_ctr_config.json"
-CTR_HEAD_MODULES = ["ctr_head", "ctr_feature_embeddings", "ctr_candidate_feature_proj", "ctr_item_bias"]
+# The ranker's own parts, saved with a LoRA adapter (`ctr_item_features`: each use case's item -> feature-id table).
+CTR_HEAD_MODULES = ["ctr_head", "ctr_feature_embeddings", "ctr_candidate_feature_proj", "ctr_item_bias", "ctr_item_features"]
 ITEM_TABLE_MODULE = "item_embeddings.table"  # the encoder's item table, for `lora_item_embeddings_rank`
 
 
@@ -96,6 +98,7 @@ def build_ctr_model(
     lora_alpha: int = 16,
     lora_dropout: float = 0.0,
     lora_item_embeddings_rank: int = 0,
+    item_features: Optional[tuple[torch.LongTensor, torch.LongTensor]] = None,
     revision: Optional[str] = None,
 ) -> TransferredModel:
     """
@@ -105,6 +108,8 @@ def build_ctr_model(
     torch seed, so seed before calling for a reproducible head. With `strategy="lora"`, `lora_item_embeddings_rank > 0`
     also adapts the item table (PEFT's embedding LoRA, at that rank, with the same alpha / rank scaling): on ML-1M
     what transfers is the item table (sparse transfer + freeze is the best strategy), so a use case may need to move it.
+    `item_features` (from `data.item_feature_table`) fill the model's item -> feature-id table before any adapter is
+    made (`ctr_history_field_match_features`).
     """
     if strategy not in TRANSFER_STRATEGIES:
         raise ValueError(f"Unknown transfer strategy {strategy!r}; choose one of {sorted(TRANSFER_STRATEGIES)}.")
@@ -112,6 +117,8 @@ def build_ctr_model(
         model = PinFMForCTR(config)
     else:
         model = PinFMForCTR.from_pretrained(base, config=config, revision=revision)
+    if item_features is not None:
+        model.set_item_features(*item_features)
     embeddings = embedding_parameter_names(model)
 
     if strategy == "none":
@@ -224,7 +231,8 @@ def load_ctr_config(adapter: Union[str, Path], revision: Optional[str] = None) -
 def _head_shape(config: PinFMConfig) -> dict[str, Any]:
     keys = ("ctr_fusion", "ctr_head", "ctr_head_hidden_sizes", "ctr_num_cross_layers", "ctr_feature_vocab_size",
             "ctr_feature_slots", "ctr_feature_embedding_size", "ctr_candidate_item_features", "ctr_item_feature_fields",
-            "ctr_item_bias", "ctr_history_count_features", "ctr_history_recency_features")
+            "ctr_item_bias", "ctr_history_count_features", "ctr_history_recency_features",
+            "ctr_history_field_match_features")
     return {k: getattr(config, k) for k in keys}
 
 

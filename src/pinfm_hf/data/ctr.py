@@ -433,11 +433,17 @@ class CTRFeatureEncoder:
         """Size of the embedding table: padding, unknown and the known tokens."""
         return len(self._vocab) + 2
 
-    def encode(self, samples: pa.Table) -> np.ndarray:
-        """Feature ids of every row of `samples`: `int64` array of shape `(num_rows, num_slots)`."""
-        out = np.full((samples.num_rows, self.num_slots), PAD_FEATURE_ID, dtype=np.int64)
+    def encode(self, samples: pa.Table, fields: Optional[Sequence[str]] = None) -> np.ndarray:
+        """
+        Feature ids of every row of `samples`: `int64` array of shape `(num_rows, num_slots)`; with `fields`, only
+        those fields' slots (in the encoder's field order), e.g. an item table's item fields.
+        """
+        if fields is not None and set(fields) - set(self._fields):
+            raise ValueError(f"Fields {sorted(set(fields) - set(self._fields))} are not encoded (fields: {self._fields}).")
+        encoded = [(f, w) for f, w in zip(self._fields, self._slots) if fields is None or f in fields]
+        out = np.full((samples.num_rows, sum(w for _, w in encoded)), PAD_FEATURE_ID, dtype=np.int64)
         column = 0
-        for field, width in zip(self._fields, self._slots):
+        for field, width in encoded:
             values = _values_per_row(samples, field)
             offsets = values.offsets.to_numpy().astype(np.int64)
             lengths = np.diff(offsets)
@@ -482,6 +488,26 @@ class CTRFeatureEncoder:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(fields={self._fields}, slots={self._slots}, vocab_size={self.vocab_size})"
+
+
+def item_feature_table(
+    events: Union[EventTable, pa.Table], tokenizer: "PinFMTokenizer", encoder: CTRFeatureEncoder, fields: Sequence[str]
+) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """
+    `(item_token_ids (K,), feature_ids (K, slots of fields))` for every item of `events` the tokenizer knows (items it
+    hashes to a bucket are left out: a bucket is shared), each from its first event's values of the item `fields`:
+    what [`PinFMForCTR.set_item_features`] records for `ctr_history_field_match_features`.
+    """
+    table = events.table if isinstance(events, EventTable) else events
+    missing = [f for f in fields if f not in table.column_names]
+    if missing:
+        raise ValueError(f"The events have no item feature column(s) {missing}.")
+    items = pc.unique(table["item_id"])
+    first_event = pc.index_in(items, value_set=table["item_id"])  # index_in finds each item's first row
+    token_ids = tokenizer.item_ids_to_token_ids(items)
+    known = token_ids < tokenizer.first_bucket_id
+    rows = table.select(list(fields)).take(first_event).filter(pa.array(known))
+    return torch.from_numpy(token_ids[known]), torch.from_numpy(encoder.encode(rows, fields=fields))
 
 
 class CTRDataset(torch.utils.data.Dataset):
