@@ -485,3 +485,23 @@ def test_the_item_field_table_is_saved_with_the_model(tmp_path):
     assert torch.equal(reloaded.ctr_item_features.item_feature_ids, model.ctr_item_features.item_feature_ids)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits)
+
+
+def test_history_field_matches_read_a_later_fields_columns():
+    # Field 1 (one slot, after field 0's three): its column in `side_feature_ids` is 3, in the table 0.
+    batch = make_batch()
+    ids, actions = batch["input_ids"], batch["action_ids"]
+    category = (torch.arange(VOCAB) % 3 + 2).view(-1, 1)  # three categories: events share them often
+    batch["side_feature_ids"][:, 3:] = category[ids[:, -1]]
+    history = batch["attention_mask"].bool().clone()
+    history[:, -1] = False
+    expected = torch.zeros(4, ACTIONS)
+    for row in range(4):
+        for t in range(ids.shape[1] - 1):
+            if history[row, t] and category[ids[row, -1], 0] > 1 and category[ids[row, t], 0] == category[ids[row, -1], 0]:
+                expected[row, actions[row, t]] += 1
+    assert expected.sum() > 0
+    model = PinFMForCTR(make_config(ctr_history_field_match_features=True, ctr_item_feature_fields=[1])).eval()
+    model.set_item_features(torch.arange(VOCAB), category)
+    got = model.history_counts(ids, actions, history, ids[:, -1], torch.arange(4), candidate_side_feature_ids=batch["side_feature_ids"])
+    torch.testing.assert_close(got.expm1().round(), expected)

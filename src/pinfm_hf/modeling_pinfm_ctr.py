@@ -166,9 +166,9 @@ class PinFMItemFeatureTable(nn.Module):
 
     def __init__(self, config: PinFMConfig):
         super().__init__()
-        self.slots = [config.ctr_feature_slots[f] for f in config.ctr_item_feature_fields]
+        width = sum(config.ctr_feature_slots[f] for f in config.ctr_item_feature_fields)
         # int32: 10^6 items x 8 slots is 32 MB.
-        self.register_buffer("item_feature_ids", torch.zeros(config.item_vocab_size, sum(self.slots), dtype=torch.int32))
+        self.register_buffer("item_feature_ids", torch.zeros(config.item_vocab_size, width, dtype=torch.int32))
 
     def forward(self, item_ids: torch.LongTensor) -> torch.Tensor:
         return self.item_feature_ids[item_ids]
@@ -295,6 +295,12 @@ class PinFMForCTR(PinFMPreTrainedModel):
         self.ctr_item_features = None
         if config.ctr_history_field_match_features:
             self.ctr_item_features = PinFMItemFeatureTable(config)
+            # Per item field: (its first column in `side_feature_ids`, in the table, its width), derived once.
+            side_start = [0, *itertools.accumulate(config.ctr_feature_slots)]
+            table_start = [0, *itertools.accumulate(config.ctr_feature_slots[f] for f in config.ctr_item_feature_fields)]
+            self.item_field_columns = [
+                (side_start[f], table_start[i], config.ctr_feature_slots[f]) for i, f in enumerate(config.ctr_item_feature_fields)
+            ]
             per_field = 2 if config.ctr_history_recency_features else 1
             head_input += per_field * len(config.ctr_item_feature_fields) * config.action_vocab_size
         self.ctr_head = PinFMRankingHead(config, head_input)
@@ -377,18 +383,14 @@ class PinFMForCTR(PinFMPreTrainedModel):
         if config.ctr_history_field_match_features:
             # Per field, only the candidate-matched half of each feature: the per-user half does not depend on it.
             history_fields = self.ctr_item_features(history_ids)  # (U, T, S): the item fields' slots, side by side
-            slot_start = [0, *itertools.accumulate(config.ctr_feature_slots)]
-            column = 0
-            for field in config.ctr_item_feature_fields:
-                width = config.ctr_feature_slots[field]
+            for side_start, column, width in self.item_field_columns:
                 match = history_field_matches(
                     history_fields[..., column : column + width], history,
-                    candidate_side_feature_ids[:, slot_start[field] : slot_start[field] + width], user_index,
+                    candidate_side_feature_ids[:, side_start : side_start + width], user_index,
                 )
                 parts.append(counts(match)[:, A:])
                 if config.ctr_history_recency_features:
                     parts.append(recency(match)[:, A:])
-                column += width
         return torch.cat(parts, dim=-1)
 
     def candidate_feature_embeddings(self, side_feature_ids: Optional[torch.LongTensor]) -> Optional[torch.Tensor]:
