@@ -1,4 +1,5 @@
 import dataclasses
+import math
 import tempfile
 import unittest
 
@@ -256,6 +257,8 @@ class PinFMModelTest(unittest.TestCase):
             PretrainingObjective(multi_token_loss_weight=-1)
         with pytest.raises(ValueError, match="contrastive_item_mask_prob"):
             PretrainingObjective(contrastive_item_mask_prob=1.0)
+        with pytest.raises(ValueError, match="same_time_shuffle_prob"):
+            PretrainingObjective(same_time_shuffle_prob=1.5)
 
 
 def test_lora_wrap_merge_gives_equal_outputs():
@@ -364,6 +367,87 @@ def test_contrastive_loss_second_view_sees_masked_items():
     torch.manual_seed(0)
     masked_views = model(**inputs, labels=labels).contrastive_loss
     assert masked_views > same_views + 0.01, (masked_views, same_views)
+
+
+def day_granularity(inputs: dict) -> dict:
+    """The batch with its timestamps cut to whole days, as review logs hold them: many events share one."""
+    return dict(inputs, timestamps=inputs["timestamps"] // 86_400 * 86_400)
+
+
+def test_same_time_shuffle_reorders_only_within_same_time_runs_of_one_sequence():
+    from pinfm_hf.losses import packed_sequence_ids
+    from pinfm_hf.modeling_pinfm import same_time_shuffle_index
+
+    torch.manual_seed(0)
+    B, T = 64, 24
+    timestamps = torch.randint(0, 4, (B, T)).cumsum(dim=1) * 86_400  # ~1 in 4 events opens a new day
+    timestamps[:, 10:12] = timestamps[:, 9:10]  # a run across the two packed sequences below
+    attention_mask = torch.ones(B, T, dtype=torch.long)
+    attention_mask[:, 20:] = 0  # padding after a run of the last sequence's time
+    timestamps[:, 20:] = timestamps[:, 19:20]
+    position_ids = torch.cat([torch.arange(11), torch.arange(13)]).expand(B, T)  # sequences of 11 and 13 events
+    sequence = packed_sequence_ids(position_ids)
+    assert same_time_shuffle_index(timestamps, attention_mask, position_ids, 0.0).equal(torch.arange(T).expand(B, T))
+    for probability in (1.0, 0.5):
+        index = same_time_shuffle_index(timestamps, attention_mask, position_ids, probability)
+        assert index.sort(dim=1).values.equal(torch.arange(T).expand(B, T))  # a permutation of each row
+        assert timestamps.gather(1, index).equal(timestamps)  # each event stays among events of its time
+        assert sequence.gather(1, index).equal(sequence)  # ... of its own sequence
+        assert index[:, 20:].equal(torch.arange(20, T).expand(B, T - 20))  # padding stays
+        # Runs of two or more events that changed order: a drawn run of k keeps its order with chance 1 / k! only.
+        runs = (timestamps * 100 + sequence).masked_fill(attention_mask == 0, -1)
+        changed, expected = [], []
+        for b in range(B):
+            for r in runs[b].unique().tolist():
+                at = torch.nonzero(runs[b] == r).squeeze(1)
+                if r >= 0 and len(at) >= 2:
+                    changed.append(float((index[b][at] != at).any()))
+                    expected.append(probability * (1 - 1 / math.factorial(len(at))))
+        assert abs(sum(changed) - sum(expected)) < 0.1 * len(changed), (probability, sum(changed), sum(expected))
+    with pytest.raises(ValueError, match="timestamps"):
+        same_time_shuffle_index(None, attention_mask, position_ids, 0.5)
+
+
+def test_same_time_shuffle_trains_on_reordered_events_and_never_evaluates_on_them():
+    from pinfm_hf.modeling_pinfm import same_time_shuffle_index
+
+    tester = PinFMModelTester(
+        seq_length=12, hidden_dropout_prob=0.0, attention_dropout=0.0, full_softmax="true", same_time_shuffle_prob=1.0
+    )
+    model = tester.pretraining_model().train()
+    inputs, labels = pretraining_batch(tester)
+    inputs = day_granularity(inputs)
+    plain = tester.pretraining_model().train()
+    plain.load_state_dict(model.state_dict())
+    plain.objective = dataclasses.replace(tester.objective, same_time_shuffle_prob=0.0)
+    torch.manual_seed(0)
+    shuffled_loss = model(**inputs, labels=labels).loss
+    torch.manual_seed(0)
+    index = same_time_shuffle_index(inputs["timestamps"], inputs["attention_mask"], None, 1.0)
+    assert not index.equal(torch.arange(12).expand_as(index))
+    reordered = {key: value.gather(1, index) for key, value in inputs.items()}
+    torch.testing.assert_close(shuffled_loss, plain(**reordered, labels=labels.gather(1, index)).loss)
+    assert abs(shuffled_loss.item() - plain(**inputs, labels=labels).loss.item()) > 1e-4
+    model.eval(), plain.eval()
+    torch.testing.assert_close(model(**inputs, labels=labels).loss, plain(**inputs, labels=labels).loss)
+
+
+def test_contrastive_second_view_sees_same_time_events_reordered():
+    tester = PinFMModelTester(
+        seq_length=12, hidden_dropout_prob=0.0, attention_dropout=0.0, full_softmax="true", contrastive_loss_weight=1.0,
+        contrastive_same_time_shuffle_prob=1.0,
+    )
+    model = tester.pretraining_model().train()
+    inputs, labels = pretraining_batch(tester)
+    inputs = day_granularity(inputs)
+    # Without dropout the two views are equal unless the second is reordered: reordering must raise the loss.
+    model.objective = dataclasses.replace(tester.objective, contrastive_same_time_shuffle_prob=0.0)
+    same_views = model(**inputs, labels=labels)
+    model.objective = tester.objective
+    torch.manual_seed(0)
+    reordered_views = model(**inputs, labels=labels)
+    assert reordered_views.contrastive_loss > same_views.contrastive_loss + 0.01
+    torch.testing.assert_close(reordered_views.next_token_loss, same_views.next_token_loss)  # the first view as logged
 
 
 def test_contrastive_loss_pulls_views_of_a_query_together():

@@ -423,6 +423,18 @@ class PretrainingObjective:
                   "(CL4SRec's item-mask augmentation, on top of the dropout views); 0 keeps the inputs as they are."},
     )
 
+    same_time_shuffle_prob: float = field(
+        default=0.0,
+        metadata={"help": "Share of the runs of same-timestamp events (within one sequence) whose order is shuffled in "
+                  "training inputs and targets: a log with day-granularity times does not know the order within a day "
+                  "(TiCoSeRec's reorder where the time interval is zero); 0 keeps the logged order."},
+    )
+    contrastive_same_time_shuffle_prob: float = field(
+        default=0.0,
+        metadata={"help": "The same reorder of same-timestamp runs, in the contrastive loss's second pass only (a "
+                  "time-aware augmentation of the second view); 0 keeps the logged order there."},
+    )
+
     def __post_init__(self):
         for name in ("next_token_loss_weight", "multi_token_loss_weight", "future_token_loss_weight", "contrastive_loss_weight"):
             if not getattr(self, name) >= 0:
@@ -436,6 +448,9 @@ class PretrainingObjective:
                 raise ValueError(f"--{name} must be > 0, got {value!r}.")
         if not 0 <= self.contrastive_item_mask_prob < 1:
             raise ValueError(f"--contrastive_item_mask_prob must be in [0, 1), got {self.contrastive_item_mask_prob!r}.")
+        for name in ("same_time_shuffle_prob", "contrastive_same_time_shuffle_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"--{name} must be in [0, 1], got {getattr(self, name)!r}.")
         # True/False (Python, YAML) or 'true'/'false' (a flag) become a bool; 'auto' stays until `resolve_full_softmax`.
         value = str(self.full_softmax).lower()
         if value not in ("true", "false", "auto"):

@@ -167,6 +167,32 @@ def mask_random_items(
     return input_ids.masked_fill(maskable & drawn, MASK_ITEM_ID)
 
 
+def same_time_shuffle_index(
+    timestamps: Optional[torch.LongTensor],
+    attention_mask: Optional[torch.Tensor],
+    position_ids: Optional[torch.LongTensor],
+    probability: float,
+) -> torch.LongTensor:
+    """
+    `(B, T)` gather index over the events that, with `probability` per run, reorders each run of events sharing a
+    timestamp within one sequence (TiCoSeRec's reorder where the time interval is zero): logs with day-granularity
+    times (Amazon reviews: 48% of consecutive events share a day) do not know the order within a day. Runs never
+    cross a packed sequence's start or padding, and a run that is not drawn keeps its order.
+    """
+    if timestamps is None:
+        raise ValueError("Reordering same-time events (`same_time_shuffle_prob`) needs the batch's `timestamps`.")
+    valid = torch.ones_like(timestamps, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    starts = ~valid
+    starts[:, 0] = True
+    starts[:, 1:] |= (timestamps[:, 1:] != timestamps[:, :-1]) | ~valid[:, :-1]
+    if position_ids is not None:
+        starts |= position_ids == 0
+    run = starts.long().cumsum(dim=1)  # (B, T), from 1
+    drawn = torch.rand(run.shape[0], run.shape[1] + 1, device=run.device) < probability  # per run id
+    noise = torch.rand(run.shape, dtype=torch.float64, device=run.device) * drawn.gather(1, run)
+    return torch.sort(run.double() + noise, dim=1, stable=True).indices
+
+
 def sequence_attention_mask(valid: torch.BoolTensor, position_ids: Optional[torch.LongTensor] = None) -> torch.BoolTensor:
     """
     `(B, 1, T, T)` boolean SDPA mask: causal over real events, and with `position_ids` (packed rows) block-diagonal, so
@@ -809,6 +835,11 @@ class PinFMForPretraining(PinFMPreTrainedModel):
         """
         if labels is not None and input_ids is not None and labels.shape != input_ids.shape:
             raise ValueError(f"`labels` has shape {tuple(labels.shape)}, but `input_ids` has {tuple(input_ids.shape)}.")
+        if self.training and labels is not None and self.objective.same_time_shuffle_prob > 0:
+            index = same_time_shuffle_index(timestamps, attention_mask, position_ids, self.objective.same_time_shuffle_prob)
+            input_ids, labels, action_ids, surface_ids = (
+                None if x is None else x.gather(1, index) for x in (input_ids, labels, action_ids, surface_ids)
+            )
         event_inputs = dict(
             attention_mask=attention_mask, action_ids=action_ids, surface_ids=surface_ids, timestamps=timestamps,
             end_timestamps=end_timestamps, position_ids=position_ids,
@@ -823,12 +854,22 @@ class PinFMForPretraining(PinFMPreTrainedModel):
                 query, labels, attention_mask, self.pinfm.embeddings.item_embeddings, self.objective, position_ids
             )
             if self.training and self.objective.contrastive_loss_weight > 0:
-                # A second pass draws other dropout masks (DuoRec), on inputs with some items masked (CL4SRec): the
-                # second view of every query.
+                # A second pass draws other dropout masks (DuoRec), on inputs with some items masked (CL4SRec) and
+                # same-time events reordered (TiCoSeRec): the second view of every query.
+                second_input_ids, second_inputs = input_ids, event_inputs
+                if self.objective.contrastive_same_time_shuffle_prob > 0:
+                    index = same_time_shuffle_index(
+                        timestamps, attention_mask, position_ids, self.objective.contrastive_same_time_shuffle_prob
+                    )
+                    second_input_ids = input_ids.gather(1, index)
+                    second_inputs = dict(event_inputs)
+                    for key in ("action_ids", "surface_ids"):
+                        if second_inputs[key] is not None:
+                            second_inputs[key] = second_inputs[key].gather(1, index)
                 second_input_ids = mask_random_items(
-                    input_ids, attention_mask, self.objective.contrastive_item_mask_prob, self.config.num_special_item_tokens
+                    second_input_ids, attention_mask, self.objective.contrastive_item_mask_prob, self.config.num_special_item_tokens
                 )
-                second_query = self.next_item_head.query(self.pinfm(second_input_ids, **event_inputs).last_hidden_state)
+                second_query = self.next_item_head.query(self.pinfm(second_input_ids, **second_inputs).last_hidden_state)
                 losses["contrastive"] = next_token_contrastive_loss(
                     query, second_query, labels, attention_mask, position_ids=position_ids, objective=self.objective
                 )
@@ -858,4 +899,5 @@ __all__ = [
     "gather_sequence_ends",
     "last_valid_index",
     "mask_random_items",
+    "same_time_shuffle_index",
 ]
