@@ -422,7 +422,6 @@ class PretrainingObjective:
         metadata={"help": "Share of the input items replaced by the mask token in the contrastive loss's second pass "
                   "(CL4SRec's item-mask augmentation, on top of the dropout views); 0 keeps the inputs as they are."},
     )
-
     same_time_shuffle_prob: float = field(
         default=0.0,
         metadata={"help": "Share of the runs of same-timestamp events (within one sequence) whose order is shuffled in "
