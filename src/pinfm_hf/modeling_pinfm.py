@@ -193,6 +193,11 @@ def same_time_shuffle_index(
     return torch.sort(run.double() + noise, dim=1, stable=True).indices
 
 
+def gather_events(index: torch.LongTensor, *events: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
+    """Each `(B, T)` per-event tensor (None stays None) reordered by the gather `index` along the events."""
+    return tuple(None if x is None else x.gather(1, index) for x in events)
+
+
 def sequence_attention_mask(valid: torch.BoolTensor, position_ids: Optional[torch.LongTensor] = None) -> torch.BoolTensor:
     """
     `(B, 1, T, T)` boolean SDPA mask: causal over real events, and with `position_ids` (packed rows) block-diagonal, so
@@ -837,9 +842,7 @@ class PinFMForPretraining(PinFMPreTrainedModel):
             raise ValueError(f"`labels` has shape {tuple(labels.shape)}, but `input_ids` has {tuple(input_ids.shape)}.")
         if self.training and labels is not None and self.objective.same_time_shuffle_prob > 0:
             index = same_time_shuffle_index(timestamps, attention_mask, position_ids, self.objective.same_time_shuffle_prob)
-            input_ids, labels, action_ids, surface_ids = (
-                None if x is None else x.gather(1, index) for x in (input_ids, labels, action_ids, surface_ids)
-            )
+            input_ids, labels, action_ids, surface_ids = gather_events(index, input_ids, labels, action_ids, surface_ids)
         event_inputs = dict(
             attention_mask=attention_mask, action_ids=action_ids, surface_ids=surface_ids, timestamps=timestamps,
             end_timestamps=end_timestamps, position_ids=position_ids,
@@ -861,11 +864,8 @@ class PinFMForPretraining(PinFMPreTrainedModel):
                     index = same_time_shuffle_index(
                         timestamps, attention_mask, position_ids, self.objective.contrastive_same_time_shuffle_prob
                     )
-                    second_input_ids = input_ids.gather(1, index)
-                    second_inputs = dict(event_inputs)
-                    for key in ("action_ids", "surface_ids"):
-                        if second_inputs[key] is not None:
-                            second_inputs[key] = second_inputs[key].gather(1, index)
+                    second_input_ids, second_actions, second_surfaces = gather_events(index, input_ids, action_ids, surface_ids)
+                    second_inputs = dict(event_inputs, action_ids=second_actions, surface_ids=second_surfaces)
                 second_input_ids = mask_random_items(
                     second_input_ids, attention_mask, self.objective.contrastive_item_mask_prob, self.config.num_special_item_tokens
                 )
