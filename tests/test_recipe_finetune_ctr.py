@@ -2,7 +2,6 @@
 guard, and two processes with gradient sync."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,8 @@ from pinfm_hf.tokenization_pinfm import SPECIAL_ITEM_TOKENS
 from pinfm_hf.training_utils import read_jsonl
 from pinfm_hf.transfer import load_ctr_adapters
 
+from launched import DDP_TIMEOUT_FLAGS, run_launched
+
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_PRETRAIN = ROOT / "recipes" / "configs" / "tiny_test.yaml"
@@ -30,9 +31,8 @@ def run(script: str, config: Path, output_dir: Path, *extra: str, launcher: tupl
         check: bool = True) -> subprocess.CompletedProcess:
     command = [*launcher] if launcher else [sys.executable]
     command += [str(ROOT / "recipes" / script), "--config", str(config), "--output_dir", str(output_dir), *extra]
-    result = subprocess.run(
-        command, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    )
+    command += DDP_TIMEOUT_FLAGS if launcher else ()
+    result = run_launched(command, timeout=600, env=env)
     if check:
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result

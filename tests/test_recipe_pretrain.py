@@ -16,6 +16,8 @@ from pinfm_hf import PinFMForPretraining, PinFMModel, PinFMTokenizer
 from pinfm_hf.checkpointing import list_checkpoints
 from pinfm_hf.training_utils import read_jsonl
 
+from launched import DDP_TIMEOUT_FLAGS, run_launched
+
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "configs" / "tiny_test.yaml"
@@ -25,9 +27,8 @@ pytestmark = pytest.mark.slow
 def run_recipe(output_dir: Path, *extra: str, launcher: tuple[str, ...] = (), env: dict | None = None) -> subprocess.CompletedProcess:
     command = [*launcher] if launcher else [sys.executable]
     command += [str(ROOT / "recipes" / "pretrain.py"), "--config", str(TINY), "--output_dir", str(output_dir), *extra]
-    result = subprocess.run(
-        command, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    )
+    command += DDP_TIMEOUT_FLAGS if launcher else ()
+    result = run_launched(command, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
 
@@ -300,9 +301,8 @@ def test_prepared_events_in_two_processes_share_the_stream_and_resume_exactly(tm
     assert len(list((tmp_path / "prepared" / "cache").glob("train-*"))) == 1  # encoded once, shared
     # Killed in step 6 on both ranks: checkpoint-4 is one batch into the second epoch.
     command = [*launcher, str(ROOT / "recipes" / "pretrain.py"), "--config", str(TINY), "--output_dir",
-               str(tmp_path / "killed"), *prepared]
-    killed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", **_kill_at(6)})
+               str(tmp_path / "killed"), *prepared, *DDP_TIMEOUT_FLAGS]
+    killed = run_launched(command, timeout=600, env={"ACCELERATE_USE_CPU": "1", **_kill_at(6)})
     assert killed.returncode != 0 and [s for s, _ in step_losses(tmp_path / "killed")] == list(range(1, 6))
     run_recipe(tmp_path / "killed", *prepared, "--resume_from_checkpoint", "latest", launcher=launcher,
                env={"ACCELERATE_USE_CPU": "1"})

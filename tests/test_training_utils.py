@@ -94,3 +94,27 @@ def test_plot_needs_a_series_of_two_points(tmp_path):
     log.log({"step": 2, "loss": 1.5})
     png = plot_training_curves(tmp_path / "log.jsonl", tmp_path / "b.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+STALLED_RANK = """
+import sys, time
+from pinfm_hf.training_utils import make_accelerator
+
+accelerator = make_accelerator(sys.argv[1], ddp_timeout=3)
+if accelerator.process_index == 1:
+    time.sleep(60)  # never reaches the barrier in time
+accelerator.wait_for_everyone()
+"""
+
+
+@pytest.mark.slow
+def test_a_stalled_rank_fails_the_collective_after_ddp_timeout(tmp_path, two_process_launcher):
+    # Rank 0 waits in a barrier that rank 1 does not reach: with ddp_timeout=3 the launch fails with the barrier's
+    # timeout in seconds, rather than after the 30-minute default (the test's own limit stops it long before).
+    from launched import run_launched
+
+    script = tmp_path / "stalled.py"
+    script.write_text(STALLED_RANK)
+    result = run_launched([*two_process_launcher, str(script), str(tmp_path)], timeout=50, env={"ACCELERATE_USE_CPU": "1"})
+    assert result.returncode != 0
+    assert "wait_for_everyone" in result.stderr and "imed out" in result.stderr

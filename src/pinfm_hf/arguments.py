@@ -215,6 +215,12 @@ class TrainingArguments:
                   "new budget trains on from where it stopped."},
     )
     report_to: Optional[str] = field(default=None, metadata={"help": "An Accelerate tracker, e.g. 'tensorboard'."})
+    ddp_timeout: int = field(
+        default=1800,
+        metadata={"help": "Seconds a process waits in a collective (gradient sync, barrier) before it fails with a "
+                  "traceback instead of hanging, as in transformers. Raise it when the main process encodes a large "
+                  "prepared log for the first time while the others wait."},
+    )
     eval_every_epochs: int = field(default=0, metadata={"help": "Validate every N epochs (0: only the final test)."})
     load_best_model_at_end: bool = field(
         default=False,
@@ -232,7 +238,7 @@ class TrainingArguments:
             self,
             positive=("per_device_train_batch_size", "per_device_eval_batch_size", "learning_rate", "num_train_epochs",
                       "gradient_accumulation_steps", "logging_steps", "checkpointing_steps", "stop_after_steps",
-                      "max_train_minutes"),
+                      "max_train_minutes", "ddp_timeout"),
             non_negative=("seed", "weight_decay", "warmup_steps", "max_grad_norm", "checkpoints_total_limit",
                           "eval_every_epochs", "early_stopping_patience"),
         )

@@ -51,6 +51,7 @@ def start_run(train_args: TrainingArguments, hub_args: HubArguments):
         mixed_precision=train_args.mixed_precision,
         gradient_accumulation_steps=train_args.gradient_accumulation_steps,
         report_to=train_args.report_to,
+        ddp_timeout=train_args.ddp_timeout,
     )
     configure_recipe_logging(accelerator.is_main_process)
     run = RunFolder(train_args.output_dir, is_main_process=accelerator.is_main_process)

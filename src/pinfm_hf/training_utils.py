@@ -19,15 +19,18 @@ logger = logging.get_logger(__name__)
 
 def make_accelerator(
     output_dir: str | os.PathLike, *, mixed_precision: str = "auto", gradient_accumulation_steps: int = 1,
-    report_to: Optional[str] = None,
+    report_to: Optional[str] = None, ddp_timeout: int = 1800,
 ):
     """
-    The recipes' `Accelerator`: bf16 on a GPU that has it when `mixed_precision="auto"`, and a seedable sampler, so
-    the data order is a function of the seed and the epoch (exact resume).
+    The recipes' `Accelerator`: bf16 on a GPU that has it when `mixed_precision="auto"`, a seedable sampler, so the
+    data order is a function of the seed and the epoch (exact resume), and collectives that fail after `ddp_timeout`
+    seconds rather than hang.
     """
+    import datetime
+
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration
+    from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
 
     if mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
@@ -37,6 +40,7 @@ def make_accelerator(
         log_with=report_to,
         project_dir=str(output_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=ddp_timeout))],
     )
 
 
