@@ -18,10 +18,14 @@ Each trains for at most `--budget_minutes` of training time (validation and test
 
 Supervised targets are next-item (query, target) pairs: ours count every event of a training row but its first
 (tokens/s x (mean events - 1) / mean events); RecBole supervises one target per training prefix, RecTools every position
-of one window per user. `--convergence_minutes` then trains pinfm_small on sports once more with every core, until
-early stopping or that budget: its test NDCG@10 is `sports_ndcg@10` (else the budget run's). Writes `sports_ndcg@10`,
-`ndcg_ratio_vs_best_peer` and `targets_per_s_ratio_vs_recbole` (pinfm_small against the peers on ml-1m), and every
-run's figures.
+of one window per user. `--convergence_minutes` then trains `--convergence_config` on sports once more per
+`--convergence_seeds` seed, until early stopping or that budget: the mean of their test NDCG@10 is `sports_ndcg@10`
+(else pinfm_small's budget run's). Writes `sports_ndcg@10`, `ndcg_ratio_vs_best_peer` and
+`targets_per_s_ratio_vs_recbole` (pinfm_small against the peers on ml-1m), and every run's figures; `--update` keeps
+the figures of an existing `--output` that this invocation does not measure:
+
+    python benchmarks/bench_peers.py --systems --convergence_config short_histories --convergence_seeds 42 1 \
+        --convergence_minutes 100 --jobs 2 --update --output benchmarks/results/peers.json
 """
 
 import argparse
@@ -38,6 +42,7 @@ from _report import emit
 
 ROOT = Path(__file__).resolve().parents[1]
 OURS = ("sasrec_like", "pinfm_small")
+CONFIGS = (*OURS, "short_histories")  # recipes/configs/<name>.yaml, all generic (not named after a data set)
 PEERS = ("recbole", "rectools")
 # The HSTU protocol on ML-1M: every event but the last trained on, no validation, the budget decides the epochs.
 OURS_PROTOCOL = {
@@ -50,14 +55,14 @@ METRICS = ("ndcg@10", "hr@10", "hr@200")
 
 
 def command_for(
-    system: str, dataset: str, args: argparse.Namespace, output_dir: Path, minutes: float, threads: int
+    system: str, dataset: str, args: argparse.Namespace, output_dir: Path, minutes: float, threads: int, seed: int
 ) -> tuple[list[str], Path]:
     """The command that trains and tests `system` on `dataset`, and the JSON it leaves."""
-    if system in OURS:
+    if system in CONFIGS:
         command = [sys.executable, str(ROOT / "recipes" / "pretrain.py"),
                    "--config", str(ROOT / "recipes" / "configs" / f"{system}.yaml"), "--dataset", dataset,
                    "--data_dir", str(args.data_dir), "--output_dir", str(output_dir), "--overwrite_output_dir", "true",
-                   "--max_train_minutes", str(minutes), *OURS_PROTOCOL[dataset]]
+                   "--max_train_minutes", str(minutes), "--seed", str(seed), *OURS_PROTOCOL[dataset]]
         return command, output_dir / "results.json"
     python = ROOT / ".venv-peers" / system / "bin" / "python"
     if not python.exists():
@@ -70,14 +75,14 @@ def command_for(
 
 
 def run(system: str, dataset: str, args: argparse.Namespace, minutes: Optional[float] = None, threads: Optional[int] = None,
-        tag: str = "") -> dict:
+        tag: str = "", seed: int = 42) -> dict:
     """
     Train and test one system for `minutes` (default --budget_minutes) on `threads` (default --threads), reusing a
-    finished run unless --rerun; its log goes beside its JSON in `<runs_dir>/<dataset>_<system><tag>`.
+    finished run unless --rerun; its log goes beside its JSON in `<runs_dir>/<dataset>_<system><tag>`. Returns that JSON.
     """
     minutes, threads = minutes or args.budget_minutes, threads or args.threads
     output_dir = args.runs_dir / f"{dataset}_{system}{tag}"
-    command, result = command_for(system, dataset, args, output_dir, minutes, threads)
+    command, result = command_for(system, dataset, args, output_dir, minutes, threads, seed)
     if args.rerun or not result.exists():
         output_dir.mkdir(parents=True, exist_ok=True)
         print("$", " ".join(command), file=sys.stderr, flush=True)
@@ -86,14 +91,14 @@ def run(system: str, dataset: str, args: argparse.Namespace, minutes: Optional[f
             completed = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         if completed.returncode != 0:
             raise RuntimeError(f"{system} on {dataset} failed (exit {completed.returncode}): see {output_dir / 'run.log'}")
-    return summarize(system, json.loads(result.read_text()))
+    return json.loads(result.read_text())
 
 
 def summarize(system: str, result: dict) -> dict:
     """One row: test metrics, training time, supervised targets/s and peak RSS, in the same units for every system."""
     row = {metric: round(result["test"][metric], 4) for metric in METRICS}
     row["test_users"] = result["test"]["num_users"]
-    if system in OURS:
+    if system in CONFIGS:
         mean_events = result["mean_train_events"]
         row.update(
             train_seconds=result["train_seconds"],
@@ -119,33 +124,50 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget_minutes", type=float, default=30.0, help="Training time of every system.")
     parser.add_argument("--datasets", nargs="+", default=["ml-1m", "sports"], choices=["ml-1m", "sports"])
-    parser.add_argument("--systems", nargs="+", default=[*OURS, *PEERS], choices=[*OURS, *PEERS])
+    parser.add_argument("--systems", nargs="*", default=[*OURS, *PEERS], choices=[*CONFIGS, *PEERS],
+                        help="Systems of the budget runs (none: only the convergence runs).")
     parser.add_argument("--threads", type=int, default=2, help="Threads per system (torch and OpenMP).")
     parser.add_argument("--jobs", type=int, default=1,
                         help="Systems trained at once (with --threads 1 and --jobs 2 each has one of two cores).")
     parser.add_argument("--convergence_minutes", type=float, default=0.0,
-                        help="Then train pinfm_small on sports alone, on every core, for up to this long (its early "
+                        help="Then train --convergence_config on sports for up to this long per seed (its early "
                              "stopping usually ends it first): the figure `sports_ndcg@10` reports. 0: skip.")
+    parser.add_argument("--convergence_config", default="pinfm_small", choices=CONFIGS)
+    parser.add_argument("--convergence_seeds", type=int, nargs="+", default=[42],
+                        help="One convergence run per seed, --jobs at a time; `sports_ndcg@10` is their mean.")
+    parser.add_argument("--convergence_threads", type=int, default=None,
+                        help="Threads per convergence run (default: the cores shared among --jobs runs).")
     parser.add_argument("--data_dir", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--runs_dir", type=Path, default=ROOT / "outputs" / "bench_peers")
     parser.add_argument("--rerun", action="store_true", help="Train again even when a finished run exists.")
     parser.add_argument("--output", type=Path, default=None, help="Write the collected figures as JSON.")
+    parser.add_argument("--update", action="store_true",
+                        help="Keep the figures of the existing --output that this invocation does not measure.")
     args = parser.parse_args()
     args.runs_dir, args.data_dir = args.runs_dir.resolve(), args.data_dir.resolve()
 
     pairs = [(dataset, system) for dataset in args.datasets for system in args.systems]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        rows = dict(zip(pairs, pool.map(lambda pair: run(pair[1], pair[0], args), pairs)))
+        rows = dict(zip(pairs, pool.map(lambda pair: summarize(pair[1], run(pair[1], pair[0], args)), pairs)))
 
-    report = {
-        "budget_minutes": args.budget_minutes,
-        "threads_per_system": args.threads,
-        "systems_at_once": args.jobs,
-    }
+    report = json.loads(args.output.read_text()) if args.update and args.output and args.output.exists() else {}
+    if pairs:
+        report.update(budget_minutes=args.budget_minutes, threads_per_system=args.threads, systems_at_once=args.jobs)
     if args.convergence_minutes:
-        converged = run("pinfm_small", "sports", args, args.convergence_minutes, os.cpu_count(), tag="_convergence")
-        report["sports_ndcg@10"] = converged["ndcg@10"]
-        report["sports_convergence"] = {"minutes": args.convergence_minutes, "threads": os.cpu_count(), **converged}
+        threads = args.convergence_threads or max(1, (os.cpu_count() or 1) // min(args.jobs, len(args.convergence_seeds)))
+        config, seeds = args.convergence_config, args.convergence_seeds
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            results = list(pool.map(
+                lambda seed: run(config, "sports", args, args.convergence_minutes, threads, f"_convergence_seed{seed}", seed),
+                seeds,
+            ))
+        mean = {metric: round(sum(r["test"][metric] for r in results) / len(results), 5) for metric in METRICS}
+        report["sports_ndcg@10"] = mean["ndcg@10"]  # five digits: a mean of seeds is finer than one run's four
+        report["sports_convergence"] = {
+            "config": f"recipes/configs/{config}.yaml", "minutes": args.convergence_minutes, "threads": threads,
+            "systems_at_once": min(args.jobs, len(seeds)),
+            **mean, "seeds": {str(seed): summarize(config, result) for seed, result in zip(seeds, results)},
+        }
     elif ("sports", "pinfm_small") in rows:
         report["sports_ndcg@10"] = rows[("sports", "pinfm_small")]["ndcg@10"]
     ours, peers = rows.get(("ml-1m", "pinfm_small")), [rows[("ml-1m", p)] for p in PEERS if ("ml-1m", p) in rows]
@@ -153,7 +175,7 @@ def main() -> None:
         report["ndcg_ratio_vs_best_peer"] = round(ours["ndcg@10"] / max(max(p["ndcg@10"] for p in peers), 1e-12), 3)
     if ours and ("ml-1m", "recbole") in rows:
         report["targets_per_s_ratio_vs_recbole"] = round(ours["targets_per_s"] / rows[("ml-1m", "recbole")]["targets_per_s"], 1)
-    for dataset in args.datasets:
+    for dataset in args.datasets if pairs else ():
         report[dataset] = {system: rows[(dataset, system)] for system in args.systems}
         if dataset in PUBLISHED:
             report[dataset]["published"] = PUBLISHED[dataset]
