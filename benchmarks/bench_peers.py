@@ -154,8 +154,8 @@ def main() -> None:
     if pairs:
         report.update(budget_minutes=args.budget_minutes, threads_per_system=args.threads, systems_at_once=args.jobs)
     if args.convergence_minutes:
-        threads = args.convergence_threads or max(1, (os.cpu_count() or 1) // min(args.jobs, len(args.convergence_seeds)))
         config, seeds = args.convergence_config, args.convergence_seeds
+        threads = args.convergence_threads or max(1, (os.cpu_count() or 1) // min(args.jobs, len(seeds)))
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             results = list(pool.map(
                 lambda seed: run(config, "sports", args, args.convergence_minutes, threads, f"_convergence_seed{seed}", seed),
@@ -175,7 +175,7 @@ def main() -> None:
         report["ndcg_ratio_vs_best_peer"] = round(ours["ndcg@10"] / max(max(p["ndcg@10"] for p in peers), 1e-12), 3)
     if ours and ("ml-1m", "recbole") in rows:
         report["targets_per_s_ratio_vs_recbole"] = round(ours["targets_per_s"] / rows[("ml-1m", "recbole")]["targets_per_s"], 1)
-    for dataset in args.datasets if pairs else ():
+    for dataset in args.datasets if args.systems else ():
         report[dataset] = {system: rows[(dataset, system)] for system in args.systems}
         if dataset in PUBLISHED:
             report[dataset]["published"] = PUBLISHED[dataset]
