@@ -142,7 +142,8 @@ def build_model(data: CTRData, data_args: CTRDataArguments, model_args: CTRModel
     return build_ctr_model(
         model_args.base, model_args.transfer, config, objective=objective,
         lora_rank=model_args.lora_rank, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
-        lora_item_embeddings_rank=model_args.lora_item_embeddings_rank, item_features=item_features,
+        lora_use_dora=model_args.lora_use_dora, lora_item_embeddings_rank=model_args.lora_item_embeddings_rank,
+        item_features=item_features,
         revision=model_args.base_revision,
     )
 

@@ -224,3 +224,30 @@ def test_the_item_field_table_travels_with_its_lora_adapter(base, tmp_path):
         torch.manual_seed(1)
         blank = build_ctr_model(path, "lora", config, lora_rank=2, lora_alpha=4).model.eval()
         assert not torch.allclose(blank(**batch).logits, expected)  # the same adapter without the table scores otherwise
+
+
+def test_dora_learns_the_norms_of_the_adapted_weights_and_round_trips(base, tmp_path):
+    path, _ = base
+    result = build_ctr_model(path, "lora", ctr_config(path), lora_rank=2, lora_alpha=4, lora_use_dora=True)
+    model = result.model
+    q_proj = model.get_base_model().pinfm.layers[0].self_attn.q_proj
+    magnitude = q_proj.lora_magnitude_vector["default"].weight
+    assert magnitude.requires_grad and magnitude.shape == (q_proj.base_layer.out_features,)
+    trainable, _ = count_parameters(model)
+    plain_lora, _ = count_parameters(build_ctr_model(path, "lora", ctr_config(path), lora_rank=2, lora_alpha=4).model)
+    assert trainable > plain_lora  # the magnitudes are counted in the use case's share
+    initial = magnitude.detach().clone()
+    optimizer = torch.optim.AdamW(optimizer_param_groups(result, learning_rate=5e-2, backbone_learning_rate=0.0))
+    for _ in range(3):
+        model(**make_batch(), labels=torch.tensor([1.0, 0.0, 1.0, 0.0])).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert not torch.equal(magnitude, initial)
+    model.eval()
+    batch = make_batch(seed=3)
+    with torch.no_grad():
+        expected = model(**batch).logits
+    save_ctr_adapter(model, tmp_path / "like")
+    with torch.no_grad():
+        reloaded = load_ctr_adapters(path, {"like": tmp_path / "like"})(**batch).logits
+    torch.testing.assert_close(reloaded, expected)

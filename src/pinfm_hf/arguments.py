@@ -387,6 +387,10 @@ class TransferArguments:
     lora_rank: int = 4
     lora_alpha: int = 8
     lora_dropout: float = 0.0
+    lora_use_dora: bool = field(
+        default=False,
+        metadata={"help": "--transfer lora: DoRA (PEFT's `use_dora`): each adapted weight also learns its column norms."},
+    )
     lora_item_embeddings_rank: int = field(
         default=0,
         metadata={"help": "--transfer lora: also adapt the item table with an embedding LoRA of this rank (0: frozen)."},
