@@ -54,6 +54,10 @@ LORA_VARIANTS = {  # `--lora_sweep`: what LoRA needs to pay, each on top of the 
     # 2026-12-05: the config's LoRA (r2, lr 2e-3, item bias) plus an embedding LoRA on the item table
     "r2, item table r1": ["--lora_item_embeddings_rank", "1"],
     "r2, item table r2": ["--lora_item_embeddings_rank", "2"],
+    # 2026-12-07: the config's LoRA with larger adapter steps (alpha / rank 8 instead of 2; the head's rate unchanged),
+    # and DoRA (the adapted weights' column norms learnt too)
+    "r2, alpha 16": ["--lora_alpha", "16"],
+    "r2, DoRA": ["--lora_use_dora", "true"],
 }
 SIZES = {  # GPSD scaling check: three encoder sizes, everything else as the base config (which is d64-l2); small
     # enough for a 2-core CPU (pretraining time grows with size)
