@@ -168,6 +168,26 @@ def test_unknown_strategy_and_field(base):
         ctr_config_from_base(path, ctr_heads="mlp")
 
 
+def train_three_steps(result):
+    optimizer = torch.optim.AdamW(optimizer_param_groups(result, learning_rate=5e-2, backbone_learning_rate=0.0))
+    for _ in range(3):
+        result.model(**make_batch(), labels=torch.tensor([1.0, 0.0, 1.0, 0.0])).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def assert_adapter_round_trips(model, base_path, tmp_path):
+    """The adapter saved and loaded back onto the base gives the trained model's scores."""
+    model.eval()
+    batch = make_batch(seed=3)
+    with torch.no_grad():
+        expected = model(**batch).logits
+    save_ctr_adapter(model, tmp_path / "like")
+    with torch.no_grad():
+        reloaded = load_ctr_adapters(base_path, {"like": tmp_path / "like"})(**batch).logits
+    torch.testing.assert_close(reloaded, expected)
+
+
 def test_lora_on_the_item_table_trains_a_low_rank_update_and_round_trips(base, tmp_path):
     path, _ = base
     result = build_ctr_model(path, "lora", ctr_config(path), lora_rank=2, lora_alpha=4, lora_item_embeddings_rank=1)
@@ -177,21 +197,10 @@ def test_lora_on_the_item_table_trains_a_low_rank_update_and_round_trips(base, t
     assert model.get_base_model().pinfm.layers[0].self_attn.q_proj.lora_A["default"].weight.shape[0] == 2
     assert not table.base_layer.weight.requires_grad  # the pretrained rows stay frozen; only the update trains
     frozen_rows = table.base_layer.weight.detach().clone()
-    optimizer = torch.optim.AdamW(optimizer_param_groups(result, learning_rate=5e-2, backbone_learning_rate=0.0))
-    for _ in range(3):
-        model(**make_batch(), labels=torch.tensor([1.0, 0.0, 1.0, 0.0])).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    train_three_steps(result)
     assert torch.equal(table.base_layer.weight, frozen_rows)
     assert torch.count_nonzero(table.lora_embedding_B["default"]) > 0  # B starts at zero: it moved
-    model.eval()
-    batch = make_batch(seed=3)
-    with torch.no_grad():
-        expected = model(**batch).logits
-    save_ctr_adapter(model, tmp_path / "like")
-    with torch.no_grad():
-        reloaded = load_ctr_adapters(path, {"like": tmp_path / "like"})(**batch).logits
-    torch.testing.assert_close(reloaded, expected)
+    assert_adapter_round_trips(result.model, path, tmp_path)
 
 
 def test_lora_on_a_hashed_item_table_is_refused(tmp_path):
@@ -237,17 +246,6 @@ def test_dora_learns_the_norms_of_the_adapted_weights_and_round_trips(base, tmp_
     plain_lora, _ = count_parameters(build_ctr_model(path, "lora", ctr_config(path), lora_rank=2, lora_alpha=4).model)
     assert trainable > plain_lora  # the magnitudes are counted in the use case's share
     initial = magnitude.detach().clone()
-    optimizer = torch.optim.AdamW(optimizer_param_groups(result, learning_rate=5e-2, backbone_learning_rate=0.0))
-    for _ in range(3):
-        model(**make_batch(), labels=torch.tensor([1.0, 0.0, 1.0, 0.0])).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    train_three_steps(result)
     assert not torch.equal(magnitude, initial)
-    model.eval()
-    batch = make_batch(seed=3)
-    with torch.no_grad():
-        expected = model(**batch).logits
-    save_ctr_adapter(model, tmp_path / "like")
-    with torch.no_grad():
-        reloaded = load_ctr_adapters(path, {"like": tmp_path / "like"})(**batch).logits
-    torch.testing.assert_close(reloaded, expected)
+    assert_adapter_round_trips(result.model, path, tmp_path)
