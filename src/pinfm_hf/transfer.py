@@ -109,6 +109,8 @@ def build_ctr_model(
     torch seed, so seed before calling for a reproducible head. With `strategy="lora"`, `lora_item_embeddings_rank > 0`
     also adapts the item table (PEFT's embedding LoRA, at that rank, with the same alpha / rank scaling): on ML-1M
     what transfers is the item table (sparse transfer + freeze is the best strategy), so a use case may need to move it.
+    `lora_use_dora` makes the adapter PEFT's DoRA (each adapted weight also learns its column norms); on ML-1M `like` it
+    scores as plain LoRA does.
     `item_features` (from `data.item_feature_table`) fill the model's item -> feature-id table before any adapter is
     made (`ctr_history_field_match_features`).
     """
