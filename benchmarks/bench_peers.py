@@ -158,7 +158,8 @@ def main() -> None:
         threads = args.convergence_threads or max(1, (os.cpu_count() or 1) // min(args.jobs, len(seeds)))
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             results = list(pool.map(
-                lambda seed: run(config, "sports", args, args.convergence_minutes, threads, f"_convergence_seed{seed}", seed),
+                lambda seed: run(config, "sports", args, args.convergence_minutes, threads, tag=f"_convergence_seed{seed}",
+                                seed=seed),
                 seeds,
             ))
         mean = {metric: round(sum(r["test"][metric] for r in results) / len(results), 5) for metric in METRICS}
